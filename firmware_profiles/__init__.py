@@ -1,0 +1,1 @@
+"""Firmware profiles shipped with edgefleet, as TOML data files (schema: agent.profiles)."""
