@@ -42,7 +42,15 @@ class ManifestError(BundleError):
 
 
 class PayloadError(DataError):
-    """An MQTT payload is not valid JSON, too large, truncated or of an unknown version."""
+    """An MQTT payload is not valid JSON, too large, truncated or of an unknown version.
+
+    ``kind`` is a short machine-readable reason used for counting
+    (``oversized``, ``not_json``, ``version``, ``schema``, ``not_frame``, ``chunk_hash``).
+    """
+
+    def __init__(self, message: str, kind: str = "schema") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ProfileError(DataError):

@@ -1,0 +1,256 @@
+"""MQTT payloads: typed, versioned, bounded.
+
+Every JSON payload is a pydantic model carrying ``v`` (the protocol version). Readers
+ignore unknown fields (new optional fields may appear within a version) but refuse an
+unknown ``v``. :func:`decode` is the only way payloads are read: it enforces the size
+limit before parsing and turns every failure into a :class:`~agent.errors.PayloadError`
+that says what was wrong, so a caller can log it, count it and carry on.
+
+Artifact and metadata bytes travel as binary *chunk frames* (:func:`encode_frame`,
+:func:`decode_frame`)::
+
+    b"EFC1" | uint32 big-endian header length | header JSON (ChunkHeader) | data
+
+Each frame carries the sha256 of its data, so a corrupted chunk is caught on its own
+and re-requested, without waiting for the whole-file hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from collections import Counter
+from typing import Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import PayloadError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_JSON_PAYLOAD",
+    "MAX_CHUNK_DATA",
+    "Payload",
+    "Presence",
+    "Hello",
+    "SlotInfo",
+    "StatusReport",
+    "LatencyStats",
+    "Telemetry",
+    "Deployment",
+    "Command",
+    "RepoRequest",
+    "ChunkHeader",
+    "decode",
+    "encode",
+    "encode_frame",
+    "decode_frame",
+    "PayloadCounters",
+]
+
+PROTOCOL_VERSION: Final = 1
+MAX_JSON_PAYLOAD: Final = 256 * 1024
+MAX_CHUNK_DATA: Final = 1024 * 1024
+_FRAME_MAGIC: Final = b"EFC1"
+_MAX_FRAME_HEADER: Final = 4096
+
+LifecycleState = str  # the agent's lifecycle state names; see agent.lifecycle.State
+
+
+class Payload(BaseModel):
+    """Base of every JSON payload."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    v: Literal[1] = PROTOCOL_VERSION
+    ts: float = Field(default_factory=time.time, description="Sender's wall clock, seconds.")
+
+
+class Presence(Payload):
+    online: bool
+
+
+class SlotInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    slot: Literal["a", "b"]
+    model: str | None = Field(None, description="name:version installed in this slot")
+    sha256: str | None = None
+
+
+class Hello(Payload):
+    device_id: str
+    profile: str
+    agent_version: str
+    runtimes: dict[str, str] = Field(description="Runtime name -> version, for those that load.")
+    unavailable_runtimes: dict[str, str] = Field(
+        default_factory=dict, description="Runtime name -> why it cannot be used here."
+    )
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    platform: str = ""
+    model: str | None = Field(None, description="Active model, name:version.")
+    previous_model: str | None = None
+
+
+class StatusReport(Payload):
+    """Where a device's update lifecycle stands. ``seq`` increases per device."""
+
+    seq: int = Field(ge=0)
+    deployment_id: str | None = None
+    state: str = Field(max_length=32, description="Lifecycle state name.")
+    outcome: Literal["idle", "in_progress", "installed", "failed", "rolled_back", "rejected"]
+    model: str | None = Field(None, description="Active model, name:version.")
+    previous_model: str | None = None
+    target_model: str | None = Field(None, description="The model this deployment installs.")
+    error: str | None = Field(None, max_length=4000)
+    error_kind: str | None = Field(None, max_length=64)
+    progress: float | None = Field(None, ge=0, le=1)
+    conditions: list[str] = Field(
+        default_factory=list, description="Standing conditions, e.g. metadata_expired."
+    )
+
+
+class LatencyStats(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    p50_ms: float | None = Field(None, ge=0)
+    p95_ms: float | None = Field(None, ge=0)
+    max_ms: float | None = Field(None, ge=0)
+
+
+class Telemetry(Payload):
+    """One telemetry window of one device (batched: one message per interval)."""
+
+    seq: int = Field(ge=0)
+    window_start: float
+    window_end: float
+    model: str | None = None
+    inference_count: int = Field(ge=0)
+    error_count: int = Field(ge=0)
+    latency: LatencyStats = Field(default_factory=LatencyStats)
+    cpu_percent: float | None = Field(None, ge=0)
+    rss_bytes: int | None = Field(None, ge=0)
+    dropped_records: int = Field(0, ge=0, description="Spool records dropped so far.")
+    payload_errors: dict[str, int] = Field(
+        default_factory=dict, description="Malformed inbound payloads by kind."
+    )
+
+
+class Deployment(Payload):
+    """Desired state for one device, retained on its deploy topic.
+
+    Nothing here is trusted: the agent looks ``target_path`` up in TUF metadata and
+    takes name, version, hashes and downgrade permission from the signed entry.
+    """
+
+    deployment_id: str = Field(min_length=1, max_length=64)
+    model: str = Field(max_length=200, description="name:version")
+    target_path: str = Field(max_length=512, description="TUF target path of the bundle.")
+    health_window_s: float = Field(5.0, ge=0, le=86400)
+
+
+class Command(Payload):
+    command: Literal["rollback", "report", "refresh"]
+    command_id: str = Field(max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class RepoRequest(Payload):
+    """Ask the hub's repository for ``length`` bytes of ``path`` from ``offset``."""
+
+    rid: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=512)
+    offset: int = Field(0, ge=0)
+    length: int = Field(gt=0, le=MAX_CHUNK_DATA)
+
+
+class ChunkHeader(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    v: Literal[1] = PROTOCOL_VERSION
+    rid: str = Field(max_length=64)
+    path: str = Field(max_length=512)
+    status: Literal["ok", "not_found", "error"] = "ok"
+    offset: int = Field(0, ge=0)
+    total: int = Field(0, ge=0, description="Size of the whole file.")
+    sha256: str = Field("", description="sha256 of this frame's data.")
+    error: str | None = None
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def encode(payload: BaseModel) -> bytes:
+    return payload.model_dump_json().encode()
+
+
+def decode(cls: type[P], data: bytes, *, limit: int = MAX_JSON_PAYLOAD) -> P:
+    """Parse one JSON payload of type ``cls``.
+
+    Raises:
+        PayloadError: oversized, not UTF-8 JSON, not an object, missing or unknown
+            protocol version, or not matching the schema. ``kind`` says which.
+    """
+    if len(data) > limit:
+        raise PayloadError(f"{cls.__name__}: payload of {len(data)} bytes exceeds {limit}", "oversized")
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError(f"{cls.__name__}: not valid JSON ({e})", "not_json") from e
+    if not isinstance(obj, dict):
+        raise PayloadError(f"{cls.__name__}: payload must be a JSON object", "schema")
+    if "v" not in obj:
+        raise PayloadError(f"{cls.__name__}: missing protocol version 'v'", "version")
+    if obj["v"] != PROTOCOL_VERSION:
+        raise PayloadError(
+            f"{cls.__name__}: unknown protocol version {obj['v']!r} (this agent speaks {PROTOCOL_VERSION})",
+            "version",
+        )
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise PayloadError(f"{cls.__name__}: {loc}: {err['msg']}", "schema") from e
+
+
+def encode_frame(header: ChunkHeader, data: bytes = b"") -> bytes:
+    if header.status == "ok" and not header.sha256:
+        header = header.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
+    h = header.model_dump_json().encode()
+    return _FRAME_MAGIC + struct.pack(">I", len(h)) + h + data
+
+
+def decode_frame(frame: bytes, *, limit: int = MAX_CHUNK_DATA) -> tuple[ChunkHeader, bytes]:
+    """Split and check one chunk frame.
+
+    Raises:
+        PayloadError: bad magic, truncated or oversized header, data over ``limit``,
+            or data that does not match the header's sha256.
+    """
+    if len(frame) < 8 or frame[:4] != _FRAME_MAGIC:
+        raise PayloadError("chunk frame: bad magic or truncated", "not_frame")
+    (hlen,) = struct.unpack(">I", frame[4:8])
+    if hlen > _MAX_FRAME_HEADER or len(frame) < 8 + hlen:
+        raise PayloadError(f"chunk frame: header length {hlen} is invalid or truncated", "not_frame")
+    header = decode(ChunkHeader, frame[8 : 8 + hlen], limit=_MAX_FRAME_HEADER)
+    data = frame[8 + hlen :]
+    if len(data) > limit:
+        raise PayloadError(f"chunk frame: {len(data)} data bytes exceed {limit}", "oversized")
+    if header.status == "ok" and hashlib.sha256(data).hexdigest() != header.sha256:
+        raise PayloadError(
+            f"chunk frame: data of {header.path}@{header.offset} does not match its sha256",
+            "chunk_hash",
+        )
+    return header, data
+
+
+class PayloadCounters:
+    """Counts malformed payloads by kind; thread-safe enough for counters (GIL)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, err: PayloadError) -> None:
+        self.counts[err.kind] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
