@@ -1,0 +1,203 @@
+"""The agent's MQTT link: presence by last will, reconnect with backoff and jitter.
+
+The link never gives up: after a disconnect it retries forever, waiting
+``min(max_delay, base * 2**n)`` seconds scaled by a random factor in [0.5, 1.0] (full
+jitter keeps a fleet from reconnecting in lockstep after a broker restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+
+from agent import topics
+from agent.errors import TransportError
+from agent.protocol import Presence, encode
+
+__all__ = ["BrokerAddress", "parse_broker_url", "Link"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...``.
+
+    Raises:
+        ValueError: not an mqtt/mqtts URL with a host.
+    """
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts", "tcp") or not u.hostname:
+        raise ValueError(f"broker URL must look like mqtt://host:port, got {url!r}")
+    tls = u.scheme == "mqtts"
+    return BrokerAddress(u.hostname, u.port or (8883 if tls else 1883), tls, u.username, u.password)
+
+
+Handler = Callable[[str, bytes], None]
+
+
+class Link:
+    """One paho client for one device, with handlers per topic kind."""
+
+    def __init__(
+        self,
+        device_id: str,
+        broker: BrokerAddress,
+        *,
+        on_connect: Callable[[], None] | None = None,
+        keepalive: int = 30,
+        base_delay: float = 0.5,
+        max_delay: float = 30.0,
+    ):
+        self.device_id = device_id
+        self.broker = broker
+        self._on_connect_cb = on_connect
+        self._handlers: dict[str, Handler] = {}
+        self.keepalive = keepalive
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reconnects = 0
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-agent-{device_id}",
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        if broker.username:
+            c.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            c.tls_set()
+        c.will_set(
+            topics.device_topic(device_id, "presence"),
+            encode(Presence(online=False)),
+            qos=1,
+            retain=True,
+        )
+        c.max_inflight_messages_set(64)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self.client = c
+
+    def on(self, kind: topics.DeviceTopicKind, handler: Handler) -> None:
+        self._handlers[topics.device_topic(self.device_id, kind)] = handler
+
+    # -------------------------------------------------------------- paho callbacks
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused connection: %s", reason_code)
+            return
+        for topic in self._handlers:
+            kind = topic.rsplit("/", 1)[-1] if not topic.endswith("repo/data") else "repo/data"
+            client.subscribe(topic, qos=topics.QOS.get(kind, 1))
+        client.publish(
+            topics.device_topic(self.device_id, "presence"),
+            encode(Presence(online=True)),
+            qos=1,
+            retain=True,
+        )
+        self.connected.set()
+        log.info("connected to %s:%s", self.broker.host, self.broker.port)
+        if self._on_connect_cb is not None:
+            self._on_connect_cb()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from broker: %s", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        handler = self._handlers.get(msg.topic)
+        if handler is None:
+            return
+        try:
+            handler(msg.topic, msg.payload)
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
+            log.exception("handler for %s failed", msg.topic)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.client.connect(self.broker.host, self.broker.port, keepalive=self.keepalive)
+            except OSError as e:
+                failures += 1
+                delay = min(self.max_delay, self.base_delay * 2 ** min(failures, 16))
+                delay *= random.uniform(0.5, 1.0)
+                log.warning("broker %s:%s unreachable (%s); retrying in %.1fs",
+                            self.broker.host, self.broker.port, e, delay)
+                self._stop.wait(delay)
+                continue
+            failures = 0
+            # Drive the network loop ourselves so that reconnects go through the
+            # jittered backoff below rather than paho's fixed doubling.
+            while not self._stop.is_set():
+                rc = self.client.loop(timeout=0.2)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self.connected.clear()
+                    break
+            if self._stop.is_set():
+                break
+            self.reconnects += 1
+            failures += 1
+            delay = min(self.max_delay, self.base_delay * 2 ** min(failures, 16))
+            self._stop.wait(delay * random.uniform(0.5, 1.0))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                     timeout: float = 10.0) -> None:
+        """Publish and wait until the broker acknowledged (QoS1).
+
+        Raises:
+            TransportError: not connected, or no acknowledgement within ``timeout``.
+        """
+        if not self.connected.is_set():
+            raise TransportError("not connected")
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + timeout
+        while not info.is_published():
+            if time.monotonic() > deadline or not self.connected.is_set():
+                raise TransportError("publish not acknowledged")
+            time.sleep(0.005)
+
+    def stop(self, *, graceful: bool = True) -> None:
+        self._stop.set()
+        if graceful and self.connected.is_set():
+            info = self.client.publish(
+                topics.device_topic(self.device_id, "presence"),
+                encode(Presence(online=False)), qos=1, retain=True,
+            )
+            info.wait_for_publish(timeout=2)
+        self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,628 @@
+"""The agent daemon: connection, lifecycle worker, local inference, telemetry.
+
+Threads: the MQTT link, one lifecycle worker (deployments run one at a time), a
+telemetry ticker, a spool sender, and the optional localhost HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tuf.api.metadata import TargetFile
+
+import agent
+from agent import topics
+from agent.bundle import BundleLimits, read_manifest
+from agent.config import AgentSettings
+from agent.connection import Link, parse_broker_url
+from agent.errors import (
+    BundleError,
+    DiskSpaceError,
+    EdgefleetError,
+    PayloadError,
+    ExpiredMetadataError,
+    RuntimeLoadError,
+    TransportError,
+    TrustError,
+)
+from agent.lifecycle import (
+    MAX_SAVES_PER_DEPLOYMENT,
+    OUTCOME,
+    RESUME,
+    TERMINAL,
+    DeploymentRecord,
+    Event,
+    State,
+    StateStore,
+    next_state,
+)
+from agent.localapi import LocalApi
+from agent.profiles import Profile, load_profile
+from agent.protocol import (
+    Deployment,
+    Hello,
+    LatencyStats,
+    PayloadCounters,
+    StatusReport,
+    Telemetry,
+    decode,
+    encode,
+)
+from agent.runtimes.base import LoadedModel, available_runtimes, load_bundle
+from agent.serving import ModelServer
+from agent.slots import SlotName, Slots, atomic_write
+from agent.spool import Priority, Spool
+from agent.transfer import MqttFetcher, RepoClient, TransferSettings
+from agent.trust import (
+    TargetCustom,
+    TrustedRepository,
+    check_manifest_matches,
+    check_upgrade,
+    serve_path_for,
+    target_custom,
+    verify_target_file,
+)
+__all__ = ["Agent", "run_selftest"]
+
+log = logging.getLogger(__name__)
+
+
+def run_selftest(model: LoadedModel) -> None:
+    """Run the bundle's self-test vectors through ``model``.
+
+    Raises:
+        agent.errors.SelfTestError: an output is missing or outside the tolerance.
+    """
+    from agent.errors import SelfTestError
+
+    st = model.bundle.selftest()
+    try:
+        got = model.runtime.infer(st.inputs)
+    except ValueError as e:
+        raise SelfTestError(f"{model.ref}: self-test inputs rejected: {e}") from e
+    for name, want in st.outputs.items():
+        if name not in got:
+            raise SelfTestError(f"{model.ref}: self-test output {name!r} missing")
+        diff = float(np.max(np.abs(got[name].astype(np.float64) - want.astype(np.float64))))
+        if not np.isfinite(diff) or diff > st.tolerance:
+            raise SelfTestError(
+                f"{model.ref}: self-test output {name!r} differs by {diff:.3g} (tolerance {st.tolerance:.3g})"
+            )
+
+
+class _Reject(Exception):
+    """Internal: a handler found bad data; carries the error kind."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Fail(Exception):
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings):
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.profile: Profile = load_profile(settings.profile, settings.profiles_dir)
+        self.slots = Slots(self.data_dir / "slots", BundleLimits(max_model_bytes=self.profile.limits.max_model_bytes))
+        self.store = StateStore(self.data_dir / "state.json")
+        self.spool = Spool(self.data_dir / "spool.sqlite", settings.spool_max_bytes)
+        self.server = ModelServer()
+        self.payload_errors = PayloadCounters()
+        self.runtimes, self.unavailable_runtimes = available_runtimes()
+        self.link = Link(settings.device_id, parse_broker_url(settings.broker_url), on_connect=self._on_connect)
+        self.repo = RepoClient(
+            settings.device_id,
+            self.link,
+            TransferSettings(
+                chunk_size=settings.chunk_size,
+                window=settings.transfer_window,
+                timeout_s=settings.transfer_timeout,
+                bandwidth_bytes_per_s=settings.bandwidth_limit,
+            ),
+        )
+        self.link.on("deploy", self._on_deploy)
+        self.link.on("repo/data", lambda _t, p: self.repo.on_frame(p))
+        self.api: LocalApi | None = None
+        self._pending: queue.Queue[Deployment | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._candidate: LoadedModel | None = None
+        self._conditions: set[str] = set()
+        self.record = self.store.load()
+
+    # ------------------------------------------------------------------ public API
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run inference on the active model (the Python API for on-device apps).
+
+        Raises:
+            agent.serving.NoModelError: nothing is installed yet.
+            ValueError: the inputs do not fit the model.
+        """
+        out, _ = self.server.infer(inputs)
+        return out
+
+    @property
+    def model_ref(self) -> str | None:
+        m = self.server.active
+        return m.ref if m is not None else None
+
+    def start(self) -> None:
+        self._load_active()
+        if self.settings.api_port:
+            self.api = LocalApi(self.server, self.settings.api_port)
+            self.api.start()
+        self.link.start()
+        for name, target in (
+            ("lifecycle", self._worker),
+            ("telemetry", self._telemetry_loop),
+            ("spool-sender", self._sender_loop),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pending.put(None)
+        self.spool.available.set()
+        if self.api is not None:
+            self.api.stop()
+        self.link.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.spool.close()
+
+    def wait_stopped(self) -> None:
+        self._stop.wait()
+
+    # ------------------------------------------------------------------ boot
+
+    def _load_active(self) -> None:
+        """Serve whatever valid model is on disk, preferring the active slot."""
+        self.slots.clean_staging()
+        active = self.slots.active_name()
+        order: list[SlotName] = [active] if active else []
+        order += [s for s in ("a", "b") if s not in order]  # type: ignore[misc]
+        for slot in order:
+            b = self.slots.bundle(slot)
+            if b is None:
+                continue
+            try:
+                lm = load_bundle(b, self.profile.runtime_options, slot)
+            except RuntimeLoadError as e:
+                log.error("slot %s does not load: %s", slot, e)
+                continue
+            if slot != active:
+                log.warning("active slot %s unusable; serving slot %s instead", active, slot)
+                self.slots.activate(slot)
+            self.server.swap(lm)
+            log.info("serving %s from slot %s", lm.ref, slot)
+            return
+        log.info("no model installed yet")
+
+    # ------------------------------------------------------------------ MQTT inbound
+
+    def _on_connect(self) -> None:
+        hello = Hello(
+            device_id=self.settings.device_id,
+            profile=self.profile.name,
+            agent_version=agent.__version__,
+            runtimes=self.runtimes,
+            unavailable_runtimes=self.unavailable_runtimes,
+            tags=self.settings.tags,
+            platform=f"{platform.system()}-{platform.machine()}",
+            model=self.model_ref,
+            previous_model=self._previous_ref(),
+        )
+        self.link.publish(topics.device_topic(self.settings.device_id, "hello"), encode(hello), qos=1, retain=True)
+        self._report()
+
+    def _on_deploy(self, _topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            dep = decode(Deployment, payload)
+        except PayloadError as e:
+            self.payload_errors.add(e)
+            log.warning("ignored deploy message: %s", e)
+            return
+        self._pending.put(dep)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _previous_ref(self) -> str | None:
+        active = self.slots.active_name()
+        if active is None:
+            return None
+        b = self.slots.bundle("b" if active == "a" else "a")
+        return b.manifest.ref if b else None
+
+    def _report(self) -> None:
+        rec = self.record
+        outcome = OUTCOME.get(rec.state, "in_progress")
+        if rec.state == State.FAILED and rec.rejected:
+            outcome = "rejected"
+        seq = self._next_seq("seq.status")
+        report = StatusReport(
+            seq=seq,
+            deployment_id=rec.deployment_id,
+            state=rec.state.value,
+            outcome=outcome,  # type: ignore[arg-type]
+            model=self.model_ref,
+            previous_model=self._previous_ref(),
+            target_model=rec.model,
+            error=rec.error,
+            error_kind=rec.error_kind,
+            conditions=sorted(self._conditions),
+        )
+        self.spool.push(
+            Priority.STATUS, topics.device_topic(self.settings.device_id, "status"), encode(report), retain=True
+        )
+
+    def _next_seq(self, name: str) -> int:
+        return self.spool.next_seq(name)
+
+    def _telemetry_loop(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        proc.cpu_percent(None)
+        while not self._stop.wait(self.settings.telemetry_interval):
+            snap = self.server.window.snapshot_and_reset()
+            t = Telemetry(
+                seq=self._next_seq("seq.telemetry"),
+                window_start=snap.start,
+                window_end=snap.end,
+                model=self.model_ref,
+                inference_count=snap.count,
+                error_count=snap.errors,
+                latency=LatencyStats(p50_ms=snap.p50_ms, p95_ms=snap.p95_ms, max_ms=snap.max_ms),
+                cpu_percent=proc.cpu_percent(None),
+                rss_bytes=proc.memory_info().rss,
+                dropped_records=self.spool.dropped(),
+                payload_errors=self.payload_errors.snapshot(),
+            )
+            self.spool.push(Priority.METRICS, topics.device_topic(self.settings.device_id, "telemetry"), encode(t))
+
+    def _sender_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.link.connected.wait(timeout=0.5):
+                continue
+            rec = self.spool.peek()
+            if rec is None:
+                self.spool.available.wait(timeout=0.5)
+                continue
+            try:
+                self.link.publish_wait(rec.topic, rec.payload, qos=1, retain=rec.retain)
+            except TransportError:
+                self._stop.wait(0.5)
+                continue
+            self.spool.ack(rec.id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _worker(self) -> None:
+        rec = self.record
+        if rec.state not in TERMINAL:
+            resumed = RESUME[rec.state]
+            log.warning("resuming deployment %s: saved state %s -> %s", rec.deployment_id, rec.state, resumed)
+            rec.state = resumed
+            self._run(rec)
+        while not self._stop.is_set():
+            dep = self._pending.get()
+            if dep is None:
+                return
+            # Only the newest desired state matters.
+            while not self._pending.empty():
+                nxt = self._pending.get_nowait()
+                if nxt is None:
+                    return
+                dep = nxt
+            self._accept(dep)
+
+    def _accept(self, dep: Deployment) -> None:
+        rec = self.record
+        if rec.deployment_id == dep.deployment_id:
+            self._report()  # a retained or duplicate message: say where we stand
+            return
+        active = self.server.active
+        if active is not None and f"{active.bundle.sha256}.efb" == dep.target_path:
+            new = DeploymentRecord(
+                deployment_id=dep.deployment_id, model=dep.model, target_path=dep.target_path,
+                state=State.COMMITTED, outcome="installed", history=["committed"],
+            )
+            self.record = new
+            self.store.save(new)
+            self._report()
+            return
+        new = DeploymentRecord(
+            deployment_id=dep.deployment_id,
+            model=dep.model,
+            target_path=dep.target_path,
+            health_window_s=dep.health_window_s,
+            state=next_state(State.IDLE, Event.START),
+        )
+        self._run(new)
+
+    def _run(self, rec: DeploymentRecord) -> None:
+        handlers = {
+            State.DOWNLOADING: self._do_download,
+            State.VERIFYING: self._do_verify,
+            State.INSTALLING: self._do_install,
+            State.SELF_TEST: self._do_selftest,
+            State.ACTIVATING: self._do_activate,
+            State.HEALTH_CHECK: self._do_health,
+            State.ROLLING_BACK: self._do_rollback,
+        }
+        self.record = rec
+        while rec.state not in TERMINAL and not self._stop.is_set():
+            rec.saves += 1
+            if rec.saves > MAX_SAVES_PER_DEPLOYMENT:
+                rec.error, rec.error_kind = "deployment looped; giving up", "loop"
+                rec.state = State.ROLLING_BACK if rec.state in (State.ACTIVATING, State.HEALTH_CHECK) else State.FAILED
+                if rec.state == State.FAILED:
+                    break
+            rec.history.append(rec.state.value)
+            self.store.save(rec)  # before the state's side effects
+            self._report()
+            try:
+                event = handlers[rec.state](rec)
+            except _Reject as e:
+                rec.error, rec.error_kind, rec.rejected = str(e), e.kind, True
+                event = Event.REJECT
+            except _Fail as e:
+                rec.error, rec.error_kind = str(e), e.kind
+                event = Event.FAIL
+            log.info("deployment %s: %s --%s--> %s", rec.deployment_id, rec.state, event,
+                     next_state(rec.state, event))
+            rec.state = next_state(rec.state, event)
+        if self._stop.is_set() and rec.state not in TERMINAL:
+            return
+        rec.outcome = OUTCOME.get(rec.state, "in_progress")
+        rec.history.append(rec.state.value)
+        self.store.save(rec)
+        self._finish(rec)
+        self._report()
+
+    def _finish(self, rec: DeploymentRecord) -> None:
+        if self._candidate is not None and self._candidate is not self.server.active:
+            self._candidate.retire()
+        self._candidate = None
+        if rec.target_path:
+            for p in (self.data_dir / "downloads").glob(f"{rec.target_path}*"):
+                p.unlink(missing_ok=True)
+
+    # Each handler does its state's work and returns an Event (or raises _Reject/_Fail).
+
+    def _trusted_repo(self) -> TrustedRepository:
+        trust_dir = self.data_dir / "trust"
+        trust_dir.mkdir(exist_ok=True)
+        root = trust_dir / "root.json"
+        if not root.exists():
+            if self.settings.trust_root is not None:
+                shutil.copyfile(self.settings.trust_root, root)
+            else:
+                log.warning("no provisioned trust root: pinning the repository's first root (TOFU)")
+                try:
+                    data = self.repo.fetch_bytes("metadata/1.root.json", 1 << 20)
+                except TransportError as e:
+                    raise _Fail(f"cannot fetch trust root: {e}", "transport") from e
+                atomic_write(root, data)
+        return TrustedRepository(trust_dir, MqttFetcher(self.repo))
+
+    def _do_download(self, rec: DeploymentRecord) -> Event:
+        assert rec.target_path is not None
+        target: TargetFile | None = None
+        delay = 1.0
+        for attempt in range(1, self.settings.max_download_attempts + 1):
+            rec.attempts = attempt
+            try:
+                target = self._trusted_repo().lookup(rec.target_path)
+                self._conditions.discard("metadata_expired")
+                custom = target_custom(target)
+                if custom.profile != self.profile.name:
+                    raise _Reject(f"{custom.ref} is built for profile {custom.profile!r}, "
+                                  f"this device is {self.profile.name!r}", "profile")
+                active = self.server.active
+                cur = active.bundle.manifest if active else None
+                check_upgrade(custom, cur.name if cur else None, cur.version if cur else None)
+                rec.target_length = target.length
+                rec.target_sha256 = target.hashes.get("sha256")
+                rec.target_custom = custom.model_dump()
+                rec.model = custom.ref
+                self.store.save(rec)
+                dest = self.data_dir / "downloads" / rec.target_path
+                self.repo.download(serve_path_for(rec.target_path), dest, target.length, cancel=self._stop)
+                return Event.OK
+            except ExpiredMetadataError as e:
+                self._conditions.add("metadata_expired")
+                raise _Reject(str(e), "metadata_expired") from e
+            except TrustError as e:
+                raise _Reject(str(e), type(e).__name__) from e
+            except DiskSpaceError as e:
+                raise _Fail(str(e), "disk_space") from e
+            except TransportError as e:
+                log.warning("download attempt %d failed: %s", attempt, e)
+                if self._stop.wait(delay):
+                    raise _Fail("stopping", "stopped") from e
+                delay = min(delay * 2, 30.0)
+        raise _Fail(f"repository unreachable after {self.settings.max_download_attempts} attempts", "transport")
+
+    def _download_path(self, rec: DeploymentRecord) -> Path:
+        return self.data_dir / "downloads" / str(rec.target_path)
+
+    def _do_verify(self, rec: DeploymentRecord) -> Event:
+        path = self._download_path(rec)
+        if rec.target_length is None or rec.target_sha256 is None or rec.target_custom is None:
+            raise _Fail("no signed target information recorded", "state")
+        target = TargetFile(rec.target_length, {"sha256": rec.target_sha256}, str(rec.target_path))
+        try:
+            with open(path, "rb") as fh:
+                verify_target_file(target, fh)
+            manifest = read_manifest(path, self.slots.limits)
+            check_manifest_matches(TargetCustom.model_validate(rec.target_custom), manifest, self.profile.name)
+        except FileNotFoundError as e:
+            raise _Fail("downloaded bundle vanished", "state") from e
+        except (TrustError, BundleError) as e:
+            path.unlink(missing_ok=True)
+            raise _Reject(str(e), type(e).__name__) from e
+        if manifest.runtime not in self.runtimes:
+            raise _Reject(f"runtime {manifest.runtime!r} is not available on this device", "runtime")
+        return Event.OK
+
+    def _do_install(self, rec: DeploymentRecord) -> Event:
+        active = self.slots.active_name()
+        rec.from_slot = active
+        rec.to_slot = self.slots.inactive_name()
+        self.store.save(rec)
+        try:
+            self.slots.install(self._download_path(rec), rec.to_slot, sha256=str(rec.target_sha256))  # type: ignore[arg-type]
+        except BundleError as e:
+            raise _Reject(str(e), "bundle") from e
+        except DiskSpaceError as e:
+            raise _Fail(str(e), "disk_space") from e
+        except OSError as e:
+            raise _Fail(f"install failed: {e}", "io") from e
+        return Event.OK
+
+    def _do_selftest(self, rec: DeploymentRecord) -> Event:
+        from agent.errors import SelfTestError
+
+        bundle = self.slots.bundle(rec.to_slot)  # type: ignore[arg-type]
+        if bundle is None:
+            raise _Fail(f"slot {rec.to_slot} holds no complete bundle", "install")
+        try:
+            cand = load_bundle(bundle, self.profile.runtime_options, str(rec.to_slot))
+        except RuntimeLoadError as e:
+            raise _Fail(str(e), "load") from e
+        try:
+            run_selftest(cand)
+            lat = []
+            first = {k: v[:1] for k, v in bundle.selftest().inputs.items()}
+            for _ in range(self.settings.selftest_latency_runs):
+                t0 = time.perf_counter()
+                cand.runtime.infer(first)
+                lat.append((time.perf_counter() - t0) * 1000)
+            p95 = float(np.percentile(lat, 95))
+            budget = self.profile.limits.latency_budget_ms
+            if p95 > budget:
+                raise SelfTestError(f"p95 latency {p95:.2f} ms is over the profile budget {budget} ms")
+        except SelfTestError as e:
+            cand.retire()
+            raise _Fail(str(e), "selftest") from e
+        self._candidate = cand
+        return Event.OK
+
+    def _do_activate(self, rec: DeploymentRecord) -> Event:
+        if self._candidate is None:
+            raise _Fail("no loaded candidate to activate", "state")
+        try:
+            self.slots.activate(rec.to_slot)  # type: ignore[arg-type]
+        except OSError as e:
+            raise _Fail(f"activation failed: {e}", "io") from e
+        self.server.swap(self._candidate)
+        return Event.OK
+
+    def _do_health(self, rec: DeploymentRecord) -> Event:
+        from agent.errors import SelfTestError
+
+        deadline = time.monotonic() + rec.health_window_s
+        budget = self.profile.limits.latency_budget_ms
+        while time.monotonic() < deadline:
+            if self._stop.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+                raise _Fail("stopped during health window", "stopped")
+            count, errors = self.server.health.peek()
+            if count >= 20 and errors / count > self.settings.health_error_rate:
+                raise _Fail(f"error rate {errors}/{count} over {self.settings.health_error_rate:.0%}", "health")
+        snap = self.server.health.snapshot_and_reset()
+        if snap.count and snap.errors / snap.count > self.settings.health_error_rate:
+            raise _Fail(f"error rate {snap.errors}/{snap.count} over the health limit", "health")
+        if snap.p95_ms is not None and snap.count >= 20 and snap.p95_ms > budget:
+            raise _Fail(f"live p95 latency {snap.p95_ms:.2f} ms over budget {budget} ms", "latency")
+        active = self.server.active
+        if active is None:
+            raise _Fail("no active model after activation", "state")
+        try:
+            run_selftest(active)
+        except SelfTestError as e:
+            raise _Fail(str(e), "selftest") from e
+        return Event.OK
+
+    def _do_rollback(self, rec: DeploymentRecord) -> Event:
+        target = rec.from_slot
+        if target is None:
+            # There was nothing before this deployment: serve nothing rather than an
+            # unproven model.
+            self.slots.activate_none()
+            self.server.swap(None)
+            return Event.OK
+        bundle = self.slots.bundle(target)  # type: ignore[arg-type]
+        if bundle is None:
+            raise _Fail(f"previous slot {target} is empty; cannot roll back", "rollback")
+        active = self.server.active
+        if active is not None and active.slot == target:
+            self.slots.activate(target)  # type: ignore[arg-type]
+            return Event.OK
+        try:
+            lm = load_bundle(bundle, self.profile.runtime_options, target)
+        except RuntimeLoadError as e:
+            raise _Fail(f"previous model does not load: {e}", "rollback") from e
+        self.slots.activate(target)  # type: ignore[arg-type]
+        self.server.swap(lm)
+        return Event.OK
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        return status_from_disk(self.data_dir) | {"model": self.model_ref, "conditions": sorted(self._conditions)}
+
+
+def status_from_disk(data_dir: Path) -> dict[str, Any]:
+    """What ``edgefleet agent status`` shows; works whether or not the agent runs."""
+    rec = StateStore(data_dir / "state.json").load()
+    slots = Slots(data_dir / "slots")
+    active = slots.active_name()
+    slot_info = {}
+    for s in ("a", "b"):
+        b = slots.bundle(s)  # type: ignore[arg-type]
+        slot_info[s] = b.manifest.ref if b else None
+    spool_bytes = 0
+    spool_records = 0
+    dropped = 0
+    if (data_dir / "spool.sqlite").exists():
+        sp = Spool(data_dir / "spool.sqlite")
+        spool_bytes, spool_records, dropped = sp.size_bytes(), len(sp), sp.dropped()
+        sp.close()
+    return {
+        "state": rec.state.value,
+        "deployment_id": rec.deployment_id,
+        "target_model": rec.model,
+        "active_slot": active,
+        "slots": slot_info,
+        "model": slot_info.get(active) if active else None,
+        "spool_bytes": spool_bytes,
+        "spool_records": spool_records,
+        "spool_dropped": dropped,
+        "last_error": rec.error,
+        "last_error_kind": rec.error_kind,
+        "history": rec.history[-12:],
+    }
+
+
+__all__ += ["status_from_disk", "EdgefleetError"]

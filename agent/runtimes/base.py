@@ -1,0 +1,163 @@
+"""The runtime interface and registry."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from agent.bundle import Bundle, TensorSpec
+from agent.errors import RuntimeLoadError
+from agent.profiles import RuntimeOptions
+
+__all__ = ["Runtime", "LoadedModel", "register", "create_runtime", "available_runtimes"]
+
+log = logging.getLogger(__name__)
+
+# Runtime modules, imported lazily so that a missing library only disables its runtime.
+_MODULES: dict[str, str] = {
+    "onnxruntime": "agent.runtimes.ort",
+    "litert": "agent.runtimes.litert",
+}
+_REGISTRY: dict[str, type[Runtime]] = {}
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One loaded model in one inference library."""
+
+    key: ClassVar[str]
+
+    @classmethod
+    def library_version(cls) -> str:
+        """Version of the underlying library; raises ImportError when it is absent."""
+        ...
+
+    def load(self, model_path: str, options: RuntimeOptions) -> None:
+        """Load the model. Raises RuntimeLoadError."""
+        ...
+
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Raises ValueError for inputs of the wrong name/shape/dtype."""
+        ...
+
+    def warmup(self, inputs: dict[str, np.ndarray] | None = None) -> None: ...
+
+    def unload(self) -> None: ...
+
+
+def register(cls: type[Runtime]) -> type[Runtime]:
+    _REGISTRY[cls.key] = cls
+    return cls
+
+
+def _runtime_class(key: str) -> type[Runtime]:
+    if key not in _REGISTRY:
+        module = _MODULES.get(key)
+        if module is None:
+            raise RuntimeLoadError(f"unknown runtime {key!r}")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise RuntimeLoadError(f"runtime {key!r} is not available on this device: {e}") from e
+    return _REGISTRY[key]
+
+
+def available_runtimes() -> tuple[dict[str, str], dict[str, str]]:
+    """(runtime -> library version, runtime -> reason it is unavailable)."""
+    ok: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    for key in _MODULES:
+        try:
+            ok[key] = _runtime_class(key).library_version()
+        except (RuntimeLoadError, ImportError) as e:
+            log.warning("runtime %s unavailable: %s", key, e)
+            missing[key] = str(e)
+    return ok, missing
+
+
+def create_runtime(key: str) -> Runtime:
+    """A fresh, unloaded runtime instance. Raises RuntimeLoadError."""
+    return _runtime_class(key)()
+
+
+class LoadedModel:
+    """A bundle loaded in a runtime, with in-flight accounting for hot swaps.
+
+    ``acquire``/``release`` bracket each request; :meth:`retire` unloads the model
+    once the last in-flight request has finished, so a swap never cuts one short.
+    """
+
+    def __init__(self, bundle: Bundle, runtime: Runtime, slot: str):
+        self.bundle = bundle
+        self.runtime = runtime
+        self.slot = slot
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retired = False
+        self._unloaded = False
+
+    @property
+    def ref(self) -> str:
+        return self.bundle.manifest.ref
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            done = self._retired and self._inflight == 0
+        if done:
+            self._unload_once()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            done = self._inflight == 0
+        if done:
+            self._unload_once()
+
+    def _unload_once(self) -> None:
+        with self._lock:
+            if self._unloaded:
+                return
+            self._unloaded = True
+        self.runtime.unload()
+
+
+def load_bundle(
+    bundle: Bundle, options: RuntimeOptions, slot: str, *, warmup: bool = True
+) -> LoadedModel:
+    """Load a bundle in its runtime and warm it up with its self-test inputs.
+
+    Raises:
+        RuntimeLoadError: the runtime is unavailable or refused the model.
+    """
+    runtime = create_runtime(bundle.manifest.runtime)
+    runtime.load(str(bundle.model_path), options)
+    if warmup:
+        try:
+            first = {k: v[:1] for k, v in bundle.selftest().inputs.items()}
+            runtime.warmup(first)
+        except ValueError as e:
+            runtime.unload()
+            raise RuntimeLoadError(f"{bundle.manifest.ref}: warm-up failed: {e}") from e
+    return LoadedModel(bundle, runtime, slot)
+
+
+Loader = Callable[[Bundle, RuntimeOptions, str], LoadedModel]

@@ -1,0 +1,103 @@
+"""LiteRT (``ai-edge-litert``), falling back to ``tflite-runtime`` on older device stacks."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+
+try:
+    from ai_edge_litert import interpreter as _tfl  # maintained successor
+
+    _LIB = "ai-edge-litert"
+except ImportError:  # pragma: no cover - exercised in the legacy-stack CI job
+    from tflite_runtime import interpreter as _tfl  # type: ignore[no-redef]
+
+    _LIB = "tflite-runtime"
+
+from agent.bundle import TensorSpec
+from agent.errors import RuntimeLoadError
+from agent.profiles import RuntimeOptions
+from agent.runtimes.base import register
+
+
+def _dtype_name(dt: Any) -> str:
+    return np.dtype(dt).name
+
+
+@register
+class LiteRtRuntime:
+    key: ClassVar[str] = "litert"
+
+    def __init__(self) -> None:
+        self._interp: Any = None
+        self._lock = threading.Lock()  # an Interpreter is not thread-safe
+        self._in: list[dict[str, Any]] = []
+        self._out: list[dict[str, Any]] = []
+        self._batch: dict[str, int] = {}
+
+    @classmethod
+    def library_version(cls) -> str:
+        from importlib.metadata import version
+
+        return f"{version(_LIB)}"
+
+    def load(self, model_path: str, options: RuntimeOptions) -> None:
+        try:
+            self._interp = _tfl.Interpreter(model_path=model_path, num_threads=options.intra_op_threads)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise RuntimeLoadError(f"LiteRT could not load {model_path}: {e}") from e
+        self._in = self._interp.get_input_details()
+        self._out = self._interp.get_output_details()
+
+    @staticmethod
+    def _spec(d: dict[str, Any]) -> TensorSpec:
+        shape = [int(s) if s > 0 else -1 for s in d.get("shape_signature", d["shape"])]
+        return TensorSpec(name=d["name"], dtype=_dtype_name(d["dtype"]), shape=shape)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [self._spec(d) for d in self._in]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [self._spec(d) for d in self._out]
+
+    def _run_one(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        current = self._interp.get_input_details()
+        resized = False
+        for d, cur, arr in zip(self._in, current, arrays, strict=True):
+            if tuple(cur["shape"]) != arr.shape:
+                self._interp.resize_tensor_input(d["index"], list(arr.shape))
+                resized = True
+        if resized:
+            self._interp.allocate_tensors()
+        for d, arr in zip(self._in, arrays, strict=True):
+            self._interp.set_tensor(d["index"], arr)
+        self._interp.invoke()
+        return [self._interp.get_tensor(d["index"]).copy() for d in self._out]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._interp is None:
+            raise RuntimeError("model not loaded")
+        try:
+            arrays = [np.asarray(inputs[d["name"]], dtype=d["dtype"]) for d in self._in]
+        except KeyError as e:
+            raise ValueError(f"missing input {e}") from e
+        with self._lock:
+            try:
+                outs = self._run_one(arrays)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(str(e)) from e
+        return {d["name"]: o for d, o in zip(self._out, outs, strict=True)}
+
+    def warmup(self, inputs: dict[str, np.ndarray] | None = None) -> None:
+        if inputs is not None:
+            for _ in range(3):
+                self.infer(inputs)
+
+    def unload(self) -> None:
+        with self._lock:
+            self._interp = None

@@ -1,0 +1,85 @@
+"""ONNX Runtime."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.bundle import TensorSpec
+from agent.errors import RuntimeLoadError
+from agent.profiles import RuntimeOptions
+from agent.runtimes.base import register
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32", "tensor(uint64)": "uint64", "tensor(bool)": "bool",
+    "tensor(string)": "string",
+}
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    shape = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
+    return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, "float32"), shape=shape)
+
+
+@register
+class OnnxRuntime:
+    key: ClassVar[str] = "onnxruntime"
+
+    def __init__(self) -> None:
+        self._session: ort.InferenceSession | None = None
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
+        self._output_names: list[str] = []
+
+    @classmethod
+    def library_version(cls) -> str:
+        return str(ort.__version__)
+
+    def load(self, model_path: str, options: RuntimeOptions) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        providers = [p for p in options.execution_providers if p in available]
+        if "CPUExecutionProvider" not in providers:
+            providers.append("CPUExecutionProvider")
+        try:
+            self._session = ort.InferenceSession(model_path, so, providers=providers)
+        except Exception as e:  # ORT raises its own untyped Fail/InvalidGraph errors
+            raise RuntimeLoadError(f"onnxruntime could not load {model_path}: {e}") from e
+        self._inputs = [_spec(a) for a in self._session.get_inputs()]
+        self._outputs = [_spec(a) for a in self._session.get_outputs()]
+        self._output_names = [o.name for o in self._outputs]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise RuntimeError("model not loaded")
+        try:
+            res = self._session.run(self._output_names, inputs)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.Fail) as e:
+            raise ValueError(str(e)) from e
+        return dict(zip(self._output_names, res, strict=True))
+
+    def warmup(self, inputs: dict[str, np.ndarray] | None = None) -> None:
+        if inputs is None:
+            return
+        for _ in range(3):
+            self.infer(inputs)
+
+    def unload(self) -> None:
+        self._session = None

@@ -1,0 +1,132 @@
+"""A/B model slots on disk.
+
+::
+
+    slots/a/            an unpacked bundle (manifest.json last, so it marks completeness)
+    slots/b/            the other slot
+    slots/pointer.json  {"active": "a"|"b"|null}
+
+Installing writes into the *inactive* slot through a staging folder that is renamed
+into place; the active slot is never touched, so the device keeps serving. Activation
+rewrites ``pointer.json`` atomically (temp file, fsync, rename, fsync of the folder):
+after a crash the pointer names either the old or the new slot, never neither.
+The previous model stays in its slot, so rolling back is one pointer write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from agent.bundle import Bundle, BundleLimits, open_unpacked, unpack
+from agent.errors import BundleError, DiskSpaceError
+
+__all__ = ["SlotName", "Slots", "other", "atomic_write", "fsync_dir"]
+
+SlotName = Literal["a", "b"]
+
+
+def other(slot: SlotName) -> SlotName:
+    return "b" if slot == "a" else "a"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new content."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Slots:
+    def __init__(self, root: Path, limits: BundleLimits = BundleLimits()):
+        self.root = root
+        self.limits = limits
+        root.mkdir(parents=True, exist_ok=True)
+        self._pointer = root / "pointer.json"
+
+    def active_name(self) -> SlotName | None:
+        try:
+            data = json.loads(self._pointer.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):
+            # A pointer can only be torn by outside interference; treat as unknown and
+            # let the caller fall back to whichever slot holds a valid bundle.
+            return None
+        name = data.get("active")
+        return name if name in ("a", "b") else None
+
+    def inactive_name(self) -> SlotName:
+        active = self.active_name()
+        return "a" if active is None else other(active)
+
+    def path(self, slot: SlotName) -> Path:
+        return self.root / slot
+
+    def bundle(self, slot: SlotName) -> Bundle | None:
+        """The bundle in ``slot``, or None when the slot is empty or incomplete."""
+        p = self.path(slot)
+        if not (p / "manifest.json").exists():
+            return None
+        try:
+            return open_unpacked(p)
+        except BundleError:
+            return None
+
+    def install(self, bundle_file: Path, slot: SlotName, *, sha256: str) -> Bundle:
+        """Unpack ``bundle_file`` into ``slot`` (which must not be active).
+
+        Raises:
+            BundleError: the bundle is malformed (nothing is installed).
+            DiskSpaceError: not enough free space for the unpacked model.
+            ValueError: ``slot`` is the active slot.
+        """
+        if slot == self.active_name():
+            raise ValueError(f"refusing to install into the active slot {slot!r}")
+        need = bundle_file.stat().st_size
+        free = shutil.disk_usage(self.root).free
+        if free < need * 1.1:
+            raise DiskSpaceError(f"need {need} bytes to install, {free} free in {self.root}")
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".staging-{slot}-"))
+        try:
+            bundle = unpack(bundle_file, staging, self.limits)
+            (staging / ".sha256").write_text(sha256)
+            target = self.path(slot)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return Bundle(target, bundle.manifest, sha256)
+
+    def activate(self, slot: SlotName) -> None:
+        atomic_write(self._pointer, json.dumps({"active": slot}).encode())
+
+    def activate_none(self) -> None:
+        atomic_write(self._pointer, json.dumps({"active": None}).encode())
+
+    def clean_staging(self) -> None:
+        for p in self.root.glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)

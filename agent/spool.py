@@ -1,0 +1,138 @@
+"""The outbound spool: SQLite-backed, bounded in bytes, delivered in order.
+
+Everything the agent reports (status, drift, metrics) goes through the spool, so a
+device that is offline for hours loses nothing it has room for, and a restart loses
+nothing at all. Records are delivered in the order they were written. When the spool
+is over its byte bound, the oldest records of the lowest priority are dropped first
+(metrics, then drift; lifecycle status last), and every drop is counted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+__all__ = ["Priority", "Record", "Spool"]
+
+
+class Priority(IntEnum):
+    METRICS = 0
+    DRIFT = 1
+    STATUS = 2
+
+
+@dataclass(frozen=True)
+class Record:
+    id: int
+    priority: Priority
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Spool:
+    def __init__(self, path: Path, max_bytes: int = 8 << 20):
+        self.path = path
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,"
+            " retain INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
+        self.available = threading.Event()
+        if self._bytes:
+            self.available.set()
+
+    def _bump(self, name: str, n: int) -> None:
+        self._db.execute(
+            "INSERT INTO counters(name, value) VALUES(?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+
+    def push(self, priority: Priority, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        size = len(payload) + len(topic) + 32
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO records(priority, topic, payload, retain, size) VALUES(?,?,?,?,?)",
+                    (int(priority), topic, payload, int(retain), size),
+                )
+                self._bytes += size
+                if self._bytes > self.max_bytes:
+                    self._evict()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self.available.set()
+
+    def _evict(self) -> None:
+        for prio in sorted(Priority):
+            rows = self._db.execute(
+                "SELECT id, size FROM records WHERE priority = ? ORDER BY id", (int(prio),)
+            ).fetchall()
+            dropped = []
+            for rid, size in rows:
+                if self._bytes <= self.max_bytes:
+                    break
+                dropped.append(rid)
+                self._bytes -= size
+            if dropped:
+                self._db.executemany("DELETE FROM records WHERE id = ?", [(r,) for r in dropped])
+                self._bump(f"dropped.{prio.name.lower()}", len(dropped))
+            if self._bytes <= self.max_bytes:
+                return
+
+    def peek(self) -> Record | None:
+        """The oldest record, or None when empty."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, priority, topic, payload, retain FROM records ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                self.available.clear()
+                return None
+        return Record(row[0], Priority(row[1]), row[2], bytes(row[3]), bool(row[4]))
+
+    def ack(self, record_id: int) -> None:
+        with self._lock:
+            row = self._db.execute("SELECT size FROM records WHERE id = ?", (record_id,)).fetchone()
+            if row is not None:
+                self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
+                self._bytes -= row[0]
+                self._bump("delivered", 1)
+
+    def next_seq(self, name: str) -> int:
+        """A persisted, strictly increasing counter (survives restarts)."""
+        with self._lock:
+            self._bump(name, 1)
+            return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+
+    def dropped(self) -> int:
+        return sum(v for k, v in self.counters().items() if k.startswith("dropped."))
+
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

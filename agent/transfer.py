@@ -1,0 +1,268 @@
+"""Artifact and metadata transfer from the hub's repository over MQTT.
+
+The agent asks for byte ranges (:class:`~agent.protocol.RepoRequest` on its
+``repo/get`` topic) and the hub answers with chunk frames on ``repo/data``. Up to
+``window`` requests are outstanding at once (flow control); a request that gets no
+answer within ``timeout`` is sent again, so lost QoS0 messages, broker restarts and
+disconnects only cost the chunks in flight.
+
+Downloads are resumable across restarts: chunk data goes straight to ``<dest>.part``
+at its offset and the chunk's offset is appended to ``<dest>.part.done`` once written.
+On restart only the missing chunks are requested. The whole file is then checked
+against signed TUF metadata by the caller; a chunk torn by power loss fails that check
+and the download restarts. Memory stays bounded by ``window × chunk_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import FetcherInterface
+
+from agent import topics
+from agent.errors import DiskSpaceError, PayloadError, TransferError
+from agent.protocol import ChunkHeader, RepoRequest, decode_frame, encode
+
+__all__ = ["Publisher", "TransferSettings", "RepoClient", "MqttFetcher", "NotFound"]
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None: ...
+
+
+class NotFound(TransferError):
+    """The repository does not have the requested path."""
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    chunk_size: int = 256 * 1024
+    window: int = 4
+    timeout_s: float = 5.0
+    max_attempts_per_chunk: int = 30
+    bandwidth_bytes_per_s: float | None = None  # None: no cap
+
+
+class RepoClient:
+    """Request/response over MQTT for repository bytes. Thread-safe."""
+
+    def __init__(self, device_id: str, publisher: Publisher, settings: TransferSettings | None = None):
+        self.device_id = device_id
+        self.publisher = publisher
+        self.settings = settings or TransferSettings()
+        self._waiters: dict[str, queue.Queue[tuple[ChunkHeader, bytes]]] = {}
+        self._lock = threading.Lock()
+        self.bytes_received = 0
+        self.frames_rejected = 0
+
+    # Called from the MQTT network thread for every repo/data message.
+    def on_frame(self, payload: bytes) -> None:
+        try:
+            header, data = decode_frame(payload, limit=max(self.settings.chunk_size, 1 << 20))
+        except PayloadError as e:
+            self.frames_rejected += 1
+            log.warning("rejected repository frame: %s", e)
+            return
+        self.bytes_received += len(data)
+        with self._lock:
+            q = self._waiters.get(header.rid)
+        if q is not None:
+            q.put((header, data))
+
+    def _request(self, path: str, offset: int, length: int) -> tuple[str, queue.Queue]:
+        rid = uuid.uuid4().hex[:16]
+        q: queue.Queue[tuple[ChunkHeader, bytes]] = queue.Queue()
+        with self._lock:
+            self._waiters[rid] = q
+        req = RepoRequest(rid=rid, path=path, offset=offset, length=length)
+        topic = topics.device_topic(self.device_id, "repo/get")
+        self.publisher.publish(topic, encode(req), qos=topics.QOS["repo/get"])
+        return rid, q
+
+    def _forget(self, rid: str) -> None:
+        with self._lock:
+            self._waiters.pop(rid, None)
+
+    def fetch_range(self, path: str, offset: int, length: int) -> tuple[int, bytes]:
+        """One range, retried on timeout. Returns (file size, data).
+
+        Raises:
+            NotFound: the repository has no such path.
+            TransferError: no answer after ``max_attempts_per_chunk`` tries.
+        """
+        for _attempt in range(self.settings.max_attempts_per_chunk):
+            rid, q = self._request(path, offset, length)
+            try:
+                header, data = q.get(timeout=self.settings.timeout_s)
+            except queue.Empty:
+                continue
+            finally:
+                self._forget(rid)
+            if header.status == "not_found":
+                raise NotFound(f"repository has no {path}")
+            if header.status != "ok":
+                raise TransferError(f"repository error for {path}: {header.error}")
+            return header.total, data
+        raise TransferError(f"no answer for {path}@{offset} after {self.settings.max_attempts_per_chunk} tries")
+
+    def fetch_bytes(self, path: str, max_bytes: int) -> bytes:
+        """A whole (small) file, e.g. metadata. Raises NotFound, TransferError."""
+        total, data = self.fetch_range(path, 0, min(self.settings.chunk_size, max_bytes))
+        if total > max_bytes:
+            raise TransferError(f"{path} is {total} bytes, over the {max_bytes}-byte limit")
+        parts = [data]
+        got = len(data)
+        while got < total:
+            _, more = self.fetch_range(path, got, min(self.settings.chunk_size, total - got))
+            if not more:
+                raise TransferError(f"{path}: empty chunk at {got} of {total}")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def download(
+        self,
+        path: str,
+        dest: Path,
+        length: int,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Path:
+        """Download ``length`` bytes of ``path`` to ``dest``, resuming a previous attempt.
+
+        Raises:
+            DiskSpaceError: not enough free space for ``length`` bytes.
+            NotFound: the repository does not have ``path``.
+            TransferError: the transfer stalled or the size disagrees with ``length``.
+        """
+        s = self.settings
+        part = dest.with_name(dest.name + ".part")
+        journal = dest.with_name(dest.name + ".part.done")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(dest.parent).free
+        already = part.stat().st_size if part.exists() else 0
+        if free + already < length:
+            raise DiskSpaceError(f"need {length} bytes for {path}, {free} free in {dest.parent}")
+
+        n_chunks = max(1, -(-length // s.chunk_size))
+        done: set[int] = set()
+        if part.exists() and journal.exists():
+            for line in journal.read_text().split():
+                if line.isdigit() and int(line) < n_chunks:
+                    done.add(int(line))
+        else:
+            journal.unlink(missing_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, length)
+            with open(journal, "a") as jfh:
+                self._run_window(path, fd, jfh, length, n_chunks, done, progress, cancel)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, dest)
+        journal.unlink(missing_ok=True)
+        return dest
+
+    def _run_window(self, path, fd, jfh, length, n_chunks, done, progress, cancel) -> None:
+        s = self.settings
+        pending = [i for i in range(n_chunks) if i not in done]
+        inflight: dict[str, tuple[int, float, int]] = {}  # rid -> (chunk, sent_at, attempts)
+        inbox: queue.Queue[tuple[ChunkHeader, bytes]] = queue.Queue()
+        attempts: dict[int, int] = {}
+        started = time.monotonic()
+        received = 0
+
+        def send(i: int) -> None:
+            rid = uuid.uuid4().hex[:16]
+            with self._lock:
+                self._waiters[rid] = inbox
+            attempts[i] = attempts.get(i, 0) + 1
+            if attempts[i] > s.max_attempts_per_chunk:
+                raise TransferError(f"{path}: chunk {i} unanswered after {s.max_attempts_per_chunk} tries")
+            inflight[rid] = (i, time.monotonic(), attempts[i])
+            off = i * s.chunk_size
+            req = RepoRequest(rid=rid, path=path, offset=off, length=min(s.chunk_size, length - off))
+            self.publisher.publish(
+                topics.device_topic(self.device_id, "repo/get"), encode(req), qos=topics.QOS["repo/get"]
+            )
+
+        try:
+            while pending or inflight:
+                if cancel is not None and cancel.is_set():
+                    raise TransferError(f"{path}: transfer cancelled")
+                while pending and len(inflight) < s.window:
+                    if s.bandwidth_bytes_per_s:
+                        ahead = received - s.bandwidth_bytes_per_s * (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(min(ahead / s.bandwidth_bytes_per_s, 1.0))
+                            break
+                    send(pending.pop(0))
+                try:
+                    header, data = inbox.get(timeout=0.2)
+                except queue.Empty:
+                    header = None
+                if header is not None:
+                    slot = inflight.pop(header.rid, None)
+                    self._forget(header.rid)
+                    if slot is None:
+                        continue  # late duplicate of a chunk we re-requested
+                    i = slot[0]
+                    if header.status == "not_found":
+                        raise NotFound(f"repository has no {path}")
+                    off = i * s.chunk_size
+                    want = min(s.chunk_size, length - off)
+                    if header.status != "ok" or header.total != length or len(data) != want:
+                        raise TransferError(
+                            f"{path}: chunk {i} bad (status={header.status}, total={header.total}, "
+                            f"{len(data)} of {want} bytes); expected a {length}-byte file"
+                        )
+                    os.pwrite(fd, data, off)
+                    jfh.write(f"{i}\n")
+                    jfh.flush()
+                    done.add(i)
+                    received += len(data)
+                    if progress is not None:
+                        progress(len(done), n_chunks)
+                now = time.monotonic()
+                for rid, (i, sent, _n) in list(inflight.items()):
+                    if now - sent > s.timeout_s:
+                        inflight.pop(rid)
+                        self._forget(rid)
+                        pending.insert(0, i)
+        finally:
+            for rid in inflight:
+                self._forget(rid)
+
+
+class MqttFetcher(FetcherInterface):
+    """python-tuf fetcher that reads ``mqtt:<path>`` URLs through a :class:`RepoClient`."""
+
+    def __init__(self, client: RepoClient, max_bytes: int = 4 << 20):
+        self.client = client
+        self.max_bytes = max_bytes
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith("mqtt:"):
+            raise tuf_exc.DownloadError(f"unsupported URL {url}")
+        try:
+            data = self.client.fetch_bytes(url[len("mqtt:"):], self.max_bytes)
+        except NotFound as e:
+            raise tuf_exc.DownloadHTTPError(str(e), 404) from e
+        except TransferError as e:
+            raise tuf_exc.DownloadError(str(e)) from e
+        return iter([data])
