@@ -1,0 +1,162 @@
+"""Agent deployments against a real broker and a real TUF repository.
+
+Each refusal case checks three things: the deployment is refused with a clear error,
+the agent still serves the previous model, and nothing else changed on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import numpy as np
+
+from hub.repository import Repository, RepositoryConfig
+
+X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+
+
+def serves(agent, w, b) -> bool:
+    got = agent.infer({"input": X})["logits"]
+    return bool(np.allclose(got, X @ w + b, rtol=1e-5, atol=1e-5))
+
+
+def test_install_then_upgrade_keeps_previous_slot(bench):
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    assert serves(a, w1, b1)
+    tp2, m2, w2, b2 = bench.bundle("1.1.0", seed=2)
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "installed"
+    assert serves(a, w2, b2)
+    st = a.status()
+    assert st["model"] == "lin:1.1.0"
+    assert sorted(v for v in st["slots"].values()) == ["lin:1.0.0", "lin:1.1.0"]
+    assert a.record.history == ["downloading", "verifying", "installing", "self_test",
+                                "activating", "health_check", "committed"]
+
+
+def test_flipped_byte_is_refused_and_old_model_keeps_serving(bench_factory):
+    flip = {"on": False}
+
+    def mutate(path: str, offset: int, data: bytes) -> bytes:
+        if flip["on"] and path.startswith("targets/") and offset == 0 and len(data) > 600:
+            return data[:600] + bytes([data[600] ^ 0x01]) + data[601:]
+        return data
+
+    bench = bench_factory(mutate=mutate)
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    flip["on"] = True
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "rejected"
+    assert "failed verification" in a.record.error
+    assert serves(a, w1, b1)
+    assert a.status()["slots"] == {"a": "lin:1.0.0", "b": None}
+
+
+def test_metadata_signed_by_unknown_key_is_refused(bench_factory, tmp_path):
+    bench = bench_factory()
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    # An impostor repository with its own keys answers from now on.
+    rogue = Repository(tmp_path / "rogue", b"other")
+    rogue.init()
+    bench.responder.repository = rogue
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    rogue.add_bundle(bench.repo.targets_dir / tp2, __import__("agent.trust").trust.TargetCustom(
+        name="lin", version="1.1.0", profile="x86-gateway-vnni", format="onnx", precision="fp32"))
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "rejected"
+    assert "rejected" in a.record.error or "signature" in a.record.error.lower()
+    assert serves(a, w1, b1)
+
+
+def test_downgrade_needs_signed_rollback(bench):
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    tp2, m2, w2, b2 = bench.bundle("2.0.0", seed=2)
+    bench.deploy("dev1", "d1", tp2, m2.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    bench.deploy("dev1", "d2", tp1, m1.ref)
+    assert bench.wait_for(a, "d2") == "rejected"
+    assert a.record.error_kind == "DowngradeError"
+    assert serves(a, w2, b2)
+    bench.repo.set_allow_downgrade(tp1, True)
+    bench.deploy("dev1", "d3", tp1, m1.ref)
+    assert bench.wait_for(a, "d3") == "installed"
+    assert serves(a, w1, b1)
+
+
+def test_expired_metadata_is_refused_and_reported(bench_factory):
+    bench = bench_factory(RepositoryConfig(timestamp_expiry=timedelta(seconds=2)))
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    time.sleep(2.5)
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "rejected"
+    assert a.record.error_kind == "metadata_expired"
+    assert "metadata_expired" in a.status()["conditions"]
+    assert serves(a, w1, b1)
+    # Fresh metadata arrives: the condition clears on the next deployment.
+    bench.repo.refresh_timestamp(force=True)
+    bench.deploy("dev1", "d3", tp2, m2.ref)
+    assert bench.wait_for(a, "d3") == "installed"
+    assert "metadata_expired" not in a.status()["conditions"]
+
+
+def test_failing_selftest_is_not_activated(bench):
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2, bad_selftest=True)
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "failed"
+    assert a.record.error_kind == "selftest"
+    assert serves(a, w1, b1)
+
+
+def test_unloadable_model_is_not_activated(bench):
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2, model_bytes=b"\x08\x07garbage-not-onnx")
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "failed"
+    assert a.record.error_kind == "load"
+    assert serves(a, w1, b1)
+
+
+def test_bundle_for_another_profile_is_refused(bench):
+    a = bench.agent()
+    tp, m, *_ = bench.bundle("1.0.0", profile="rpi4-arm64")
+    bench.deploy("dev1", "d1", tp, m.ref)
+    assert bench.wait_for(a, "d1") == "rejected"
+    assert a.record.error_kind == "profile"
+    assert a.model_ref is None
+
+
+def test_restart_serves_committed_model_and_ignores_retained_deploy(bench):
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    a.stop()
+    bench.agents.remove(a)
+    a2 = bench.agent()
+    assert serves(a2, w1, b1)  # served from disk before any network
+    time.sleep(1.0)  # the retained deploy arrives again
+    assert a2.record.deployment_id == "d1" and a2.record.state.value == "committed"
+    assert a2.record.saves == a.record.saves
