@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import MosquittoBroker, free_port
+from tests.support import MosquittoBroker, free_port, missing_service
 
 
 @pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
     path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if path is None:
-        pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
+        missing_service("mosquitto", "mosquitto is not installed (apt-get install mosquitto)")
     return path
 
 

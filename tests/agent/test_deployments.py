@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import numpy as np
 
+from agent.trust import TargetCustom
 from hub.repository import Repository, RepositoryConfig
 
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
@@ -71,7 +72,7 @@ def test_metadata_signed_by_unknown_key_is_refused(bench_factory, tmp_path):
     rogue.init()
     bench.responder.repository = rogue
     tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
-    rogue.add_bundle(bench.repo.targets_dir / tp2, __import__("agent.trust").trust.TargetCustom(
+    rogue.add_bundle(bench.repo.targets_dir / tp2, TargetCustom(
         name="lin", version="1.1.0", profile="x86-gateway-vnni", format="onnx", precision="fp32"))
     bench.deploy("dev1", "d2", tp2, m2.ref)
     assert bench.wait_for(a, "d2") == "rejected"
