@@ -63,7 +63,7 @@ __all__ = [
     "file_sha256",
 ]
 
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION: Literal[1] = 1
 
 MANIFEST_NAME = "manifest.json"
 SELFTEST_NAME = "selftest.npz"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -44,13 +43,14 @@ class _PluginGroup(click.Group):
             return ep.load()  # type: ignore[attr-defined]
         except ImportError as e:
             extra = _EXTRA_FOR.get(name, "all")
+            reason = str(e)
 
             @click.command(name=name, help=f"(unavailable: install edgefleet[{extra}])",
                            context_settings={"ignore_unknown_options": True})
             @click.argument("args", nargs=-1, type=click.UNPROCESSED)
             def unavailable(args: tuple[str, ...]) -> None:
                 raise click.ClickException(
-                    f"'edgefleet {name}' needs the {extra} extra: pip install 'edgefleet[{extra}]' ({e})"
+                    f"'edgefleet {name}' needs the {extra} extra: pip install 'edgefleet[{extra}]' ({reason})"
                 )
 
             return unavailable
@@ -140,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

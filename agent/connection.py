@@ -131,7 +131,7 @@ class Link:
         if handler is None:
             return
         try:
-            handler(msg.topic, msg.payload)
+            handler(msg.topic, bytes(msg.payload))
         except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
             log.exception("handler for %s failed", msg.topic)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tuf.api.metadata import TargetFile
 
 import agent
 from agent import topics
@@ -27,8 +26,8 @@ from agent.errors import (
     BundleError,
     DiskSpaceError,
     EdgefleetError,
-    PayloadError,
     ExpiredMetadataError,
+    PayloadError,
     RuntimeLoadError,
     TransportError,
     TrustError,
@@ -60,16 +59,8 @@ from agent.runtimes.base import LoadedModel, available_runtimes, load_bundle
 from agent.serving import ModelServer
 from agent.slots import SlotName, Slots, atomic_write
 from agent.spool import Priority, Spool
-from agent.transfer import MqttFetcher, RepoClient, TransferSettings
-from agent.trust import (
-    TargetCustom,
-    TrustedRepository,
-    check_manifest_matches,
-    check_upgrade,
-    serve_path_for,
-    target_custom,
-    verify_target_file,
-)
+from agent.transfer import RepoClient, TransferSettings
+
 __all__ = ["Agent", "run_selftest"]
 
 log = logging.getLogger(__name__)
@@ -410,7 +401,10 @@ class Agent:
 
     # Each handler does its state's work and returns an Event (or raises _Reject/_Fail).
 
-    def _trusted_repo(self) -> TrustedRepository:
+    def _trusted_repo(self):  # -> agent.trust.TrustedRepository
+        # TUF is imported on first use: a device that only serves never loads it.
+        from agent.trust import MqttFetcher, TrustedRepository
+
         trust_dir = self.data_dir / "trust"
         trust_dir.mkdir(exist_ok=True)
         root = trust_dir / "root.json"
@@ -427,8 +421,9 @@ class Agent:
         return TrustedRepository(trust_dir, MqttFetcher(self.repo))
 
     def _do_download(self, rec: DeploymentRecord) -> Event:
+        from agent.trust import check_upgrade, serve_path_for, target_custom
+
         assert rec.target_path is not None
-        target: TargetFile | None = None
         delay = 1.0
         for attempt in range(1, self.settings.max_download_attempts + 1):
             rec.attempts = attempt
@@ -468,6 +463,10 @@ class Agent:
         return self.data_dir / "downloads" / str(rec.target_path)
 
     def _do_verify(self, rec: DeploymentRecord) -> Event:
+        from tuf.api.metadata import TargetFile
+
+        from agent.trust import TargetCustom, check_manifest_matches, verify_target_file
+
         path = self._download_path(rec)
         if rec.target_length is None or rec.target_sha256 is None or rec.target_custom is None:
             raise _Fail("no signed target information recorded", "state")

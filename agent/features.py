@@ -50,11 +50,11 @@ def summary_features(x: np.ndarray, summary: str) -> np.ndarray:
         return x.reshape(n, -1)
     if summary == "per_channel_mean_std":
         c = x.shape[1]
-        flat = x.reshape(n, c, -1)
-        return np.concatenate([flat.mean(axis=2), flat.std(axis=2)], axis=1)
+        per_channel = x.reshape(n, c, -1)
+        return np.concatenate([per_channel.mean(axis=2), per_channel.std(axis=2)], axis=1)
     if summary == "flat_mean_std":
-        flat = x.reshape(n, -1)
-        return np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1)
+        rows = x.reshape(n, -1)
+        return np.stack([rows.mean(axis=1), rows.std(axis=1)], axis=1)
     raise ValueError(f"unknown summary kind {summary!r}")
 
 
@@ -134,4 +134,9 @@ def build_reference(
                 edges=[float(e) for e in edges],
                 counts=[float(c) for c in bin_counts(p.ravel(), edges)],
             )
-    return Reference(summary=kind, features=features, predictions=pred_ref, rows=int(x.shape[0]))
+    return Reference(
+        summary=kind,  # type: ignore[arg-type]
+        features=features,
+        predictions=pred_ref,
+        rows=int(x.shape[0]),
+    )

@@ -22,25 +22,22 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface
 
 from agent import topics
 from agent.errors import DiskSpaceError, PayloadError, TransferError
 from agent.protocol import ChunkHeader, RepoRequest, decode_frame, encode
 
-__all__ = ["Publisher", "TransferSettings", "RepoClient", "MqttFetcher", "NotFound"]
+__all__ = ["Publisher", "TransferSettings", "RepoClient", "NotFound"]
 
 log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> object: ...
 
 
 class NotFound(TransferError):
@@ -247,22 +244,3 @@ class RepoClient:
         finally:
             for rid in inflight:
                 self._forget(rid)
-
-
-class MqttFetcher(FetcherInterface):
-    """python-tuf fetcher that reads ``mqtt:<path>`` URLs through a :class:`RepoClient`."""
-
-    def __init__(self, client: RepoClient, max_bytes: int = 4 << 20):
-        self.client = client
-        self.max_bytes = max_bytes
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith("mqtt:"):
-            raise tuf_exc.DownloadError(f"unsupported URL {url}")
-        try:
-            data = self.client.fetch_bytes(url[len("mqtt:"):], self.max_bytes)
-        except NotFound as e:
-            raise tuf_exc.DownloadHTTPError(str(e), 404) from e
-        except TransferError as e:
-            raise tuf_exc.DownloadError(str(e)) from e
-        return iter([data])

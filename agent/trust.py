@@ -24,6 +24,7 @@ repository unreachable         :class:`~agent.errors.TransportError`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -36,9 +37,11 @@ from agent.bundle import Manifest, SemVer
 from agent.errors import (
     DowngradeError,
     ExpiredMetadataError,
+    TransferError,
     TransportError,
     TrustError,
 )
+from agent.transfer import NotFound, RepoClient
 
 __all__ = [
     "CUSTOM_KEY",
@@ -49,6 +52,7 @@ __all__ = [
     "verify_target_file",
     "TrustedRepository",
     "target_path_for",
+    "MqttFetcher",
     "serve_path_for",
 ]
 
@@ -200,3 +204,22 @@ class TrustedRepository:
         if target is None:
             raise TrustError(f"target {target_path} is not in signed targets metadata")
         return target
+
+
+class MqttFetcher(FetcherInterface):
+    """python-tuf fetcher that reads ``mqtt:<path>`` URLs through a :class:`RepoClient`."""
+
+    def __init__(self, client: RepoClient, max_bytes: int = 4 << 20):
+        self.client = client
+        self.max_bytes = max_bytes
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith("mqtt:"):
+            raise tuf_exc.DownloadError(f"unsupported URL {url}")
+        try:
+            data = self.client.fetch_bytes(url[len("mqtt:"):], self.max_bytes)
+        except NotFound as e:
+            raise tuf_exc.DownloadHTTPError(str(e), 404) from e
+        except TransferError as e:
+            raise tuf_exc.DownloadError(str(e)) from e
+        return iter([data])

@@ -73,16 +73,37 @@ def _runtime_class(key: str) -> type[Runtime]:
     return _REGISTRY[key]
 
 
+# The distributions that provide each runtime, in order of preference. Availability is
+# read from installed metadata so that announcing a runtime does not load it.
+_DISTRIBUTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "onnxruntime": (("onnxruntime", "onnxruntime"), ("onnxruntime-gpu", "onnxruntime")),
+    "litert": (("ai-edge-litert", "ai_edge_litert"), ("tflite-runtime", "tflite_runtime")),
+}
+
+
 def available_runtimes() -> tuple[dict[str, str], dict[str, str]]:
-    """(runtime -> library version, runtime -> reason it is unavailable)."""
+    """(runtime -> library version, runtime -> reason it is unavailable).
+
+    Cheap: looks at installed distributions without importing the libraries. A library
+    that is installed but broken is found out when a model is loaded (RuntimeLoadError).
+    """
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
     ok: dict[str, str] = {}
     missing: dict[str, str] = {}
-    for key in _MODULES:
-        try:
-            ok[key] = _runtime_class(key).library_version()
-        except (RuntimeLoadError, ImportError) as e:
-            log.warning("runtime %s unavailable: %s", key, e)
-            missing[key] = str(e)
+    for key, dists in _DISTRIBUTIONS.items():
+        for dist, module in dists:
+            try:
+                v = version(dist)
+            except PackageNotFoundError:
+                continue
+            if importlib.util.find_spec(module) is not None:
+                ok[key] = v
+                break
+        else:
+            missing[key] = f"none of {', '.join(d for d, _ in dists)} is installed"
+            log.warning("runtime %s unavailable: %s", key, missing[key])
     return ok, missing
 
 

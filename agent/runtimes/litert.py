@@ -55,7 +55,7 @@ class LiteRtRuntime:
     @staticmethod
     def _spec(d: dict[str, Any]) -> TensorSpec:
         shape = [int(s) if s > 0 else -1 for s in d.get("shape_signature", d["shape"])]
-        return TensorSpec(name=d["name"], dtype=_dtype_name(d["dtype"]), shape=shape)
+        return TensorSpec(name=d["name"], dtype=_dtype_name(d["dtype"]), shape=shape)  # type: ignore[arg-type]
 
     @property
     def inputs(self) -> list[TensorSpec]:

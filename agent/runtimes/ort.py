@@ -23,7 +23,8 @@ _ORT_TYPES = {
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     shape = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
-    return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, "float32"), shape=shape)
+    dtype = _ORT_TYPES.get(arg.type, "float32")
+    return TensorSpec(name=arg.name, dtype=dtype, shape=shape)  # type: ignore[arg-type]
 
 
 @register

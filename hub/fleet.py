@@ -1,0 +1,161 @@
+"""The fleet registry: what the hub knows about each device.
+
+Devices are never registered by hand: a device row appears with the first message
+the hub receives from it and is filled in by its retained hello, presence and status
+messages. Status reports carry a per-device sequence number; a report whose ``seq``
+is not newer than the last one applied is ignored, so duplicates and out-of-order
+deliveries (QoS 1 redelivery, retained replays after a hub restart) are harmless.
+Agents must therefore keep ``seq`` increasing across their own restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import Dialect, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col, select
+
+from agent import protocol
+from hub.errors import DeviceNotFound
+from hub.models import DeploymentDevice, Device, DevicePublic
+
+__all__ = [
+    "ensure_devices",
+    "touch_devices",
+    "apply_hello",
+    "apply_presence",
+    "apply_status",
+    "list_devices",
+    "get_device",
+    "dialect_insert",
+]
+
+log = logging.getLogger(__name__)
+
+
+def dialect_insert(dialect: Dialect):  # type: ignore[no-untyped-def]
+    """The INSERT construct with ON CONFLICT support for this backend."""
+    return pg_insert if dialect.name == "postgresql" else sqlite_insert
+
+
+def ensure_devices(session: Session, device_ids: Iterable[str], now: datetime) -> None:
+    """Create rows for devices not seen before (one statement, no-op for known ones)."""
+    ids = sorted(set(device_ids))
+    if not ids:
+        return
+    ins = dialect_insert(session.get_bind().dialect)(Device).values(
+        [
+            {
+                "device_id": d,
+                "tags": [],
+                "runtimes": {},
+                "conditions": [],
+                "online": False,
+                "first_seen": now,
+            }
+            for d in ids
+        ]
+    )
+    session.execute(ins.on_conflict_do_nothing(index_elements=["device_id"]))
+
+
+def touch_devices(session: Session, device_ids: Iterable[str], now: datetime) -> None:
+    """Record that these devices were heard from at ``now``."""
+    ids = sorted(set(device_ids))
+    if ids:
+        session.execute(
+            update(Device).where(col(Device.device_id).in_(ids)).values(last_seen=now)
+        )
+
+
+def _device(session: Session, device_id: str) -> Device:
+    dev = session.get(Device, device_id)
+    if dev is None:  # ensure_devices runs first; this is for direct callers
+        dev = Device(device_id=device_id)
+        session.add(dev)
+    return dev
+
+
+def apply_hello(session: Session, device_id: str, hello: protocol.Hello, now: datetime) -> None:
+    """A device (re)announced itself: profile, runtimes, tags and current model."""
+    dev = _device(session, device_id)
+    dev.profile = hello.profile
+    dev.agent_version = hello.agent_version
+    dev.runtimes = dict(hello.runtimes)
+    dev.tags = list(hello.tags)
+    dev.platform = hello.platform or None
+    dev.model = hello.model
+    dev.previous_model = hello.previous_model
+    dev.online = True
+    dev.last_seen = now
+    session.add(dev)
+
+
+def apply_presence(
+    session: Session, device_id: str, presence: protocol.Presence, now: datetime
+) -> None:
+    """Online/offline, from the device or from its last will (sent by the broker)."""
+    dev = _device(session, device_id)
+    dev.online = presence.online
+    if presence.online:
+        dev.last_seen = now
+    session.add(dev)
+
+
+def apply_status(
+    session: Session, device_id: str, status: protocol.StatusReport, now: datetime
+) -> bool:
+    """Fold a status report into the device and its deployment row.
+
+    Returns False when the report was ignored as a duplicate or out of order.
+    """
+    dev = _device(session, device_id)
+    if dev.last_status_seq is not None and status.seq <= dev.last_status_seq:
+        log.debug("status from %s: seq %d <= %d, ignored", device_id, status.seq, dev.last_status_seq)
+        return False
+    dev.last_status_seq = status.seq
+    dev.state = status.state
+    dev.outcome = status.outcome
+    dev.model = status.model
+    dev.previous_model = status.previous_model
+    dev.target_model = status.target_model
+    dev.deployment_id = status.deployment_id
+    dev.conditions = list(status.conditions)
+    dev.last_error = status.error
+    dev.error_kind = status.error_kind
+    dev.last_seen = now
+    session.add(dev)
+    if status.deployment_id:
+        row = session.get(
+            DeploymentDevice, {"device_id": device_id, "deployment_id": status.deployment_id}
+        )
+        if row is not None and row.outcome != "skipped":
+            row.state = status.state
+            row.outcome = "pending" if status.outcome == "idle" else status.outcome
+            row.progress = status.progress
+            row.error = status.error
+            row.updated = now
+            session.add(row)
+    return True
+
+
+def list_devices(session: Session) -> list[DevicePublic]:
+    """Every device the hub has heard from, by id."""
+    rows = session.exec(select(Device).order_by(col(Device.device_id))).all()
+    return [DevicePublic.model_validate(d, from_attributes=True) for d in rows]
+
+
+def get_device(session: Session, device_id: str) -> DevicePublic:
+    """One device.
+
+    Raises:
+        DeviceNotFound: the hub has never heard from it.
+    """
+    dev = session.get(Device, device_id)
+    if dev is None:
+        raise DeviceNotFound(f"no device {device_id!r}")
+    return DevicePublic.model_validate(dev, from_attributes=True)

@@ -1,0 +1,403 @@
+"""The hub's MQTT transport: one paho client that ingests device messages and publishes.
+
+Threads, and why:
+
+- paho's network thread only sorts incoming messages into two queues, so a slow
+  database never stalls keepalives or chunk serving;
+- the *ingest worker* decodes hello/presence/status/telemetry payloads and applies
+  them to the database in batches (one transaction per batch, telemetry inserted with
+  one statement), which is what lets the hub keep up with thousands of messages a
+  second;
+- the *repository server* answers ``repo/get`` requests with chunk frames read from
+  the TUF repository.
+
+Every payload goes through :func:`agent.protocol.decode`. A malformed one is logged at
+warning level with its device and topic, counted by kind (:class:`PayloadErrorLog`,
+persisted in ``payload_error_count``), and dropped; nothing a device sends can stop
+these threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import ssl
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
+
+from agent import protocol, topics
+from agent.errors import PayloadError
+from hub import fleet
+from hub.db import Database
+from hub.errors import BrokerUnavailable
+from hub.repository import Repository, RepositoryPathError
+from hub.telemetry import PayloadErrorTally, TelemetryIn, add_payload_errors, store_telemetry
+
+__all__ = ["BrokerAddress", "parse_broker_url", "PayloadErrorLog", "MqttIngest"]
+
+log = logging.getLogger(__name__)
+
+_DECODERS: Final[dict[str, type[BaseModel]]] = {
+    "hello": protocol.Hello,
+    "presence": protocol.Presence,
+    "status": protocol.StatusReport,
+    "telemetry": protocol.Telemetry,
+}
+_SUBSCRIPTIONS: Final = ("hello", "presence", "status", "telemetry", "repo/get")
+_STOP: Final = object()
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host[:port]`` (also ``tcp://``) or ``mqtts://host[:port]``.
+
+    Raises:
+        ValueError: another scheme, or no host.
+    """
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
+        raise ValueError(f"broker URL must be mqtt://host:port or mqtts://host:port, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"broker URL has no host: {url!r}")
+    tls = parts.scheme in ("mqtts", "ssl")
+    return BrokerAddress(parts.hostname, parts.port or (8883 if tls else 1883), tls)
+
+
+class PayloadErrorLog:
+    """Counts malformed payloads; the ingest worker flushes them to the database."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], PayloadErrorTally] = {}
+        self.totals: Counter[str] = Counter()
+
+    def record(self, topic_kind: str, device_id: str | None, err: PayloadError) -> None:
+        log.warning("malformed %s payload from device %s (%s): %s", topic_kind, device_id, err.kind, err)
+        with self._lock:
+            self.totals[err.kind] += 1
+            t = self._pending.get((topic_kind, err.kind))
+            if t is None:
+                self._pending[(topic_kind, err.kind)] = PayloadErrorTally(1, str(err), device_id)
+            else:
+                t.count, t.last_error, t.last_device_id = t.count + 1, str(err), device_id
+
+    def drain(self) -> dict[tuple[str, str], PayloadErrorTally]:
+        with self._lock:
+            out, self._pending = self._pending, {}
+            return out
+
+    def restore(self, tallies: dict[tuple[str, str], PayloadErrorTally]) -> None:
+        """Put back tallies whose flush failed, so they are written next time."""
+        with self._lock:
+            for key, t in tallies.items():
+                cur = self._pending.get(key)
+                if cur is None:
+                    self._pending[key] = t
+                else:
+                    cur.count += t.count
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    kind: str
+    device_id: str
+    payload: bytes
+    received: datetime
+
+
+class MqttIngest:
+    """The hub's MQTT client: ingestion, repository serving, and :class:`Publisher`."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        db: Database,
+        repository: Repository,
+        *,
+        batch_size: int = 500,
+        queue_size: int = 100_000,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self.address = parse_broker_url(broker_url)
+        self.db = db
+        self.repository = repository
+        self.batch_size = batch_size
+        self.publish_timeout = publish_timeout
+        self.errors = PayloadErrorLog()
+        self.client_id = f"edgefleet-hub-{secrets.token_hex(6)}"
+        self.received: Counter[str] = Counter()
+        self.dropped = 0
+        self._ingest_q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._repo_q: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+        self._connected = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Condition()
+        self._in_flight = 0
+
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        if self.address.tls:
+            c.tls_set_context(ssl.create_default_context())
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self._client = c
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self, connect_timeout: float = 10.0) -> bool:
+        """Start the worker threads and connect; returns whether it connected in time.
+
+        If the broker is not reachable yet the client keeps retrying in the background.
+        """
+        for target, name in ((self._ingest_loop, "ingest"), (self._repo_loop, "repo")):
+            t = threading.Thread(target=target, name=f"edgefleet-hub-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._client.connect_async(self.address.host, self.address.port, keepalive=30)
+        self._client.loop_start()
+        ok = self._connected.wait(connect_timeout)
+        if not ok:
+            log.warning("MQTT broker %s not reachable yet; retrying in the background", self.address.url)
+        return ok
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect, then let the workers finish what is queued, and join them."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        self._ingest_q.put(_STOP)
+        self._repo_q.put(_STOP)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every message received so far has been written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._ingest_q.unfinished_tasks or self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connect to %s refused: %s", self.address.url, reason)
+            return
+        client.subscribe([(topics.device_wildcard(k), topics.QOS[k]) for k in _SUBSCRIPTIONS])  # type: ignore[arg-type]
+        self._connected.set()
+        log.info("hub connected to MQTT broker %s as %s", self.address.url, self.client_id)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._connected.clear()
+        if reason.is_failure:
+            log.warning("hub lost the MQTT broker %s: %s; reconnecting", self.address.url, reason)
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        dt = topics.parse_device_topic(msg.topic)
+        if dt is None:
+            return
+        self.received[dt.kind] += 1
+        item = _Inbound(dt.kind, dt.device_id, msg.payload, datetime.now(UTC))
+        q = self._repo_q if dt.kind == "repo/get" else self._ingest_q
+        try:
+            # Blocking briefly pushes back on the broker instead of losing QoS 1 messages.
+            q.put(item, timeout=5.0)
+        except queue.Full:
+            self.dropped += 1
+            log.error("hub overloaded: dropped a %s message from %s", dt.kind, dt.device_id)
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        """Publish; for QoS 1 and 2 wait for the broker's acknowledgement.
+
+        Raises:
+            BrokerUnavailable: not connected, or not acknowledged within the timeout.
+        """
+        if not self.connected:
+            raise BrokerUnavailable(f"not connected to the MQTT broker {self.address.url}")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise BrokerUnavailable(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if qos > 0:
+            try:
+                info.wait_for_publish(self.publish_timeout)
+            except (RuntimeError, ValueError) as e:
+                raise BrokerUnavailable(f"publish to {topic} failed: {e}") from e
+            if not info.is_published():
+                raise BrokerUnavailable(
+                    f"broker did not acknowledge {topic} within {self.publish_timeout:.0f}s"
+                )
+
+    # ------------------------------------------------------------------ ingestion
+
+    def _ingest_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._ingest_q.get(timeout=1.0)
+            except queue.Empty:
+                self._flush_errors()
+                continue
+            batch: list[_Inbound] = []
+            items = [first]
+            while len(items) < self.batch_size:
+                try:
+                    items.append(self._ingest_q.get_nowait())
+                except queue.Empty:
+                    break
+            for it in items:
+                if it is _STOP:
+                    stopping = True
+                else:
+                    batch.append(it)
+            with self._idle:
+                self._in_flight += len(items)
+            for _ in items:
+                self._ingest_q.task_done()
+            try:
+                if batch:
+                    self._apply(batch)
+                self._flush_errors()
+            finally:
+                with self._idle:
+                    self._in_flight -= len(items)
+                    self._idle.notify_all()
+
+    def _decode(self, item: _Inbound) -> BaseModel | None:
+        try:
+            payload = protocol.decode(_DECODERS[item.kind], item.payload)
+        except PayloadError as e:
+            self.errors.record(item.kind, item.device_id, e)
+            return None
+        if isinstance(payload, protocol.Hello) and payload.device_id != item.device_id:
+            self.errors.record(
+                item.kind,
+                item.device_id,
+                PayloadError(
+                    f"Hello: device_id {payload.device_id!r} does not match the topic", "device_mismatch"
+                ),
+            )
+            return None
+        return payload
+
+    def _apply(self, batch: list[_Inbound]) -> None:
+        decoded = [(it, p) for it in batch if (p := self._decode(it)) is not None]
+        if not decoded:
+            return
+        try:
+            self._write(decoded)
+        except SQLAlchemyError:
+            if len(decoded) == 1:
+                it = decoded[0][0]
+                log.exception("could not store %s from %s; message dropped", it.kind, it.device_id)
+                return
+            log.exception("could not store a batch of %d messages; retrying one by one", len(decoded))
+            for one in decoded:
+                try:
+                    self._write([one])
+                except SQLAlchemyError:
+                    log.exception("could not store %s from %s; message dropped", one[0].kind, one[0].device_id)
+
+    def _write(self, decoded: list[tuple[_Inbound, BaseModel]]) -> None:
+        now = datetime.now(UTC)
+        tele: list[TelemetryIn] = []
+        with self.db.session() as s:
+            fleet.ensure_devices(s, (it.device_id for it, _ in decoded), now)
+            for it, p in decoded:
+                if isinstance(p, protocol.Hello):
+                    fleet.apply_hello(s, it.device_id, p, it.received)
+                elif isinstance(p, protocol.Presence):
+                    fleet.apply_presence(s, it.device_id, p, it.received)
+                elif isinstance(p, protocol.StatusReport):
+                    fleet.apply_status(s, it.device_id, p, it.received)
+                elif isinstance(p, protocol.Telemetry):
+                    tele.append(TelemetryIn(it.device_id, p, it.received))
+            if tele:
+                s.flush()
+                store_telemetry(s, tele)
+                fleet.touch_devices(s, (t.device_id for t in tele), now)
+
+    def _flush_errors(self) -> None:
+        tallies = self.errors.drain()
+        if not tallies:
+            return
+        try:
+            with self.db.session() as s:
+                add_payload_errors(s, tallies, datetime.now(UTC))
+        except SQLAlchemyError:
+            log.exception("could not store payload error counters; will retry")
+            self.errors.restore(tallies)
+
+    # ------------------------------------------------------------------ repository
+
+    def _repo_loop(self) -> None:
+        while True:
+            item = self._repo_q.get()
+            if item is _STOP:
+                return
+            self._serve(item)
+
+    def _serve(self, item: _Inbound) -> None:
+        try:
+            req = protocol.decode(protocol.RepoRequest, item.payload)
+        except PayloadError as e:
+            self.errors.record(item.kind, item.device_id, e)
+            return
+        header: protocol.ChunkHeader
+        data = b""
+        try:
+            total, data = self.repository.read(req.path, req.offset, req.length)
+            header = protocol.ChunkHeader(rid=req.rid, path=req.path, offset=req.offset, total=total)
+        except RepositoryPathError as e:
+            header = protocol.ChunkHeader(rid=req.rid, path=req.path, status="error", error=str(e))
+        except FileNotFoundError:
+            header = protocol.ChunkHeader(rid=req.rid, path=req.path, status="not_found")
+        except OSError as e:
+            log.warning("repository read of %s failed: %s", req.path, e)
+            header = protocol.ChunkHeader(
+                rid=req.rid, path=req.path, status="error", error=f"read failed: {e.strerror}"
+            )
+        topic = topics.device_topic(item.device_id, "repo/data")
+        try:
+            self.publish(topic, protocol.encode_frame(header, data), qos=topics.QOS["repo/data"], retain=False)
+        except BrokerUnavailable as e:
+            log.info("could not answer %s's request for %s: %s", item.device_id, req.path, e)

@@ -1,0 +1,131 @@
+"""Telemetry storage and the counters of malformed inbound payloads.
+
+Telemetry arrives in batches from the ingest worker and is inserted with one
+statement per batch; ``(device_id, seq)`` is unique, so a redelivered window is
+dropped by the database (``ON CONFLICT DO NOTHING``) rather than counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func
+from sqlmodel import Session, col, select
+
+from agent import protocol
+from hub.fleet import dialect_insert
+from hub.models import (
+    PayloadErrorCount,
+    PayloadErrorsPublic,
+    Telemetry,
+    TelemetryPublic,
+)
+
+__all__ = [
+    "TelemetryIn",
+    "PayloadErrorTally",
+    "store_telemetry",
+    "query_telemetry",
+    "prune_telemetry",
+    "add_payload_errors",
+    "payload_errors",
+]
+
+
+@dataclass(frozen=True)
+class TelemetryIn:
+    device_id: str
+    report: protocol.Telemetry
+    received: datetime
+
+
+@dataclass
+class PayloadErrorTally:
+    """Malformed payloads of one (topic kind, error kind) since the last flush."""
+
+    count: int
+    last_error: str
+    last_device_id: str | None
+
+
+def store_telemetry(session: Session, batch: Sequence[TelemetryIn]) -> None:
+    """Insert a batch of telemetry windows; duplicates of stored ones are dropped."""
+    if not batch:
+        return
+    rows = []
+    for t in batch:
+        r = t.report
+        rows.append(
+            {
+                "device_id": t.device_id,
+                "seq": r.seq,
+                "window_start": r.window_start,
+                "window_end": r.window_end,
+                "model": r.model,
+                "inference_count": r.inference_count,
+                "error_count": r.error_count,
+                "p50_ms": r.latency.p50_ms,
+                "p95_ms": r.latency.p95_ms,
+                "rss_bytes": r.rss_bytes,
+                "received": t.received,
+                "payload": r.model_dump(mode="json"),
+            }
+        )
+    ins = dialect_insert(session.get_bind().dialect)(Telemetry).values(rows)
+    session.execute(ins.on_conflict_do_nothing(index_elements=["device_id", "seq"]))
+
+
+def query_telemetry(
+    session: Session, device_id: str | None = None, limit: int = 100
+) -> list[TelemetryPublic]:
+    """The newest telemetry windows (of one device, or of all), newest first."""
+    q = select(Telemetry)
+    if device_id is not None:
+        q = q.where(Telemetry.device_id == device_id)
+    q = q.order_by(col(Telemetry.window_end).desc(), col(Telemetry.seq).desc()).limit(limit)
+    return [TelemetryPublic.model_validate(t, from_attributes=True) for t in session.exec(q).all()]
+
+
+def prune_telemetry(session: Session, now: datetime, retention: timedelta) -> int:
+    """Delete telemetry received before ``now - retention``; returns how many rows."""
+    res = session.execute(delete(Telemetry).where(col(Telemetry.received) < now - retention))
+    return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def add_payload_errors(
+    session: Session, tallies: dict[tuple[str, str], PayloadErrorTally], now: datetime
+) -> None:
+    """Add counted malformed payloads to the persistent counters."""
+    for (topic_kind, kind), t in sorted(tallies.items()):
+        ins = dialect_insert(session.get_bind().dialect)(PayloadErrorCount).values(
+            topic_kind=topic_kind,
+            kind=kind,
+            count=t.count,
+            last_error=t.last_error[:2000],
+            last_device_id=t.last_device_id,
+            updated=now,
+        )
+        session.execute(
+            ins.on_conflict_do_update(
+                index_elements=["topic_kind", "kind"],
+                set_={
+                    "count": PayloadErrorCount.__table__.c.count + ins.excluded.count,  # type: ignore[attr-defined]
+                    "last_error": ins.excluded.last_error,
+                    "last_device_id": ins.excluded.last_device_id,
+                    "updated": ins.excluded.updated,
+                },
+            )
+        )
+
+
+def payload_errors(session: Session) -> PayloadErrorsPublic:
+    """Totals of malformed payloads, by error kind and by topic kind."""
+    by_kind: dict[str, int] = {}
+    by_topic: dict[str, dict[str, int]] = {}
+    for row in session.exec(select(PayloadErrorCount)).all():
+        by_kind[row.kind] = by_kind.get(row.kind, 0) + row.count
+        by_topic.setdefault(row.topic_kind, {})[row.kind] = row.count
+    total = session.exec(select(func.coalesce(func.sum(PayloadErrorCount.count), 0))).one()
+    return PayloadErrorsPublic(total=int(total), by_kind=by_kind, by_topic=by_topic)

@@ -1,0 +1,153 @@
+"""Device messages over a real Mosquitto reach the database; malformed ones are counted."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from agent import protocol
+from hub.models import Telemetry
+from tests.hub.bundles import make_bundle
+from tests.hub.conftest import HubHarness, SimDevice, wait_until
+
+DeviceFactory = Callable[..., SimDevice]
+
+
+def _device(h: HubHarness, device_id: str) -> dict:  # type: ignore[type-arg]
+    r = h.client.get(f"/api/v1/devices/{device_id}")
+    return r.json() if r.status_code == 200 else {}
+
+
+def _telemetry(seq: int, **kw: object) -> protocol.Telemetry:
+    now = time.time()
+    return protocol.Telemetry(
+        seq=seq, window_start=now - 10, window_end=now, model="tiny:1.0.0",
+        inference_count=100 + seq, error_count=1,
+        latency=protocol.LatencyStats(p50_ms=1.5, p95_ms=4.0), rss_bytes=123456, **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_hello_presence_status_telemetry(hub: HubHarness, device_factory: DeviceFactory, session_mosquitto) -> None:  # type: ignore[no-untyped-def]
+    dev = device_factory(session_mosquitto.url)
+    dev.hello(model="tiny:1.0.0", tags=["lab", "floor-2"])
+    d = wait_until(lambda: _device(hub, dev.device_id).get("profile") and _device(hub, dev.device_id))
+    assert d["online"] is True and d["profile"] == "x86-gateway-vnni"
+    assert d["model"] == "tiny:1.0.0" and d["tags"] == ["lab", "floor-2"]
+    assert d["runtimes"] == {"onnxruntime": "1.32.0"} and d["last_seen"]
+
+    dev.publish("status", protocol.StatusReport(seq=5, state="installed", outcome="installed",
+                                                model="tiny:2.0.0", previous_model="tiny:1.0.0",
+                                                conditions=["metadata_expired"]))
+    # Older and duplicate reports are ignored.
+    dev.publish("status", protocol.StatusReport(seq=4, state="downloading", outcome="in_progress"))
+    dev.publish("status", protocol.StatusReport(seq=5, state="failed", outcome="failed"))
+    for seq in (1, 2, 2, 3):  # one duplicate window
+        dev.publish("telemetry", _telemetry(seq))
+    time.sleep(0.3)
+    hub.settle()
+    d = _device(hub, dev.device_id)
+    assert (d["state"], d["model"], d["previous_model"]) == ("installed", "tiny:2.0.0", "tiny:1.0.0")
+    assert d["conditions"] == ["metadata_expired"]
+
+    rows = hub.client.get("/api/v1/telemetry", params={"device_id": dev.device_id}).json()
+    assert [r["seq"] for r in rows] == [3, 2, 1]
+    assert rows[0]["inference_count"] == 103 and rows[0]["p95_ms"] == 4.0 and rows[0]["rss_bytes"] == 123456
+    assert rows[0]["payload"]["latency"]["p50_ms"] == 1.5
+
+    # Last will: the broker marks the device offline when it vanishes.
+    dev.client._sock.close()  # type: ignore[union-attr]  # drop the TCP connection without DISCONNECT
+    wait_until(lambda: _device(hub, dev.device_id).get("online") is False, timeout=15)
+
+
+def test_telemetry_before_hello_creates_device(hub: HubHarness, device_factory: DeviceFactory, session_mosquitto) -> None:  # type: ignore[no-untyped-def]
+    dev = device_factory(session_mosquitto.url)
+    dev.publish("telemetry", _telemetry(1))
+    wait_until(lambda: _device(hub, dev.device_id))
+    d = _device(hub, dev.device_id)
+    assert d["profile"] is None and d["last_seen"]
+
+
+def test_malformed_payloads_are_counted_and_harmless(
+    hub: HubHarness, device_factory: DeviceFactory, session_mosquitto  # type: ignore[no-untyped-def]
+) -> None:
+    dev = device_factory(session_mosquitto.url)
+    good = protocol.encode(_telemetry(1))
+    bad = {
+        "not_json": b"\xff\xfe not json",
+        "truncated": good[: len(good) // 2],
+        "oversized": b'{"v": 1, "pad": "' + b"x" * (protocol.MAX_JSON_PAYLOAD + 10) + b'"}',
+        "version": json.dumps({**json.loads(good), "v": 99}).encode(),
+        "schema": json.dumps({"v": 1, "seq": -1}).encode(),
+    }
+    for payload in bad.values():
+        dev.publish("telemetry", payload)
+    dev.publish("status", b"[1, 2, 3]")
+    other = protocol.Hello(device_id="someone-else", profile="p", agent_version="1", runtimes={})
+    dev.publish("hello", other)
+    dev.publish("repo/get", b"{nope")
+    dev.publish("telemetry", good)  # still works afterwards
+    time.sleep(0.3)
+    hub.settle()
+    wait_until(lambda: hub.client.get("/api/v1/stats/payload-errors").json()["total"] >= 8)
+    stats = hub.client.get("/api/v1/stats/payload-errors").json()
+    # Truncated JSON is "not_json" too; the status list is "schema" (not an object).
+    assert stats["by_kind"] == {"not_json": 3, "oversized": 1, "version": 1, "schema": 2, "device_mismatch": 1}
+    assert stats["by_topic"]["telemetry"]["not_json"] == 2
+    assert stats["by_topic"]["hello"] == {"device_mismatch": 1}
+    assert stats["by_topic"]["repo/get"] == {"not_json": 1}
+    assert [r["seq"] for r in hub.client.get("/api/v1/telemetry", params={"device_id": dev.device_id}).json()] == [1]
+    assert hub.client.get("/healthz").json()["status"] == "ok"
+
+
+def test_repo_get_serves_chunk_frames(
+    hub: HubHarness, device_factory: DeviceFactory, session_mosquitto, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    bundle = make_bundle(tmp_path)
+    b = hub.client.post("/api/v1/models", files={"bundle": (bundle.name, bundle.read_bytes())}).json()["bundle"]
+    dev = device_factory(session_mosquitto.url)
+    dev.subscribe("repo/data")
+    raw = bundle.read_bytes()
+    requests = [
+        protocol.RepoRequest(rid="a", path=f"targets/{b['target_path']}", offset=0, length=4096),
+        protocol.RepoRequest(rid="b", path=f"targets/{b['target_path']}", offset=4096, length=1 << 20),
+        protocol.RepoRequest(rid="c", path="metadata/timestamp.json", length=65536),
+        protocol.RepoRequest(rid="d", path=f"targets/{'0' * 64}.efb", length=10),
+        protocol.RepoRequest(rid="e", path="../hub.db", length=10),
+    ]
+    for req in requests:
+        dev.publish("repo/get", req)
+    msgs = dev.wait_for("repo/data", count=len(requests))
+    frames = {h.rid: (h, data) for h, data in (protocol.decode_frame(m.payload) for m in msgs)}
+    ha, da = frames["a"]
+    hb, db = frames["b"]
+    assert (ha.status, ha.total, ha.offset) == ("ok", len(raw), 0)
+    assert da + db == raw and hb.offset == 4096
+    assert frames["c"][0].status == "ok"
+    assert frames["c"][1] == (hub.hub.repository.metadata_dir / "timestamp.json").read_bytes()
+    assert frames["d"][0].status == "not_found"
+    assert frames["e"][0].status == "error" and frames["e"][0].error
+
+
+def test_ingest_batches_many_telemetry_messages(
+    hub: HubHarness, device_factory: DeviceFactory, session_mosquitto  # type: ignore[no-untyped-def]
+) -> None:
+    devs = [device_factory(session_mosquitto.url, f"bulk-{uuid.uuid4().hex[:8]}") for _ in range(5)]
+    for seq in range(200):
+        for d in devs:
+            d.client.publish(d_topic(d), protocol.encode(_telemetry(seq)), qos=1)
+    ids = {d.device_id for d in devs}
+
+    def stored() -> int:
+        with hub.hub.db.session() as s:
+            return sum(1 for t in s.query(Telemetry).all() if t.device_id in ids)  # type: ignore[attr-defined]
+
+    wait_until(lambda: stored() == 1000, timeout=30)
+
+
+def d_topic(d: SimDevice) -> str:
+    from agent import topics
+
+    return topics.device_topic(d.device_id, "telemetry")
