@@ -379,6 +379,7 @@ def write_bundle(
                     tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; bundles are not secret
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

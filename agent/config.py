@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import DataError
+from agent.health import ProbeConfig
 from agent.topics import valid_device_id
 
 __all__ = ["AgentSettings", "ConfigError", "load_settings"]
@@ -47,6 +48,13 @@ class AgentSettings(BaseSettings):
     max_download_attempts: int = Field(5, ge=1, description="Transport retries before failing.")
     health_error_rate: float = Field(0.05, ge=0, le=1, description="Max error rate in the health window.")
     selftest_latency_runs: int = Field(20, ge=1, description="Runs used to check the latency budget.")
+    health_probes: list[ProbeConfig] = Field(
+        default_factory=list, description="Application probes that must pass in the health window."
+    )
+    hooks_dir: Path | None = Field(
+        None, description="Folder of state hooks (<state>_enter / <state>_leave); default data_dir/hooks."
+    )
+    hook_timeout: float = Field(60.0, gt=0, description="Seconds before a state hook is killed.")
 
     @field_validator("device_id")
     @classmethod

@@ -32,6 +32,8 @@ from agent.errors import (
     TransportError,
     TrustError,
 )
+from agent.health import ProbeFailed, run_probe
+from agent.hooks import HookFailed, Hooks
 from agent.lifecycle import (
     MAX_SAVES_PER_DEPLOYMENT,
     OUTCOME,
@@ -129,6 +131,8 @@ class Agent:
         self.link.on("deploy", self._on_deploy)
         self.link.on("repo/data", lambda _t, p: self.repo.on_frame(p))
         self.api: LocalApi | None = None
+        self.hooks = Hooks(settings.hooks_dir or self.data_dir / "hooks", settings.hook_timeout)
+        self._activated_at = 0.0
         self._pending: queue.Queue[Deployment | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -373,7 +377,10 @@ class Agent:
             self.store.save(rec)  # before the state's side effects
             self._report()
             try:
+                self._hook(rec, "enter")
                 event = handlers[rec.state](rec)
+                if event == Event.OK:
+                    self._hook(rec, "leave")
             except _Reject as e:
                 rec.error, rec.error_kind, rec.rejected = str(e), e.kind, True
                 event = Event.REJECT
@@ -390,6 +397,17 @@ class Agent:
         self.store.save(rec)
         self._finish(rec)
         self._report()
+
+    def _hook(self, rec: DeploymentRecord, when: str) -> None:
+        env = {"EDGEFLEET_DEPLOYMENT_ID": rec.deployment_id or "", "EDGEFLEET_MODEL": rec.model or "",
+               "EDGEFLEET_DEVICE_ID": self.settings.device_id}
+        try:
+            self.hooks.run(rec.state.value, when, env)
+        except HookFailed as e:
+            if rec.state == State.ROLLING_BACK:
+                log.error("ignoring failed hook while rolling back: %s", e)
+                return
+            raise _Fail(str(e), "hook") from e
 
     def _finish(self, rec: DeploymentRecord) -> None:
         if self._candidate is not None and self._candidate is not self.server.active:
@@ -536,6 +554,7 @@ class Agent:
         except OSError as e:
             raise _Fail(f"activation failed: {e}", "io") from e
         self.server.swap(self._candidate)
+        self._activated_at = time.time()
         return Event.OK
 
     def _do_health(self, rec: DeploymentRecord) -> Event:
@@ -543,6 +562,12 @@ class Agent:
 
         deadline = time.monotonic() + rec.health_window_s
         budget = self.profile.limits.latency_budget_ms
+        activated_at = self._activated_at or time.time()
+        for probe in self.settings.health_probes:
+            try:
+                run_probe(probe, activated_at, self._stop)
+            except ProbeFailed as e:
+                raise _Fail(str(e), "probe") from e
         while time.monotonic() < deadline:
             if self._stop.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
                 raise _Fail("stopped during health window", "stopped")

@@ -1,0 +1,161 @@
+"""``edgefleet compile``: the click command (transport only; logic is in the pipeline)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from agent.bundle import SemVer
+from agent.errors import EdgefleetError, ProfileError
+from agent.profiles import Profile, list_profiles, load_profile
+from compiler.errors import CompilerInputError
+from compiler.measure import LatencySettings
+from compiler.metrics import parse_metric
+from compiler.pipeline import CompileOptions, compile_model
+
+__all__ = ["compile_command"]
+
+# Same rule as agent.bundle.Manifest.name; checked here so a bad name fails before work.
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class _RichProgress:
+    def __init__(self, progress: Progress) -> None:
+        self._p = progress
+        self._task = progress.add_task("starting", total=None)
+
+    def begin(self, total: int) -> None:
+        self._p.update(self._task, total=total, completed=0)
+
+    def advance(self, description: str) -> None:
+        task = self._p.tasks[0]
+        if task.total is not None and task.completed < task.total:
+            # Advance for the step that just finished, then show the one starting.
+            self._p.update(self._task, advance=1 if task.description != "starting" else 0)
+        self._p.update(self._task, description=description)
+
+
+def _profiles(names: tuple[str, ...]) -> list[Profile]:
+    if "all" in names:
+        return list_profiles()
+    out: list[Profile] = []
+    for n in dict.fromkeys(names):
+        try:
+            out.append(load_profile(n))
+        except ProfileError as e:
+            raise click.BadParameter(str(e), param_hint="--profile") from e
+    return out
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--profile",
+    "profile_names",
+    multiple=True,
+    required=True,
+    help="Firmware profile name (repeatable), or 'all'.",
+)
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Calibration .npz with array 'x'.",
+)
+@click.option(
+    "--eval",
+    "eval_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Evaluation .npz with 'x' and, for accuracy, labels 'y'.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--name", default=None, help="Model name (default: the model file's stem).")
+@click.option("--version", "version", default="0.1.0", show_default=True, help="Semantic version.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--calibrate-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+    help="Static int8 calibration method.",
+)
+@click.option(
+    "--metric",
+    default="accuracy",
+    show_default=True,
+    help="accuracy, topK (e.g. top5), mse, or cosine (embeddings; vs fp32 without labels).",
+)
+@click.option(
+    "--latency-rounds",
+    default=LatencySettings().rounds,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Interleaved timing rounds per candidate (x40 runs each).",
+)
+def compile_command(
+    model: Path,
+    profile_names: tuple[str, ...],
+    calibration: Path,
+    eval_path: Path | None,
+    out_dir: Path,
+    name: str | None,
+    version: str,
+    seed: int,
+    calibrate_method: str,
+    metric: str,
+    latency_rounds: int,
+) -> None:
+    """Compile MODEL (.pt2 or .onnx) into one bundle per profile and candidate.
+
+    Every candidate is measured on this host (size, batch-1 latency, accuracy) and
+    one per profile is selected; DIR/report.json says why each was kept or rejected.
+    """
+    try:
+        SemVer.parse(version)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--version") from e
+    profiles = _profiles(profile_names)
+    try:
+        chosen_metric = parse_metric(metric)
+    except CompilerInputError as e:
+        raise click.BadParameter(str(e), param_hint="--metric") from e
+    model_name = (name or model.stem).lower()
+    if not _MODEL_NAME.match(model_name):
+        raise click.BadParameter(
+            f"{model_name!r} is not a valid model name ([a-z0-9][a-z0-9_.-]{{0,63}})",
+            param_hint="--name",
+        )
+    options = CompileOptions(
+        name=model_name,
+        version=version,
+        seed=seed,
+        latency=LatencySettings(rounds=latency_rounds),
+        calibrate_method=calibrate_method,  # type: ignore[arg-type]
+        metric=chosen_metric,
+    )
+    console = Console()
+    if not console.is_terminal:
+        # Piped output (CI logs, files): do not squeeze the table into 80 columns.
+        console = Console(width=200)
+    err_console = Console(stderr=True)
+    try:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            report = compile_model(
+                model, profiles, calibration, eval_path, out_dir, options, _RichProgress(progress)
+            )
+    except EdgefleetError as e:
+        raise click.ClickException(str(e)) from e
+    report.print(console)
+    console.print(f"report: {out_dir / 'report.json'}")

@@ -1,0 +1,126 @@
+"""Measuring candidates on this host with ONNX Runtime: outputs, accuracy, latency.
+
+Latency is measured, never assumed: int8 can be several times *slower* than fp32 on
+x86 (see docs/compiler.md). Candidates that will be compared are timed in
+interleaved rounds so that a slow period of the host (another process, frequency
+changes) hits all of them alike rather than whichever happened to run then.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from compiler.errors import TechniqueError
+
+__all__ = [
+    "LatencySettings",
+    "Latency",
+    "host_threads",
+    "ort_session",
+    "run_batched",
+    "measure_latencies",
+]
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How hard to time each candidate (batch 1)."""
+
+    warmup: int = 50
+    rounds: int = 15
+    runs_per_round: int = 40
+
+    @property
+    def total_runs(self) -> int:
+        return self.rounds * self.runs_per_round
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p95_ms: float
+    runs: int
+
+
+def host_threads(profile_threads: int) -> int:
+    """Threads to time with: the profile's count, capped by this host's cores."""
+    return max(1, min(profile_threads, os.cpu_count() or 1))
+
+
+def ort_session(model: bytes, threads: int) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads.
+
+    Raises:
+        TechniqueError: ONNX Runtime cannot load the model.
+    """
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own untyped Fail/InvalidGraph
+        raise TechniqueError(f"ONNX Runtime cannot load the model: {e}") from e
+
+
+def run_batched(
+    session: ort.InferenceSession, input_name: str, x: np.ndarray, batch: int = 256
+) -> list[np.ndarray]:
+    """Run ``x`` through ``session`` in batches; returns every output, concatenated.
+
+    Raises:
+        TechniqueError: inference failed.
+    """
+    parts: list[list[np.ndarray]] = []
+    try:
+        for i in range(0, len(x), batch):
+            parts.append(session.run(None, {input_name: x[i : i + batch]}))
+    except Exception as e:  # noqa: BLE001 - ORT raises untyped runtime errors
+        raise TechniqueError(f"inference failed: {e}") from e
+    return [np.concatenate([p[k] for p in parts], axis=0) for k in range(len(parts[0]))]
+
+
+def measure_latencies(
+    sessions: Sequence[ort.InferenceSession],
+    input_name: str,
+    x1: np.ndarray,
+    settings: LatencySettings,
+) -> list[Latency]:
+    """Batch-1 latency of each session, timed in interleaved rounds.
+
+    Each round runs every session ``runs_per_round`` times (per-call timings kept);
+    the order of sessions rotates between rounds. Returns p50/p95 per session.
+    """
+    feed = {input_name: np.ascontiguousarray(x1[:1])}
+    for s in sessions:
+        for _ in range(settings.warmup):
+            s.run(None, feed)
+    samples: list[list[float]] = [[] for _ in sessions]
+    n = len(sessions)
+    clock = time.perf_counter_ns
+    for r in range(settings.rounds):
+        for k in range(n):
+            i = (k + r) % n
+            s = sessions[i]
+            out = samples[i]
+            for _ in range(settings.runs_per_round):
+                t0 = clock()
+                s.run(None, feed)
+                out.append((clock() - t0) / 1e6)
+    result = []
+    for ts in samples:
+        arr = np.asarray(ts)
+        result.append(
+            Latency(
+                p50_ms=float(np.median(arr)), p95_ms=float(np.percentile(arr, 95)), runs=len(ts)
+            )
+        )
+    return result

@@ -1,0 +1,241 @@
+"""Reading the compiler's input model and converting it to a canonical ONNX graph.
+
+Accepted inputs:
+
+* a ``torch.export`` ExportedProgram saved with ``torch.export.save`` (``.pt2``),
+  converted with the dynamo ONNX exporter (opset :data:`OPSET`) to a graph with one
+  input ``input`` and outputs ``logits`` (``logits``, ``output_1``, ... if several),
+  whose batch dimension is symbolic (``batch``);
+* an ONNX file, used as is (names are read from its graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compiler.errors import ModelLoadError
+
+__all__ = ["OPSET", "OnnxModel", "TensorInfo", "load_model", "onnx_tensor_infos"]
+
+OPSET = 18
+MAX_MODEL_FILE_BYTES = 2 << 30
+BATCH_DIM = "batch"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # numpy spelling, e.g. "float32"
+    shape: list[int | str]  # str = symbolic dimension
+
+    def spec_shape(self) -> list[int]:
+        """Shape for a bundle TensorSpec: symbolic/unknown dimensions become -1."""
+        return [d if isinstance(d, int) and d > 0 else -1 for d in self.shape]
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """The canonical fp32 ONNX model every candidate starts from."""
+
+    data: bytes
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    source_path: Path
+    source_kind: str  # "pt2" or "onnx"
+    source_sha256: str
+    exported: Any = field(default=None, repr=False, compare=False)  # torch ExportedProgram
+
+    @property
+    def input(self) -> TensorInfo:
+        return self.inputs[0]
+
+    @property
+    def output(self) -> TensorInfo:
+        return self.outputs[0]
+
+
+def _np_dtype(elem_type: int) -> str:
+    try:
+        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        return "unknown"
+
+
+def onnx_tensor_infos(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """Graph inputs (initializers excluded) and outputs as :class:`TensorInfo`."""
+    inits = {i.name for i in model.graph.initializer}
+
+    def info(v: onnx.ValueInfoProto) -> TensorInfo:
+        tt = v.type.tensor_type
+        dims: list[int | str] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or "?")
+        return TensorInfo(name=v.name, dtype=_np_dtype(tt.elem_type), shape=dims)
+
+    ins = [info(v) for v in model.graph.input if v.name not in inits]
+    outs = [info(v) for v in model.graph.output]
+    return ins, outs
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress prints and known-harmless warnings."""
+    names = ["torch.onnx", "torch._dynamo", "torch.export", "onnxscript"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def _name_batch_dim(model: onnx.ModelProto, names: set[str]) -> None:
+    """Give the first dimension of the named graph inputs/outputs the symbol ``batch``."""
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.name in names and v.type.tensor_type.shape.dim:
+            d0 = v.type.tensor_type.shape.dim[0]
+            if not d0.HasField("dim_value"):
+                d0.dim_param = BATCH_DIM
+
+
+def pt2_to_onnx(exported: Any, example: np.ndarray) -> onnx.ModelProto:
+    """Convert an ExportedProgram to ONNX with the dynamo exporter.
+
+    Raises:
+        ModelLoadError: the exporter failed, or the batch dimension is not dynamic and
+            re-exporting with a dynamic batch failed too.
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(example[:2]))
+    n_out = len(exported.graph_signature.user_outputs)
+    out_names = ["logits"] + [f"output_{i}" for i in range(1, n_out)]
+    try:
+        with _quiet_exporter():
+            prog = torch.onnx.export(
+                exported,
+                (x,),
+                None,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=out_names,
+                verbose=False,
+            )
+            if prog is None:  # only when an output path is given, which we never do
+                raise ModelLoadError("the ONNX exporter returned no program")
+            model = prog.model_proto
+            ins, _ = onnx_tensor_infos(model)
+            if len(ins) == 1 and ins[0].shape and isinstance(ins[0].shape[0], int):
+                # The program was exported with a fixed batch; re-trace with a dynamic one.
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                prog = torch.onnx.export(
+                    exported.module(),
+                    (x if x.shape[0] > 1 else x.repeat(2, *([1] * (x.dim() - 1))),),
+                    None,
+                    dynamo=True,
+                    opset_version=OPSET,
+                    input_names=["input"],
+                    output_names=out_names,
+                    dynamic_shapes=({0: batch},),
+                    verbose=False,
+                )
+                if prog is None:
+                    raise ModelLoadError("the ONNX exporter returned no program")
+                model = prog.model_proto
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the exporter raises many unrelated types
+        raise ModelLoadError(f"converting the ExportedProgram to ONNX failed: {e}") from e
+    _name_batch_dim(model, {"input", *out_names})
+    # The exporter stamps no timestamps, but clear free-text fields that could vary.
+    model.doc_string = ""
+    return model
+
+
+def load_model(path: Path, example: np.ndarray | None = None) -> OnnxModel:
+    """Load ``path`` (.pt2 or .onnx) as a canonical ONNX model.
+
+    ``example`` (rows of calibration data) is needed to trace a ``.pt2``.
+
+    Raises:
+        ModelLoadError: missing/unreadable file, unknown format, ONNX that fails the
+            checker, a graph without exactly one input, or a failed conversion.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MODEL_FILE_BYTES:
+            raise ModelLoadError(f"model {path}: {size} bytes is over {MAX_MODEL_FILE_BYTES}")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ModelLoadError(f"model {path}: cannot read ({e.strerror})") from e
+    digest = hashlib.sha256(raw).hexdigest()
+    exported = None
+    if raw[:2] == b"PK" or path.suffix == ".pt2":
+        import torch
+
+        try:
+            with _quiet_exporter():
+                exported = torch.export.load(str(path))
+        except Exception as e:  # noqa: BLE001 - torch.export.load raises many types
+            raise ModelLoadError(
+                f"model {path}: not a readable torch.export program (.pt2): {e}"
+            ) from e
+        if example is None:
+            raise ModelLoadError(f"model {path}: an example input is needed to convert .pt2")
+        proto = pt2_to_onnx(exported, example)
+        kind = "pt2"
+    else:
+        try:
+            proto = onnx.load_model_from_string(raw)
+        except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+            raise ModelLoadError(f"model {path}: neither a .pt2 nor a readable ONNX file: {e}") from e
+        if not proto.graph.node:
+            raise ModelLoadError(f"model {path}: not a .pt2 or ONNX model (empty graph)")
+        kind = "onnx"
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ModelLoadError(f"model {path}: ONNX checker failed: {e}") from e
+    ins, outs = onnx_tensor_infos(proto)
+    if len(ins) != 1:
+        raise ModelLoadError(
+            f"model {path}: exactly one graph input is supported, found {[i.name for i in ins]}"
+        )
+    if ins[0].dtype != "float32":
+        raise ModelLoadError(f"model {path}: input {ins[0].name!r} is {ins[0].dtype}, need float32")
+    if not outs:
+        raise ModelLoadError(f"model {path}: graph has no outputs")
+    data = proto.SerializeToString(deterministic=True)
+    return OnnxModel(
+        data=data,
+        inputs=ins,
+        outputs=outs,
+        source_path=path,
+        source_kind=kind,
+        source_sha256=digest,
+        exported=exported,
+    )

@@ -1,0 +1,182 @@
+"""Static int8 post-training quantization with ONNX Runtime (QDQ, per-channel).
+
+Settings follow the target profile:
+
+* x86 with VNNI: int8 activations, int8 weights, full range.
+* x86 without VNNI (AVX2 only): uint8 activations and ``reduce_range`` (7-bit
+  weights), because the AVX2 u8s8 kernels saturate their 16-bit intermediate sums
+  with full-range weights, which costs accuracy (REFERENCE.md).
+* ARM: uint8 activations when the profile lists uint8, else int8; full range.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from agent.profiles import Profile
+from compiler.errors import TechniqueError
+
+__all__ = [
+    "CalibrationMethodName",
+    "StaticQuantSettings",
+    "static_settings_for",
+    "NpzCalibrationReader",
+    "preprocess_for_quantization",
+    "quantize_static_qdq",
+    "quantize_dynamic_int8",
+]
+
+CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
+_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+CALIBRATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class StaticQuantSettings:
+    """Everything that decides the bytes of a static-quantized model."""
+
+    activation_type: Literal["int8", "uint8"] = "int8"
+    weight_type: Literal["int8"] = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    calibrate_method: CalibrationMethodName = "minmax"
+    exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exclude_nodes"] = list(self.exclude_nodes)
+        d["format"] = "QDQ"
+        return d
+
+
+def static_settings_for(
+    profile: Profile, calibrate_method: CalibrationMethodName = "minmax"
+) -> StaticQuantSettings:
+    """Static QDQ settings for a profile (see the module docstring)."""
+    hw = profile.hardware
+    if hw.arch == "x86_64":
+        if hw.vnni and "int8" in profile.dtypes:
+            return StaticQuantSettings("int8", calibrate_method=calibrate_method)
+        return StaticQuantSettings("uint8", reduce_range=True, calibrate_method=calibrate_method)
+    act: Literal["int8", "uint8"] = "uint8" if "uint8" in profile.dtypes else "int8"
+    return StaticQuantSettings(act, calibrate_method=calibrate_method)
+
+
+class NpzCalibrationReader(CalibrationDataReader):
+    """Feeds calibration rows to ONNX Runtime's calibrator in fixed batches, in order."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = CALIBRATION_BATCH) -> None:
+        self._input_name = input_name
+        self._x = np.ascontiguousarray(x, dtype=np.float32)
+        self._batch = batch
+        self._it = self._batches()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self._x), self._batch):
+            yield {self._input_name: self._x[i : i + self._batch]}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = self._batches()
+
+
+def preprocess_for_quantization(model: bytes, workdir: Path) -> tuple[bytes, str | None]:
+    """Run ORT's ``quant_pre_process`` (shape inference + graph optimisation).
+
+    Returns the processed model and ``None``, or the original model and the reason
+    pre-processing was skipped (some graphs defeat symbolic shape inference; the
+    quantizer still works on them, with less fusion).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = workdir / "pre_in.onnx", workdir / "pre_out.onnx"
+    src.write_bytes(model)
+    try:
+        quant_pre_process(str(src), str(dst))
+    except Exception as e:  # noqa: BLE001 - symbolic shape inference raises anything
+        return model, f"quant_pre_process skipped: {type(e).__name__}: {e}"
+    return dst.read_bytes(), None
+
+
+def quantize_static_qdq(
+    model: bytes, input_name: str, calib_x: np.ndarray, settings: StaticQuantSettings
+) -> tuple[bytes, list[str]]:
+    """Quantize ``model`` (fp32 ONNX bytes) statically; returns (model bytes, notes).
+
+    Calibration is deterministic for the same data and settings, so the same inputs
+    give byte-identical models.
+
+    Raises:
+        TechniqueError: ONNX Runtime's quantizer failed on this graph.
+    """
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-q-") as tmp:
+        work = Path(tmp)
+        pre, skipped = preprocess_for_quantization(model, work)
+        if skipped:
+            notes.append(skipped)
+        src, dst = work / "fp32.onnx", work / "int8.onnx"
+        src.write_bytes(pre)
+        qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+        try:
+            quantize_static(
+                str(src),
+                str(dst),
+                NpzCalibrationReader(input_name, calib_x),
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                activation_type=qtype[settings.activation_type],
+                weight_type=qtype[settings.weight_type],
+                calibrate_method=_METHODS[settings.calibrate_method],
+                nodes_to_exclude=list(settings.exclude_nodes),
+            )
+        except Exception as e:  # noqa: BLE001 - the quantizer raises many untyped errors
+            raise TechniqueError(f"static quantization failed: {type(e).__name__}: {e}") from e
+        return dst.read_bytes(), notes
+
+
+def quantize_dynamic_int8(model: bytes) -> tuple[bytes, list[str]]:
+    """Dynamic int8 (weights int8 offline, activations quantized at run time).
+
+    Often *slower* than fp32 for convolutions on x86 (ConvInteger has no fast
+    kernel); it can pay off for MatMul/Gemm-heavy graphs. Selection keeps it only
+    when it measures faster.
+
+    Raises:
+        TechniqueError: ONNX Runtime's quantizer failed on this graph.
+    """
+    from onnxruntime.quantization import quantize_dynamic
+
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-dq-") as tmp:
+        work = Path(tmp)
+        pre, skipped = preprocess_for_quantization(model, work)
+        if skipped:
+            notes.append(skipped)
+        src, dst = work / "fp32.onnx", work / "dyn.onnx"
+        src.write_bytes(pre)
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+        except Exception as e:  # noqa: BLE001 - the quantizer raises many untyped errors
+            raise TechniqueError(f"dynamic quantization failed: {type(e).__name__}: {e}") from e
+        return dst.read_bytes(), notes

@@ -1,0 +1,185 @@
+"""End-to-end compiles with real torch export, ONNX Runtime quantization and bundles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.bundle import unpack
+from agent.profiles import load_profile
+from compiler.pipeline import CompileOptions, compile_model
+from compiler.report import CompileReport
+
+from .conftest import FAST_LATENCY, PROFILES, Workspace
+
+
+def test_report_lists_every_candidate(cnn_compiled: tuple[Path, CompileReport]) -> None:
+    out, report = cnn_compiled
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report.model_dump(mode="json")
+    onnx_profiles = ["x86-gateway-vnni", "x86-box-avx2"]
+    cands = on_disk["candidates"]
+    assert sorted((c["profile"], c["precision"]) for c in cands) == sorted(
+        (p, prec) for p in onnx_profiles for prec in ("fp32", "int8", "int8-dynamic")
+    )
+    for c in cands:
+        for key in ("profile", "format", "precision", "bundle", "size_bytes", "latency_ms_p50",
+                    "accuracy", "selected", "reasons"):
+            assert key in c
+        assert c["format"] == "onnx"
+        assert c["bundle"] == f"digits-cnn-1.2.3-{c['profile']}-onnx-{c['precision']}.efb"
+        assert c["size_bytes"] == (out / c["bundle"]).stat().st_size
+        assert c["latency_ms_p50"] > 0
+        assert 0.8 < c["accuracy"] <= 1.0
+        assert c["reasons"], "every candidate explains its verdict"
+    for p in onnx_profiles:
+        chosen = [c for c in cands if c["profile"] == p and c["selected"]]
+        assert len(chosen) == 1
+        assert on_disk["profiles"][p]["selected"] == chosen[0]["bundle"]
+    # int8 is smaller; whether it is faster is measured, not assumed.
+    for p in onnx_profiles:
+        by = {c["precision"]: c for c in cands if c["profile"] == p}
+        assert by["int8"]["model_bytes"] * 2.5 < by["fp32"]["model_bytes"]
+        if by["int8"]["latency_ms_p50"] >= by["fp32"]["latency_ms_p50"]:
+            assert not by["int8"]["selected"]
+            assert any("slower than fp32" in r for r in by["int8"]["reasons"])
+    # Dynamic int8 of a CNN is slower than fp32 on x86 (ConvInteger); it must be
+    # measured and rejected, never selected.
+    for p in onnx_profiles:
+        by = {c["precision"]: c for c in cands if c["profile"] == p}
+        dyn = by["int8-dynamic"]
+        assert dyn["latency_ms_p50"] > by["fp32"]["latency_ms_p50"]
+        assert not dyn["selected"] and not dyn["passed"]
+        assert any("slower than fp32" in r for r in dyn["reasons"])
+    # The TFLite-only profile gets no ONNX candidates, and says so.
+    assert on_disk["profiles"]["mobile-litert"]["selected"] is None
+    assert "ONNX candidates are not built" in on_disk["profiles"]["mobile-litert"]["notes"][0]
+
+
+def test_quantization_settings_follow_vnni(cnn_compiled: tuple[Path, CompileReport]) -> None:
+    _, report = cnn_compiled
+    s = {c.profile: c.settings for c in report.candidates if c.precision == "int8"}
+    assert len(s) == 2
+    assert s["x86-gateway-vnni"]["activation_type"] == "int8"
+    assert s["x86-gateway-vnni"]["reduce_range"] is False
+    assert s["x86-box-avx2"]["activation_type"] == "uint8"
+    assert s["x86-box-avx2"]["reduce_range"] is True
+    assert all(v["per_channel"] and v["format"] == "QDQ" for v in s.values())
+
+
+def test_bundles_unpack_and_pass_their_selftest(
+    cnn_compiled: tuple[Path, CompileReport], tmp_path: Path
+) -> None:
+    out, report = cnn_compiled
+    for c in report.candidates:
+        assert c.bundle is not None
+        b = unpack(out / c.bundle, tmp_path / c.bundle)
+        m = b.manifest
+        assert (m.name, m.version, m.profile) == ("digits-cnn", "1.2.3", c.profile)
+        assert m.runtime == "onnxruntime" and m.min_runtime_version == "1.17"
+        assert m.inputs[0].name == "input" and m.inputs[0].shape == [-1, 1, 8, 8]
+        assert m.outputs[0].name == "logits" and m.outputs[0].shape == [-1, 10]
+        assert m.labels == [str(i) for i in range(10)]
+        assert m.lineage.inputs.keys() == {"model", "calibration", "eval"}
+        assert {"torch", "onnx", "onnxruntime"} <= m.lineage.libraries.keys()
+        assert m.lineage.metrics["accuracy"] == pytest.approx(c.accuracy)
+        st = b.selftest()
+        assert st.inputs["input"].shape == (8, 1, 8, 8)
+        sess = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, st.inputs)[0]
+        assert np.abs(got - st.outputs["logits"]).max() <= st.tolerance
+        ref = b.reference()
+        assert ref.rows == 128 and ref.predictions is not None
+        assert ref.predictions.classes == m.labels
+
+
+def test_int8_predictions_agree_with_fp32(
+    cnn_compiled: tuple[Path, CompileReport], cnn_workspace: Workspace, tmp_path: Path
+) -> None:
+    out, report = cnn_compiled
+    preds = {}
+    for c in report.candidates:
+        if c.profile != "x86-gateway-vnni":
+            continue
+        b = unpack(out / (c.bundle or ""), tmp_path / c.precision)
+        sess = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
+        preds[c.precision] = sess.run(None, {"input": cnn_workspace.x_test})[0].argmax(1)
+    agreement = float((preds["int8"] == preds["fp32"]).mean())
+    assert agreement >= 0.97
+    int8 = next(c for c in report.candidates if c.profile == "x86-gateway-vnni" and c.precision == "int8")
+    assert int8.agreement_with_fp32 == pytest.approx(agreement)
+
+
+def test_over_budget_profile_selects_nothing(cnn_workspace: Workspace, tmp_path: Path) -> None:
+    base = load_profile("x86-gateway-vnni")
+    tight = base.model_copy(update={"limits": base.limits.model_copy(update={"latency_budget_ms": 1e-6})})
+    report = compile_model(
+        cnn_workspace.pt2, [tight], cnn_workspace.calib, cnn_workspace.eval, tmp_path,
+        CompileOptions(name="tight", latency=FAST_LATENCY),
+    )
+    assert not any(c.selected for c in report.candidates)
+    assert all(any("over the profile's budget" in r for r in c.reasons) for c in report.candidates)
+    assert report.profiles["x86-gateway-vnni"].selected is None
+
+
+def test_onnx_input_names_come_from_the_graph(
+    mlp_workspace: Workspace, tmp_path: Path
+) -> None:
+    import onnx
+    import torch
+
+    from compiler.demo_models import DigitsMLP
+
+    torch.manual_seed(1)
+    src = tmp_path / "renamed.onnx"
+    torch.onnx.export(
+        DigitsMLP().eval(), (torch.zeros(2, 1, 8, 8),), str(src), dynamo=False,
+        input_names=["pixels"], output_names=["scores"], opset_version=17,
+        dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}},
+    )
+    assert onnx.load(str(src)).graph.input[0].name == "pixels"
+    report = compile_model(
+        src, [load_profile("x86-gateway-vnni")], mlp_workspace.calib, None, tmp_path / "out",
+        CompileOptions(name="renamed", latency=FAST_LATENCY),
+    )
+    assert report.model["kind"] == "onnx"
+    assert all(c.accuracy is None for c in report.candidates)  # no eval -> no accuracy
+    b = unpack(tmp_path / "out" / (report.candidates[0].bundle or ""), tmp_path / "b")
+    assert [t.name for t in b.manifest.inputs] == ["pixels"]
+    assert [t.name for t in b.manifest.outputs] == ["scores"]
+    assert b.manifest.inputs[0].shape == [-1, 1, 8, 8]
+    assert b.manifest.labels == []
+
+
+def _bundles(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.efb"))}
+
+
+def test_same_inputs_and_seed_give_identical_bundles(
+    cnn_compiled: tuple[Path, CompileReport], cnn_workspace: Workspace, tmp_path: Path
+) -> None:
+    first, _ = cnn_compiled
+    # A second run in a fresh interpreter: catches state that leaks between exports
+    # in one process (counters in generated names, hash seeds, ...).
+    code = (
+        "import sys; from pathlib import Path; "
+        "from agent.profiles import load_profile; "
+        "from compiler.measure import LatencySettings; "
+        "from compiler.pipeline import CompileOptions, compile_model; "
+        f"compile_model(Path({str(cnn_workspace.pt2)!r}), [load_profile(n) for n in {PROFILES!r}], "
+        f"Path({str(cnn_workspace.calib)!r}), Path({str(cnn_workspace.eval)!r}), "
+        f"Path({str(tmp_path / 'again')!r}), CompileOptions(name='digits-cnn', version='1.2.3', "
+        "seed=0, latency=LatencySettings(warmup=1, rounds=1, runs_per_round=2)))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2],
+                   env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
+    a, b = _bundles(first), _bundles(tmp_path / "again")
+    assert a.keys() == b.keys() and len(a) == 6
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between identical runs"
