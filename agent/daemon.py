@@ -59,6 +59,7 @@ from agent.protocol import (
 )
 from agent.runtimes.base import LoadedModel, available_runtimes, load_bundle
 from agent.serving import ModelServer
+from agent.sketch import SketchAccumulator
 from agent.slots import SlotName, Slots, atomic_write
 from agent.spool import Priority, Spool
 from agent.transfer import RepoClient, TransferSettings
@@ -133,6 +134,9 @@ class Agent:
         self.api: LocalApi | None = None
         self.hooks = Hooks(settings.hooks_dir or self.data_dir / "hooks", settings.hook_timeout)
         self._activated_at = 0.0
+        self._sketch: SketchAccumulator | None = None
+        self._sketch_lock = threading.Lock()
+        self.server.observers.append(self._observe)
         self._pending: queue.Queue[Deployment | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -273,12 +277,47 @@ class Agent:
     def _next_seq(self, name: str) -> int:
         return self.spool.next_seq(name)
 
+    # ------------------------------------------------------------------ drift
+
+    def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
+        """Sketch one served request (inputs never leave the device; only sketches do)."""
+        acc = self._sketch
+        if acc is None or acc.model != model.ref:
+            acc = self._new_sketch(model)
+            if acc is None:
+                return
+        man = model.bundle.manifest
+        acc.update(inputs[man.inputs[0].name], outputs[man.outputs[0].name])
+
+    def _new_sketch(self, model: LoadedModel) -> SketchAccumulator | None:
+        with self._sketch_lock:
+            if self._sketch is not None and self._sketch.model == model.ref:
+                return self._sketch
+            try:
+                reference = model.bundle.reference()
+            except BundleError as e:
+                log.warning("no drift reference for %s: %s", model.ref, e)
+                return None
+            old, self._sketch = self._sketch, SketchAccumulator(reference, model.ref)
+        if old is not None:
+            self._push_drift(old)
+        return self._sketch
+
+    def _push_drift(self, acc: SketchAccumulator) -> None:
+        sketch = acc.snapshot_and_reset(time.time())
+        if sketch.rows == 0:
+            return
+        self.spool.push(Priority.DRIFT, topics.device_topic(self.settings.device_id, "drift"), sketch.encode())
+
     def _telemetry_loop(self) -> None:
         import psutil
 
         proc = psutil.Process()
         proc.cpu_percent(None)
         while not self._stop.wait(self.settings.telemetry_interval):
+            acc = self._sketch
+            if acc is not None:
+                self._push_drift(acc)
             snap = self.server.window.snapshot_and_reset()
             t = Telemetry(
                 seq=self._next_seq("seq.telemetry"),

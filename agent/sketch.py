@@ -507,6 +507,11 @@ class SketchAccumulator:
 
     # ---- hot path
 
+    @property
+    def model(self) -> str:
+        """The ``name:version`` these sketches describe."""
+        return self._model
+
     def update(self, x_batch: np.ndarray, predictions: np.ndarray | None = None) -> None:
         """Record one inference batch (first axis = rows) and, optionally, its outputs.
 

@@ -161,3 +161,36 @@ def test_restart_serves_committed_model_and_ignores_retained_deploy(bench):
     time.sleep(1.0)  # the retained deploy arrives again
     assert a2.record.deployment_id == "d1" and a2.record.state.value == "committed"
     assert a2.record.saves == a.record.saves
+
+
+def test_drift_sketches_and_telemetry_are_published(bench):
+    """Served requests produce a drift sketch and a telemetry window on the broker."""
+    import paho.mqtt.client as mqtt
+
+    from agent import topics
+    from agent.protocol import Telemetry, decode
+    from agent.sketch import DriftSketch
+
+    got: dict[str, list[bytes]] = {"drift": [], "telemetry": []}
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sub.on_message = lambda c, u, m: got[m.topic.rsplit("/", 1)[-1]].append(m.payload)
+    sub.connect("127.0.0.1", bench.broker.port)
+    sub.subscribe([(topics.device_topic("dev1", "drift"), 1), (topics.device_topic("dev1", "telemetry"), 1)])
+    sub.loop_start()
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    for _ in range(50):
+        a.infer({"input": X})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (got["drift"] and any(
+            decode(Telemetry, t).inference_count > 0 for t in got["telemetry"])):
+        time.sleep(0.1)
+    sub.loop_stop()
+    sketches = [DriftSketch.decode(d) for d in got["drift"]]
+    assert sum(s.rows for s in sketches) >= 100  # 50 requests x 2 rows
+    assert all(s.model == "lin:1.0.0" for s in sketches)
+    tel = [decode(Telemetry, t) for t in got["telemetry"]]
+    assert sum(t.inference_count for t in tel) >= 50
+    assert any(t.latency.p50_ms is not None for t in tel)
