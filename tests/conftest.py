@@ -31,4 +31,13 @@ def mosquitto(tmp_path: Path, mosquitto_bin: str) -> Iterator[MosquittoBroker]:
     broker.stop()
 
 
+@pytest.fixture
+def procs() -> Iterator[list]:
+    """Processes (anything with .stop()) to stop at the end of a test, whatever happens."""
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
 __all__ = ["free_port", "socket", "subprocess", "time"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,3 @@ def compiled(tmp_path_factory) -> Compiled:
     report = compile_model(pt2, [load_profile("x86-gateway-vnni"), load_profile("rpi4-arm64")],
                            calib, ev, d / "out", CompileOptions(name="digits-cnn", version="1.0.0"))
     return Compiled(d / "out", report, np.asarray(x_te), np.asarray(y_te))
-
-
-@pytest.fixture
-def procs() -> Iterator[list]:
-    """Processes to stop at the end of a test, whatever happens."""
-    started: list = []
-    yield started
-    for p in reversed(started):
-        p.stop()
