@@ -100,6 +100,10 @@ class _Reject(Exception):
         self.kind = kind
 
 
+class _Stopped(Exception):
+    """Internal: the agent is shutting down; leave the record in its state to resume."""
+
+
 class _Fail(Exception):
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -420,6 +424,9 @@ class Agent:
                 event = handlers[rec.state](rec)
                 if event == Event.OK:
                     self._hook(rec, "leave")
+            except _Stopped:
+                log.info("stopping in state %s; will resume from there", rec.state)
+                return
             except _Reject as e:
                 rec.error, rec.error_kind, rec.rejected = str(e), e.kind, True
                 event = Event.REJECT
@@ -510,9 +517,11 @@ class Agent:
             except DiskSpaceError as e:
                 raise _Fail(str(e), "disk_space") from e
             except TransportError as e:
+                if self._stop.is_set():
+                    raise _Stopped() from e
                 log.warning("download attempt %d failed: %s", attempt, e)
                 if self._stop.wait(delay):
-                    raise _Fail("stopping", "stopped") from e
+                    raise _Stopped() from e
                 delay = min(delay * 2, 30.0)
         raise _Fail(f"repository unreachable after {self.settings.max_download_attempts} attempts", "transport")
 
@@ -606,10 +615,12 @@ class Agent:
             try:
                 run_probe(probe, activated_at, self._stop)
             except ProbeFailed as e:
+                if self._stop.is_set():
+                    raise _Stopped() from e
                 raise _Fail(str(e), "probe") from e
         while time.monotonic() < deadline:
             if self._stop.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
-                raise _Fail("stopped during health window", "stopped")
+                raise _Stopped()
             count, errors = self.server.health.peek()
             if count >= 20 and errors / count > self.settings.health_error_rate:
                 raise _Fail(f"error rate {errors}/{count} over {self.settings.health_error_rate:.0%}", "health")

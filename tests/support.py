@@ -100,12 +100,16 @@ def linear_onnx(w: np.ndarray, b: np.ndarray, *, in_name: str = "input", out_nam
 def linear_bundle(
     out: Path, *, version: str = "1.0.0", profile: str = "x86-gateway-vnni", seed: int = 0,
     name: str = "lin", n_in: int = 4, n_out: int = 3, bad_selftest: bool = False,
-    model_bytes: bytes | None = None,
+    model_bytes: bytes | None = None, weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Manifest, str, np.ndarray, np.ndarray]:
-    """Write a bundle of a random linear model; returns (manifest, sha256, W, b)."""
+    """Write a bundle of a random (or given) linear model; returns (manifest, sha256, W, b)."""
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(n_in, n_out)).astype(np.float32)
-    b = rng.normal(size=(n_out,)).astype(np.float32)
+    if weights is not None:
+        w, b = weights
+        n_in, n_out = w.shape
+    else:
+        w = rng.normal(size=(n_in, n_out)).astype(np.float32)
+        b = rng.normal(size=(n_out,)).astype(np.float32)
     x = rng.normal(size=(8, n_in)).astype(np.float32)
     y = x @ w + b
     if bad_selftest:

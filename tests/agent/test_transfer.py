@@ -1,0 +1,66 @@
+"""Artifact transfer survives broker restarts and agent restarts without starting over."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# A 2560 x 2048 float32 linear layer: a ~21 MB bundle.
+BIG = dict(n_in=2560, n_out=2048)
+
+
+def _big_bundle(bench, version: str):
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(BIG["n_in"], BIG["n_out"])).astype(np.float32) * 0.01
+    b = np.zeros(BIG["n_out"], np.float32)
+    tp, man, _w, _b = bench.bundle(version, seed=7, weights=(w, b))
+    return tp, man
+
+
+def _wait_bytes(agent, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while agent.repo.bytes_received < n:
+        assert time.monotonic() < deadline, f"only {agent.repo.bytes_received} bytes arrived"
+        time.sleep(0.02)
+
+
+def test_broker_restart_mid_transfer_resumes(bench):
+    tp, man = _big_bundle(bench, "1.0.0")
+    size = (bench.repo.targets_dir / tp).stat().st_size
+    assert size > 20_000_000
+    a = bench.agent(bandwidth_limit=4_000_000, transfer_timeout=1.0)
+    bench.deploy("dev1", "big", tp, man.ref)
+    _wait_bytes(a, 6_000_000)
+    bench.broker.stop()
+    time.sleep(1.5)
+    bench.broker.start()
+    assert bench.wait_for(a, "big", timeout=90) == "installed", (a.record.error_kind, a.record.error)
+    received = a.repo.bytes_received
+    print(f"artifact {size} bytes, received {received} bytes ({received / size:.3f}x), "
+          f"reconnects {a.link.reconnects}")
+    assert a.link.reconnects >= 1
+    assert received <= 1.1 * size
+
+
+def test_agent_restart_mid_transfer_keeps_verified_chunks(bench):
+    tp, man = _big_bundle(bench, "1.0.0")
+    size = (bench.repo.targets_dir / tp).stat().st_size
+    a = bench.agent(bandwidth_limit=4_000_000, transfer_timeout=1.0)
+    bench.deploy("dev1", "big", tp, man.ref)
+    _wait_bytes(a, 8_000_000)
+    first = a.repo.bytes_received
+    a.stop()
+    bench.agents.remove(a)
+    part = bench.tmp / "dev1" / "downloads" / f"{tp}.part"
+    assert part.exists()
+    a2 = bench.agent(transfer_timeout=1.0)
+    assert bench.wait_for(a2, "big", timeout=90) == "installed", (a2.record.error_kind, a2.record.error)
+    total = first + a2.repo.bytes_received
+    print(f"artifact {size} bytes, first run {first}, second run {a2.repo.bytes_received}, "
+          f"total {total / size:.3f}x")
+    assert a2.repo.bytes_received < size - 6_000_000
+    assert total <= 1.1 * size
