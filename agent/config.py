@@ -54,6 +54,7 @@ class AgentSettings(BaseSettings):
     hooks_dir: Path | None = Field(
         None, description="Folder of state hooks (<state>_enter / <state>_leave); default data_dir/hooks."
     )
+    reconnect_max_delay: float = Field(30.0, gt=0, description="Cap of the reconnect backoff, seconds.")
     hook_timeout: float = Field(60.0, gt=0, description="Seconds before a state hook is killed.")
 
     @field_validator("device_id")

@@ -122,7 +122,8 @@ class Agent:
         self.server = ModelServer()
         self.payload_errors = PayloadCounters()
         self.runtimes, self.unavailable_runtimes = available_runtimes()
-        self.link = Link(settings.device_id, parse_broker_url(settings.broker_url), on_connect=self._on_connect)
+        self.link = Link(settings.device_id, parse_broker_url(settings.broker_url), on_connect=self._on_connect,
+                         max_delay=settings.reconnect_max_delay)
         self.repo = RepoClient(
             settings.device_id,
             self.link,

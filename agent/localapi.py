@@ -38,6 +38,9 @@ _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/in
 class _Handler(BaseHTTPRequestHandler):
     server_version = f"edgefleet-agent/{agent.__version__}"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle plus the
+    # client's delayed ACK adds ~40 ms to every keep-alive response.
+    disable_nagle_algorithm = True
     models: ModelServer  # set on the subclass
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet by default

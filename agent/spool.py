@@ -127,7 +127,8 @@ class Spool:
         return sum(v for k, v in self.counters().items() if k.startswith("dropped."))
 
     def size_bytes(self) -> int:
-        return self._bytes
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:

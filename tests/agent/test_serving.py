@@ -1,0 +1,207 @@
+"""Serving under change: hot swaps under load, bad models, and a long offline period."""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import paho.mqtt.client as mqtt
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent import topics
+from agent.bundle import unpack, write_bundle
+from agent.profiles import profiles_dir
+from agent.protocol import Telemetry, decode
+from agent.trust import TargetCustom
+from tests.support import free_port, linear_bundle
+
+pytestmark = pytest.mark.slow
+X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+BODY = json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
+                               "data": X.ravel().tolist()}]})
+
+
+class Load:
+    """Sends ``rate`` requests/s to the local V2 endpoint until stopped; records every answer."""
+
+    def __init__(self, port: int, rate: float):
+        self.port, self.rate = port, rate
+        self.ok = 0
+        self.failed: list[str] = []
+        self.outputs: list[np.ndarray] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        period = 1.0 / self.rate
+        nxt = time.perf_counter()
+        while not self._stop.is_set():
+            try:
+                conn.request("POST", "/v2/models/lin/infer", BODY, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    self.failed.append(f"HTTP {resp.status}: {data[:200]!r}")
+                else:
+                    out = json.loads(data)["outputs"][0]
+                    self.outputs.append(np.asarray(out["data"], np.float32).reshape(out["shape"]))
+                    self.ok += 1
+            except (OSError, http.client.HTTPException) as e:
+                self.failed.append(repr(e))
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            nxt += period
+            delay = nxt - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.perf_counter()
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _matches_one_of(out: np.ndarray, models: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    return any(np.allclose(out, X @ w + b, rtol=1e-5, atol=1e-5) for w, b in models)
+
+
+def test_ten_hot_swaps_under_500_requests_per_second(bench):
+    port = free_port()
+    a = bench.agent(api_port=port)
+    tp, m, w, b = bench.bundle("1.0.0", seed=0)
+    bench.deploy("dev1", "d0", tp, m.ref)
+    assert bench.wait_for(a, "d0") == "installed"
+    models = [(w, b)]
+    with Load(port, 500) as load:
+        t0 = time.monotonic()
+        for i in range(1, 11):
+            tp, m, w, b = bench.bundle(f"1.0.{i}", seed=i)
+            models.append((w, b))
+            bench.deploy("dev1", f"d{i}", tp, m.ref, health_window_s=0.2)
+            assert bench.wait_for(a, f"d{i}") == "installed"
+        elapsed = time.monotonic() - t0
+    print(f"{load.ok} requests in {elapsed:.1f}s ({load.ok / elapsed:.0f}/s), {len(load.failed)} failed")
+    assert load.failed == []
+    assert load.ok >= 400 * elapsed
+    assert all(_matches_one_of(o, models) for o in load.outputs)
+    assert a.model_ref == "lin:1.0.10"
+
+
+@functools.lru_cache(maxsize=1)
+def _slow_model(layers: int = 40, width: int = 1024) -> bytes:
+    """~42M multiply-adds per row: well over a 2 ms budget on any CPU we run on."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    prev = "input"
+    dims = [4] + [width] * layers + [3]
+    for i in range(len(dims) - 1):
+        w = (rng.normal(size=(dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        out = "logits" if i == len(dims) - 2 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [out]))
+        prev = out
+    g = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def test_bad_models_never_interrupt_the_old_one(bench, tmp_path: Path):
+    """Failing self-test, unloadable model, over the latency budget: none goes live."""
+    pdir = tmp_path / "profiles"
+    pdir.mkdir()
+    text = (profiles_dir() / "x86-gateway-vnni.toml").read_text()
+    (pdir / "tight.toml").write_text(text.replace('name = "x86-gateway-vnni"', 'name = "tight"')
+                                     .replace("latency_budget_ms = 20.0", "latency_budget_ms = 2.0"))
+    port = free_port()
+    a = bench.agent(api_port=port, profile="tight", profiles_dir=pdir)
+    tp, m, w, b = bench.bundle("1.0.0", seed=0, profile="tight")
+    bench.deploy("dev1", "good", tp, m.ref)
+    assert bench.wait_for(a, "good") == "installed"
+    cases = {
+        "selftest": dict(bad_selftest=True),
+        "load": dict(model_bytes=b"\x08\x07not-an-onnx-model"),
+        "selftest-latency": dict(weights=None, model_bytes=None),
+    }
+    with Load(port, 200) as load:
+        for i, (kind, kw) in enumerate(cases.items(), start=1):
+            if kind == "selftest-latency":
+                path = bench.tmp / "slow.efb"
+                man, _sha, _w, _b = linear_bundle(path, version=f"1.1.{i}", profile="tight",
+                                                  model_bytes=_slow_model(), bad_selftest=False)
+                # The self-test vectors must come from the slow model itself.
+                sess = ort.InferenceSession(_slow_model())
+                x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+                ub = unpack(path, bench.tmp / "slow-unpacked")
+                fields = ub.manifest.model_dump(mode="json", exclude={"members"})
+                write_bundle(path, manifest=fields, model=_slow_model(), selftest_inputs={"input": x},
+                             selftest_outputs={"logits": sess.run(None, {"input": x})[0]},
+                             reference=ub.reference())
+                tpb = bench.repo.add_bundle(path, TargetCustom(name="lin", version=f"1.1.{i}", profile="tight",
+                                                               format="onnx", precision="fp32"))
+                ref = f"lin:1.1.{i}"
+            else:
+                tpb, mb, *_ = bench.bundle(f"1.1.{i}", seed=i, profile="tight", **kw)
+                ref = mb.ref
+            bench.deploy("dev1", f"bad-{kind}", tpb, ref)
+            assert bench.wait_for(a, f"bad-{kind}") == "failed"
+            want = "latency" if kind == "selftest-latency" else kind
+            assert a.record.error_kind == ("selftest" if want == "latency" else want), a.record.error
+            if want == "latency":
+                assert "over the profile budget" in a.record.error
+    assert load.failed == []
+    assert load.ok > 0 and all(_matches_one_of(o, [(w, b)]) for o in load.outputs)
+    assert a.model_ref == "lin:1.0.0"
+
+
+def test_two_hours_offline_spool_stays_bounded_and_delivers_in_order(bench):
+    """Telemetry every 10 s for 2 h, compressed 1000x: 720 windows while the broker is down."""
+    a = bench.agent(telemetry_interval=0.01, spool_max_bytes=64 * 1024, reconnect_max_delay=1.0)
+    tp, m, w, b = bench.bundle("1.0.0", seed=0)
+    bench.deploy("dev1", "d0", tp, m.ref)
+    assert bench.wait_for(a, "d0") == "installed"
+    time.sleep(0.5)
+    bench.broker.stop()
+    peak = 0
+    t_end = time.monotonic() + 7.2
+    while time.monotonic() < t_end:
+        a.infer({"input": X})
+        peak = max(peak, a.spool.size_bytes())
+        time.sleep(0.002)
+    produced = a.spool.counters().get("seq.telemetry", 0)
+    dropped = a.spool.counters()
+    assert peak <= 64 * 1024
+    assert dropped.get("dropped.metrics", 0) > 0
+    assert dropped.get("dropped.status", 0) == 0
+
+    received: list[Telemetry] = []
+    bench.broker.start()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sub.on_message = lambda c, u, msg: received.append(decode(Telemetry, msg.payload))
+    sub.connect("127.0.0.1", bench.broker.port)
+    sub.subscribe(topics.device_topic("dev1", "telemetry"), qos=1)
+    sub.loop_start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (received and received[-1].seq >= produced):
+        time.sleep(0.1)
+    sub.loop_stop()
+    seqs = [t.seq for t in received]
+    print(f"produced {produced} windows, spool peak {peak} B, dropped {dropped}, delivered {len(seqs)}")
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "out of order or duplicated"
+    offline = [s for s in seqs if s <= produced]
+    lost = produced - len(offline) - min(seqs) + 1
+    assert lost <= a.spool.counters().get("dropped.metrics", 0)
+    assert received[-1].dropped_records >= dropped.get("dropped.metrics", 0)
