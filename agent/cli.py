@@ -83,6 +83,8 @@ def agent_group() -> None:
 @click.option("--trust-root", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Provisioned TUF root.json.")
 @click.option("--profiles-dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repository-url", help="Fetch metadata and bundles over HTTP from the hub "
+              "(http://HUB:PORT/api/v1/repository/) instead of MQTT.")
 def agent_run(config: Path | None, tags: tuple[str, ...], **opts: object) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from agent.config import load_settings

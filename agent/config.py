@@ -41,6 +41,10 @@ class AgentSettings(BaseSettings):
     )
     profiles_dir: Path | None = Field(None, description="Folder of profile TOML files to use instead of the shipped ones.")
     spool_max_bytes: int = Field(8 << 20, ge=4096, description="Bound of the outbound spool.")
+    repository_url: str | None = Field(
+        None, description="Fetch metadata and bundles over HTTP(S) from this hub URL "
+        "(e.g. http://hub:8080/api/v1/repository/) instead of over MQTT."
+    )
     chunk_size: int = Field(256 * 1024, ge=1024, le=1024 * 1024, description="Transfer chunk size.")
     transfer_window: int = Field(4, ge=1, le=64, description="Chunk requests in flight.")
     transfer_timeout: float = Field(5.0, gt=0, description="Seconds before a chunk is re-requested.")

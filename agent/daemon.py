@@ -62,7 +62,7 @@ from agent.serving import ModelServer
 from agent.sketch import SketchAccumulator
 from agent.slots import SlotName, Slots, atomic_write
 from agent.spool import Priority, Spool
-from agent.transfer import RepoClient, TransferSettings
+from agent.transfer import HttpRepoClient, RepoClient, TransferSettings
 
 __all__ = ["Agent", "run_selftest"]
 
@@ -134,6 +134,9 @@ class Agent:
                 bandwidth_bytes_per_s=settings.bandwidth_limit,
             ),
         )
+        self.fetch_client: RepoClient | HttpRepoClient = self.repo
+        if settings.repository_url:
+            self.fetch_client = HttpRepoClient(settings.repository_url, self.repo.settings)
         self.link.on("deploy", self._on_deploy)
         self.link.on("repo/data", lambda _t, p: self.repo.on_frame(p))
         self.api: LocalApi | None = None
@@ -468,7 +471,7 @@ class Agent:
 
     def _trusted_repo(self):  # -> agent.trust.TrustedRepository
         # TUF is imported on first use: a device that only serves never loads it.
-        from agent.trust import MqttFetcher, TrustedRepository
+        from agent.trust import RepoFetcher, TrustedRepository
 
         trust_dir = self.data_dir / "trust"
         trust_dir.mkdir(exist_ok=True)
@@ -479,11 +482,11 @@ class Agent:
             else:
                 log.warning("no provisioned trust root: pinning the repository's first root (TOFU)")
                 try:
-                    data = self.repo.fetch_bytes("metadata/1.root.json", 1 << 20)
+                    data = self.fetch_client.fetch_bytes("metadata/1.root.json", 1 << 20)
                 except TransportError as e:
                     raise _Fail(f"cannot fetch trust root: {e}", "transport") from e
                 atomic_write(root, data)
-        return TrustedRepository(trust_dir, MqttFetcher(self.repo))
+        return TrustedRepository(trust_dir, RepoFetcher(self.fetch_client))
 
     def _do_download(self, rec: DeploymentRecord) -> Event:
         from agent.trust import check_upgrade, serve_path_for, target_custom
@@ -508,7 +511,8 @@ class Agent:
                 rec.model = custom.ref
                 self.store.save(rec)
                 dest = self.data_dir / "downloads" / rec.target_path
-                self.repo.download(serve_path_for(rec.target_path), dest, target.length, cancel=self._stop)
+                self.fetch_client.download(serve_path_for(rec.target_path), dest, target.length,
+                                           cancel=self._stop)
                 return Event.OK
             except ExpiredMetadataError as e:
                 self._conditions.add("metadata_expired")

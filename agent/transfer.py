@@ -31,7 +31,7 @@ from agent import topics
 from agent.errors import DiskSpaceError, PayloadError, TransferError
 from agent.protocol import ChunkHeader, RepoRequest, decode_frame, encode
 
-__all__ = ["Publisher", "TransferSettings", "RepoClient", "NotFound"]
+__all__ = ["Publisher", "TransferSettings", "RepoClient", "HttpRepoClient", "NotFound"]
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +244,97 @@ class RepoClient:
         finally:
             for rid in inflight:
                 self._forget(rid)
+
+
+class HttpRepoClient:
+    """The same repository reads over HTTP(S) from the hub, with Range requests.
+
+    ``base_url`` is the hub's repository root, e.g. ``http://hub:8080/api/v1/repository/``.
+    Downloads resume from the length of ``<dest>.part`` after a disconnect or restart.
+    """
+
+    def __init__(self, base_url: str, settings: TransferSettings | None = None):
+        self.base_url = base_url.rstrip("/") + "/"
+        self.settings = settings or TransferSettings()
+        self.bytes_received = 0
+
+    def _open(self, path: str, start: int = 0):
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.base_url + path)
+        if start:
+            req.add_header("Range", f"bytes={start}-")
+        try:
+            return urllib.request.urlopen(req, timeout=self.settings.timeout_s * 4)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise NotFound(f"repository has no {path}") from e
+            raise TransferError(f"GET {path}: HTTP {e.code}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise TransferError(f"GET {path}: {e}") from e
+
+    def fetch_bytes(self, path: str, max_bytes: int) -> bytes:
+        """A whole (small) file. Raises NotFound, TransferError."""
+        with self._open(path) as resp:
+            try:
+                data = resp.read(max_bytes + 1)
+            except OSError as e:
+                raise TransferError(f"GET {path}: {e}") from e
+        if len(data) > max_bytes:
+            raise TransferError(f"{path} is over the {max_bytes}-byte limit")
+        self.bytes_received += len(data)
+        return bytes(data)
+
+    def download(self, path: str, dest: Path, length: int, *,
+                 progress: Callable[[int, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> Path:
+        """Download ``length`` bytes of ``path`` to ``dest``, resuming a previous attempt.
+
+        Raises:
+            DiskSpaceError, NotFound, TransferError: as :meth:`RepoClient.download`.
+        """
+        s = self.settings
+        part = dest.with_name(dest.name + ".part")
+        journal = dest.with_name(dest.name + ".part.done")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if journal.exists():  # chunks from an MQTT attempt are not contiguous: start over
+            journal.unlink()
+            part.unlink(missing_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > length:
+            part.unlink()
+            have = 0
+        if shutil.disk_usage(dest.parent).free < length - have:
+            raise DiskSpaceError(f"need {length - have} more bytes for {path} in {dest.parent}")
+        if have < length:
+            started, got = time.monotonic(), 0
+            with self._open(path, have) as resp, open(part, "ab") as out:
+                if have and resp.status != 206:
+                    raise TransferError(f"GET {path}: server ignored the Range request")
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        raise TransferError(f"{path}: transfer cancelled")
+                    try:
+                        block = resp.read(s.chunk_size)
+                    except OSError as e:
+                        raise TransferError(f"GET {path}: {e}") from e
+                    if not block:
+                        break
+                    if have + got + len(block) > length:
+                        raise TransferError(f"{path} is longer than the {length} bytes signed for it")
+                    out.write(block)
+                    got += len(block)
+                    self.bytes_received += len(block)
+                    if progress is not None:
+                        progress(have + got, length)
+                    if s.bandwidth_bytes_per_s:
+                        ahead = got / s.bandwidth_bytes_per_s - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)
+                out.flush()
+                os.fsync(out.fileno())
+        if part.stat().st_size != length:
+            raise TransferError(f"{path}: got {part.stat().st_size} of {length} bytes")
+        os.replace(part, dest)
+        return dest

@@ -41,7 +41,7 @@ from agent.errors import (
     TransportError,
     TrustError,
 )
-from agent.transfer import NotFound, RepoClient
+from agent.transfer import HttpRepoClient, NotFound, RepoClient
 
 __all__ = [
     "CUSTOM_KEY",
@@ -52,7 +52,7 @@ __all__ = [
     "verify_target_file",
     "TrustedRepository",
     "target_path_for",
-    "MqttFetcher",
+    "RepoFetcher",
     "serve_path_for",
 ]
 
@@ -206,10 +206,12 @@ class TrustedRepository:
         return target
 
 
-class MqttFetcher(FetcherInterface):
-    """python-tuf fetcher that reads ``mqtt:<path>`` URLs through a :class:`RepoClient`."""
+class RepoFetcher(FetcherInterface):
+    """python-tuf fetcher reading ``mqtt:<path>`` URLs through a repository client
+    (:class:`~agent.transfer.RepoClient` over MQTT, or
+    :class:`~agent.transfer.HttpRepoClient` over HTTP)."""
 
-    def __init__(self, client: RepoClient, max_bytes: int = 4 << 20):
+    def __init__(self, client: RepoClient | HttpRepoClient, max_bytes: int = 4 << 20):
         self.client = client
         self.max_bytes = max_bytes
 

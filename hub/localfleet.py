@@ -114,6 +114,7 @@ class AgentProcess:
     telemetry_interval: float = 2.0
     tags: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    repository_url: str | None = None
     proc: subprocess.Popen | None = None
 
     def start(self) -> AgentProcess:
@@ -125,6 +126,8 @@ class AgentProcess:
             cmd += ["--trust-root", str(self.trust_root)]
         for t in self.tags:
             cmd += ["--tag", t]
+        if self.repository_url:
+            cmd += ["--repository-url", self.repository_url]
         log = open(self.data_dir / "agent.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.extra_env})

@@ -13,8 +13,10 @@ import sqlite3
 import httpx
 import numpy as np
 import onnxruntime as ort
+import paho.mqtt.client as mqtt
 import pytest
 
+from agent import topics
 from agent.bundle import file_sha256, open_unpacked, unpack
 from agent.localapi import InferenceClient
 from hub.localfleet import AgentProcess, HubProcess, free_port, wait_until
@@ -166,3 +168,40 @@ def test_refusals_are_visible_at_the_hub_and_old_model_keeps_serving(compiled, p
     dev = _devices(client)["e2e-refuse"]
     assert dev["model"] == "digits-cnn:1.0.0"
     np.testing.assert_array_equal(next(iter(ic.infer("digits-cnn", {name_in: x}).values())), before)
+
+
+def test_http_fetcher_installs_and_resumes_with_range(compiled, procs, tmp_path, mosquitto):
+    """The HTTP alternative to MQTT transfer: metadata and bundle from the hub's REST API."""
+    from agent.transfer import HttpRepoClient
+
+    hub = HubProcess(tmp_path / "hub", broker_url=mosquitto.url)
+    procs.append(hub.start())
+    client = httpx.Client(base_url=hub.url, timeout=30)
+    fp32 = [p for p in compiled.bundles("fp32") if "x86-gateway-vnni" in p.name]
+    _upload(client, fp32)
+    repo_url = hub.url + "/api/v1/repository/"
+    a = AgentProcess("e2e-http", "x86-gateway-vnni", mosquitto.url, tmp_path / "agent",
+                     trust_root=hub.root_json(), api_port=free_port(), repository_url=repo_url)
+    procs.append(a.start())
+    wait_until(lambda: _devices(client).get("e2e-http", {}).get("online"), 60, 0.25, "agent online")
+    mqtt_requests: list[bytes] = []
+    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    spy.on_message = lambda c, u, m: mqtt_requests.append(m.payload)
+    spy.connect("127.0.0.1", mosquitto.port)
+    spy.subscribe(topics.device_topic("e2e-http", "repo/get"))
+    spy.loop_start()
+    r = client.post("/api/v1/deployments", json={"model": "digits-cnn:1.0.0", "devices": ["e2e-http"]})
+    assert _wait_deployment(client, r.json()["id"], 1)["counts"] == {"installed": 1}
+    spy.loop_stop()
+    assert mqtt_requests == []  # everything came over HTTP
+
+    # Resume: a partial file is completed with a Range request, not fetched again.
+    sha = file_sha256(fp32[0])
+    size = fp32[0].stat().st_size
+    dest = tmp_path / "resume" / f"{sha}.efb"
+    dest.parent.mkdir()
+    dest.with_name(dest.name + ".part").write_bytes(fp32[0].read_bytes()[: size // 2])
+    http = HttpRepoClient(repo_url)
+    http.download(f"targets/{sha}.efb", dest, size)
+    assert dest.read_bytes() == fp32[0].read_bytes()
+    assert http.bytes_received == size - size // 2
