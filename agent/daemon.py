@@ -142,7 +142,7 @@ class Agent:
         self.api: LocalApi | None = None
         self.hooks = Hooks(settings.hooks_dir or self.data_dir / "hooks", settings.hook_timeout)
         self._activated_at = 0.0
-        self._sketch: SketchAccumulator | None = None
+        self._sketches: dict[str, SketchAccumulator] = {}
         self._sketch_lock = threading.Lock()
         self.server.observers.append(self._observe)
         self._pending: queue.Queue[Deployment | None] = queue.Queue()
@@ -220,8 +220,24 @@ class Agent:
                 self.slots.activate(slot)
             self.server.swap(lm)
             log.info("serving %s from slot %s", lm.ref, slot)
+            self._reattach_candidate(slot)
             return
         log.info("no model installed yet")
+
+    def _reattach_candidate(self, active_slot: str) -> None:
+        rec = self.record
+        if rec.state != State.CANDIDATE or rec.to_slot is None or rec.to_slot == active_slot:
+            return
+        b = self.slots.bundle(rec.to_slot)  # type: ignore[arg-type]
+        if b is None:
+            return
+        try:
+            cand = load_bundle(b, self.profile.runtime_options, rec.to_slot)
+        except RuntimeLoadError as e:
+            log.error("candidate %s no longer loads: %s", rec.model, e)
+            return
+        self.server.set_candidate(cand, rec.mode, rec.ratio)
+        log.info("resumed %s candidate %s (ratio %.2f)", rec.mode, cand.ref, rec.ratio)
 
     # ------------------------------------------------------------------ MQTT inbound
 
@@ -289,8 +305,8 @@ class Agent:
 
     def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
         """Sketch one served request (inputs never leave the device; only sketches do)."""
-        acc = self._sketch
-        if acc is None or acc.model != model.ref:
+        acc = self._sketches.get(model.ref)
+        if acc is None:
             acc = self._new_sketch(model)
             if acc is None:
                 return
@@ -299,17 +315,15 @@ class Agent:
 
     def _new_sketch(self, model: LoadedModel) -> SketchAccumulator | None:
         with self._sketch_lock:
-            if self._sketch is not None and self._sketch.model == model.ref:
-                return self._sketch
+            if model.ref in self._sketches:
+                return self._sketches[model.ref]
             try:
                 reference = model.bundle.reference()
             except BundleError as e:
                 log.warning("no drift reference for %s: %s", model.ref, e)
                 return None
-            old, self._sketch = self._sketch, SketchAccumulator(reference, model.ref)
-        if old is not None:
-            self._push_drift(old)
-        return self._sketch
+            acc = self._sketches[model.ref] = SketchAccumulator(reference, model.ref)
+        return acc
 
     def _push_drift(self, acc: SketchAccumulator) -> None:
         sketch = acc.snapshot_and_reset(time.time())
@@ -323,9 +337,14 @@ class Agent:
         proc = psutil.Process()
         proc.cpu_percent(None)
         while not self._stop.wait(self.settings.telemetry_interval):
-            acc = self._sketch
-            if acc is not None:
+            live = {m.ref for m in (self.server.active, getattr(self.server.candidate, "model", None)) if m}
+            with self._sketch_lock:
+                accs = list(self._sketches.values())
+                for ref in [r for r in self._sketches if r not in live]:
+                    del self._sketches[ref]
+            for acc in accs:
                 self._push_drift(acc)
+            cand = self.server.candidate
             snap = self.server.window.snapshot_and_reset()
             t = Telemetry(
                 seq=self._next_seq("seq.telemetry"),
@@ -339,6 +358,7 @@ class Agent:
                 rss_bytes=proc.memory_info().rss,
                 dropped_records=self.spool.dropped(),
                 payload_errors=self.payload_errors.snapshot(),
+                candidate=cand.snapshot_and_reset() if cand is not None else None,
             )
             self.spool.push(Priority.METRICS, topics.device_topic(self.settings.device_id, "telemetry"), encode(t))
 
@@ -393,11 +413,15 @@ class Agent:
             self.store.save(new)
             self._report()
             return
+        # A new deployment ends any shadow or split run.
+        self.server.set_candidate(None)
         new = DeploymentRecord(
             deployment_id=dep.deployment_id,
             model=dep.model,
             target_path=dep.target_path,
             health_window_s=dep.health_window_s,
+            mode=dep.mode,
+            ratio=dep.ratio,
             state=next_state(State.IDLE, Event.START),
         )
         self._run(new)
@@ -460,7 +484,9 @@ class Agent:
             raise _Fail(str(e), "hook") from e
 
     def _finish(self, rec: DeploymentRecord) -> None:
-        if self._candidate is not None and self._candidate is not self.server.active:
+        if rec.state == State.CANDIDATE and self._candidate is not None:
+            self.server.set_candidate(self._candidate, rec.mode, rec.ratio)
+        elif self._candidate is not None and self._candidate is not self.server.active:
             self._candidate.retire()
         self._candidate = None
         if rec.target_path:
@@ -597,7 +623,7 @@ class Agent:
             cand.retire()
             raise _Fail(str(e), "selftest") from e
         self._candidate = cand
-        return Event.OK
+        return Event.OK if rec.mode == "activate" else Event.HOLD
 
     def _do_activate(self, rec: DeploymentRecord) -> Event:
         if self._candidate is None:

@@ -61,6 +61,7 @@ class State(StrEnum):
     ACTIVATING = "activating"
     HEALTH_CHECK = "health_check"
     COMMITTED = "committed"
+    CANDIDATE = "candidate"  # self-tested, running in shadow or split beside the active model
     ROLLING_BACK = "rolling_back"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
@@ -71,6 +72,7 @@ class Event(StrEnum):
     OK = "ok"
     FAIL = "fail"
     REJECT = "reject"  # bad data: signature, hash, downgrade, expiry. Never retried.
+    HOLD = "hold"  # passed, but the deployment asked for shadow/split rather than activation
 
 
 S, E = State, Event
@@ -80,6 +82,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.COMMITTED, E.START): S.DOWNLOADING,
     (S.ROLLED_BACK, E.START): S.DOWNLOADING,
     (S.FAILED, E.START): S.DOWNLOADING,
+    (S.CANDIDATE, E.START): S.DOWNLOADING,
     # Metadata refresh, downgrade policy and the transfer itself.
     (S.DOWNLOADING, E.OK): S.VERIFYING,
     (S.DOWNLOADING, E.FAIL): S.FAILED,
@@ -95,6 +98,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     # Load in its runtime, run the bundle's vectors, check the latency budget.
     (S.SELF_TEST, E.OK): S.ACTIVATING,
     (S.SELF_TEST, E.FAIL): S.FAILED,
+    # Shadow/split deployments stop here: the candidate serves beside the active model.
+    (S.SELF_TEST, E.HOLD): S.CANDIDATE,
     # Flip the slot pointer and hot-swap the served model.
     (S.ACTIVATING, E.OK): S.HEALTH_CHECK,
     (S.ACTIVATING, E.FAIL): S.ROLLING_BACK,
@@ -117,16 +122,18 @@ RESUME: dict[State, State] = {
     S.HEALTH_CHECK: S.ROLLING_BACK,  # the candidate was live when we died
     S.ROLLING_BACK: S.ROLLING_BACK,  # idempotent
     S.COMMITTED: S.COMMITTED,
+    S.CANDIDATE: S.CANDIDATE,  # the candidate is reloaded from its slot
     S.ROLLED_BACK: S.ROLLED_BACK,
     S.FAILED: S.FAILED,
 }
 
-TERMINAL = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BACK, S.FAILED})
+TERMINAL = frozenset({S.IDLE, S.COMMITTED, S.CANDIDATE, S.ROLLED_BACK, S.FAILED})
 
 # What the hub is told for each state.
 OUTCOME: dict[State, str] = {
     S.IDLE: "idle",
     S.COMMITTED: "installed",
+    S.CANDIDATE: "candidate",
     S.ROLLED_BACK: "rolled_back",
     S.FAILED: "failed",
 }
@@ -153,6 +160,8 @@ class DeploymentRecord(BaseModel):
     model: str | None = None
     target_path: str | None = None
     health_window_s: float = 5.0
+    mode: str = "activate"
+    ratio: float = 0.1
     from_slot: str | None = None
     to_slot: str | None = None
     target_length: int | None = None

@@ -39,6 +39,7 @@ __all__ = [
     "StatusReport",
     "LatencyStats",
     "Telemetry",
+    "CandidateStats",
     "Deployment",
     "Command",
     "RepoRequest",
@@ -98,7 +99,9 @@ class StatusReport(Payload):
     seq: int = Field(ge=0)
     deployment_id: str | None = None
     state: str = Field(max_length=32, description="Lifecycle state name.")
-    outcome: Literal["idle", "in_progress", "installed", "failed", "rolled_back", "rejected"]
+    outcome: Literal[
+        "idle", "in_progress", "installed", "failed", "rolled_back", "rejected", "candidate"
+    ]
     model: str | None = Field(None, description="Active model, name:version.")
     previous_model: str | None = None
     target_model: str | None = Field(None, description="The model this deployment installs.")
@@ -117,6 +120,22 @@ class LatencyStats(BaseModel):
     max_ms: float | None = Field(None, ge=0)
 
 
+class CandidateStats(BaseModel):
+    """How a shadow or split candidate did in one telemetry window."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    model: str = Field(description="Candidate name:version.")
+    mode: Literal["shadow", "split"]
+    ratio: float = Field(ge=0, le=1)
+    requests: int = Field(0, ge=0, description="Requests the candidate ran.")
+    errors: int = Field(0, ge=0)
+    compared: int = Field(0, ge=0, description="shadow: rows compared with the active model.")
+    agreed: int = Field(0, ge=0, description="shadow: rows whose top class matched.")
+    max_abs_diff: float | None = Field(None, ge=0, description="shadow: largest output difference.")
+    skipped: int = Field(0, ge=0, description="shadow: samples dropped because the queue was full.")
+    latency: LatencyStats = Field(default_factory=LatencyStats)
+
+
 class Telemetry(Payload):
     """One telemetry window of one device (batched: one message per interval)."""
 
@@ -133,6 +152,7 @@ class Telemetry(Payload):
     payload_errors: dict[str, int] = Field(
         default_factory=dict, description="Malformed inbound payloads by kind."
     )
+    candidate: CandidateStats | None = Field(None, description="Shadow or split candidate, if any.")
 
 
 class Deployment(Payload):
@@ -146,6 +166,15 @@ class Deployment(Payload):
     model: str = Field(max_length=200, description="name:version")
     target_path: str = Field(max_length=512, description="TUF target path of the bundle.")
     health_window_s: float = Field(5.0, ge=0, le=86400)
+    mode: Literal["activate", "shadow", "split"] = Field(
+        "activate",
+        description="activate: replace the active model. shadow: run beside it on a sample of "
+        "requests and report agreement; responses never change. split: serve a share of "
+        "requests with it (A/B).",
+    )
+    ratio: float = Field(
+        0.1, ge=0, le=1, description="shadow: share of requests mirrored; split: share served."
+    )
 
 
 class Command(Payload):

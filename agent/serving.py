@@ -9,17 +9,21 @@ no request fails because of a swap.
 
 from __future__ import annotations
 
+import logging
+import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from agent.errors import EdgefleetError
 from agent.runtimes.base import LoadedModel
 
-__all__ = ["NoModelError", "WindowStats", "WindowSnapshot", "ModelServer"]
+__all__ = ["NoModelError", "WindowStats", "WindowSnapshot", "ModelServer", "Candidate"]
+
+log = logging.getLogger(__name__)
 
 
 class NoModelError(EdgefleetError):
@@ -84,9 +88,41 @@ class WindowStats:
             return self.count, self.errors
 
 
+@dataclass
+class Candidate:
+    """A model running beside the active one: ``shadow`` mirrors a share of requests to it
+    (responses never change); ``split`` serves a share of requests with it (A/B)."""
+
+    model: LoadedModel
+    mode: str
+    ratio: float
+    window: WindowStats = field(default_factory=WindowStats)
+    compared: int = 0
+    agreed: int = 0
+    max_abs_diff: float | None = None
+    skipped: int = 0
+
+    def snapshot_and_reset(self):  # -> agent.protocol.CandidateStats
+        from agent.protocol import CandidateStats, LatencyStats
+
+        w = self.window.snapshot_and_reset()
+        stats = CandidateStats(
+            model=self.model.ref, mode=self.mode, ratio=self.ratio,  # type: ignore[arg-type]
+            requests=w.count, errors=w.errors, compared=self.compared, agreed=self.agreed,
+            max_abs_diff=self.max_abs_diff, skipped=self.skipped,
+            latency=LatencyStats(p50_ms=w.p50_ms, p95_ms=w.p95_ms, max_ms=w.max_ms),
+        )
+        self.compared = self.agreed = self.skipped = 0
+        self.max_abs_diff = None
+        return stats
+
+
 class ModelServer:
     def __init__(self) -> None:
         self._active: LoadedModel | None = None
+        self._candidate: Candidate | None = None
+        self._shadow_q: queue.Queue = queue.Queue(maxsize=256)
+        self._shadow_thread: threading.Thread | None = None
         self._swap_lock = threading.Lock()
         self.window = WindowStats()
         self.health = WindowStats()  # reset by the health check at activation
@@ -104,6 +140,72 @@ class ModelServer:
         if old is not None and old is not new:
             old.retire()
         return old
+
+    # ------------------------------------------------------------------ candidates
+
+    @property
+    def candidate(self) -> Candidate | None:
+        return self._candidate
+
+    def set_candidate(self, model: LoadedModel | None, mode: str = "shadow", ratio: float = 0.1) -> None:
+        """Attach (or with None, detach) a shadow/split candidate; the old one is retired."""
+        with self._swap_lock:
+            old = self._candidate
+            self._candidate = Candidate(model, mode, ratio) if model is not None else None
+        if old is not None and old.model is not model:
+            old.model.retire()
+        if model is not None and mode == "shadow" and self._shadow_thread is None:
+            self._shadow_thread = threading.Thread(target=self._shadow_loop, name="shadow", daemon=True)
+            self._shadow_thread.start()
+
+    def _shadow_loop(self) -> None:
+        while True:
+            cand, inputs, active_out = self._shadow_q.get()
+            if not cand.model.acquire():
+                continue  # retired meanwhile
+            t0 = time.perf_counter()
+            try:
+                out = cand.model.runtime.infer(inputs)
+                ok = True
+            except ValueError as e:
+                log.warning("shadow candidate %s failed: %s", cand.model.ref, e)
+                ok, out = False, None
+            finally:
+                cand.model.release()
+            cand.window.record((time.perf_counter() - t0) * 1000.0, ok)
+            if out is None:
+                continue
+            a = next(iter(active_out.values()))
+            c = out.get(next(iter(active_out)), next(iter(out.values())))
+            if a.shape != c.shape:
+                cand.compared += len(a)
+                continue
+            diff = float(np.max(np.abs(a.astype(np.float64) - c.astype(np.float64)))) if a.size else 0.0
+            cand.max_abs_diff = diff if cand.max_abs_diff is None else max(cand.max_abs_diff, diff)
+            rows = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
+            crow = c.reshape(len(c), -1) if c.ndim > 1 else c.reshape(-1, 1)
+            cand.compared += len(rows)
+            cand.agreed += int(np.sum(rows.argmax(axis=1) == crow.argmax(axis=1)))
+
+    def _serve_split(self, cand: Candidate, inputs: dict[str, np.ndarray]):
+        if not cand.model.acquire():
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = cand.model.runtime.infer(inputs)
+        except ValueError as e:
+            # The candidate must never cost a request: fall back to the active model.
+            log.warning("split candidate %s failed, serving from the active model: %s", cand.model.ref, e)
+            cand.window.record((time.perf_counter() - t0) * 1000.0, False)
+            return None
+        finally:
+            cand.model.release()
+        ms = (time.perf_counter() - t0) * 1000.0
+        cand.window.record(ms, True)
+        self.window.record(ms, True)
+        return out
+
+    # ------------------------------------------------------------------ serving
 
     def _acquire(self) -> LoadedModel:
         # A model retired between reading the reference and acquiring it refuses; the
@@ -123,6 +225,13 @@ class ModelServer:
             NoModelError: nothing is active.
             ValueError: inputs do not fit the model.
         """
+        cand = self._candidate
+        if cand is not None and cand.mode == "split" and random.random() < cand.ratio:
+            out = self._serve_split(cand, inputs)
+            if out is not None:
+                for obs in self.observers:
+                    obs(inputs, out, cand.model)
+                return out, cand.model
         m = self._acquire()
         t0 = time.perf_counter()
         ok = False
@@ -137,4 +246,9 @@ class ModelServer:
             health.record(ms, ok)
         for obs in self.observers:
             obs(inputs, out, m)
+        if cand is not None and cand.mode == "shadow" and random.random() < cand.ratio:
+            try:
+                self._shadow_q.put_nowait((cand, inputs, out))
+            except queue.Full:
+                cand.skipped += 1
         return out, m

@@ -26,6 +26,7 @@ class AgentBench:
     repo: Repository
     responder: RepoResponder
     agents: list[Agent] = field(default_factory=list)
+    closers: list = field(default_factory=list)
     _n: int = 0
 
     def __post_init__(self) -> None:
@@ -53,9 +54,9 @@ class AgentBench:
         return a
 
     def deploy(self, device_id: str, deployment_id: str, target_path: str, model: str,
-               health_window_s: float = 0.3) -> None:
+               health_window_s: float = 0.3, **kw) -> None:
         dep = Deployment(deployment_id=deployment_id, model=model, target_path=target_path,
-                         health_window_s=health_window_s)
+                         health_window_s=health_window_s, **kw)
         self.publisher.publish(topics.device_topic(device_id, "deploy"), encode(dep), qos=1, retain=True)
 
     @staticmethod
@@ -64,12 +65,14 @@ class AgentBench:
         while time.monotonic() < deadline:
             rec = a.record
             if rec.deployment_id == deployment_id and rec.outcome != "idle" and rec.state.value in (
-                    "committed", "rolled_back", "failed"):
+                    "committed", "rolled_back", "failed", "candidate"):
                 return "rejected" if rec.rejected else rec.outcome
             time.sleep(0.05)
         raise AssertionError(f"deployment {deployment_id} did not finish: {a.record}")
 
     def close(self) -> None:
+        for close in self.closers:
+            close()
         for a in self.agents:
             a.stop()
         self.responder.stop()
