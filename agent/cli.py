@@ -78,6 +78,8 @@ def agent_group() -> None:
 @click.option("--profile")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--api-port", type=int, help="Localhost V2 HTTP port (0 disables).")
+@click.option("--api-socket", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also serve the V2 API on this Unix socket.")
 @click.option("--telemetry-interval", type=float, help="Seconds between telemetry messages.")
 @click.option("--tag", "tags", multiple=True, help="Device tag (repeatable).")
 @click.option("--trust-root", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -106,7 +108,11 @@ def agent_run(config: Path | None, tags: tuple[str, ...], **opts: object) -> Non
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     daemon.start()
-    api = f", local API http://127.0.0.1:{daemon.api.port}" if daemon.api else ""
+    api = ""
+    if daemon.api is not None and daemon.api.port:
+        api += f", local API http://127.0.0.1:{daemon.api.port}"
+    if daemon.api is not None and daemon.api.socket_path:
+        api += f", socket {daemon.api.socket_path}"
     click.echo(f"agent {settings.device_id} ({settings.profile}) running{api}", err=True)
     daemon.wait_stopped()
     daemon.stop()

@@ -34,6 +34,7 @@ class AgentSettings(BaseSettings):
     profile: str = Field(description="Firmware profile name (see firmware_profiles/).")
     data_dir: Path = Field(description="Where slots, state, spool and trust metadata live.")
     api_port: int = Field(0, ge=0, le=65535, description="Localhost V2 HTTP port; 0 disables it.")
+    api_socket: Path | None = Field(None, description="Also serve the V2 API on this Unix socket.")
     telemetry_interval: float = Field(10.0, gt=0, description="Seconds between telemetry messages.")
     tags: list[str] = Field(default_factory=list, description="Free-form tags for fleet selectors.")
     trust_root: Path | None = Field(

@@ -191,13 +191,16 @@ class Link:
             time.sleep(0.005)
 
     def stop(self, *, graceful: bool = True) -> None:
-        self._stop.set()
+        # Say goodbye while the network loop still runs, then stop it.
         if graceful and self.connected.is_set():
             info = self.client.publish(
                 topics.device_topic(self.device_id, "presence"),
                 encode(Presence(online=False)), qos=1, retain=True,
             )
-            info.wait_for_publish(timeout=2)
+            deadline = time.monotonic() + 2
+            while not info.is_published() and time.monotonic() < deadline and self.connected.is_set():
+                time.sleep(0.01)
+        self._stop.set()
         self.client.disconnect()
         if self._thread is not None:
             self._thread.join(timeout=5)

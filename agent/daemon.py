@@ -171,8 +171,8 @@ class Agent:
 
     def start(self) -> None:
         self._load_active()
-        if self.settings.api_port:
-            self.api = LocalApi(self.server, self.settings.api_port)
+        if self.settings.api_port or self.settings.api_socket:
+            self.api = LocalApi(self.server, self.settings.api_port, socket_path=self.settings.api_socket)
             self.api.start()
         self.link.start()
         for name, target in (

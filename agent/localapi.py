@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socketserver
 import threading
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,10 @@ class _Handler(BaseHTTPRequestHandler):
     # client's delayed ACK adds ~40 ms to every keep-alive response.
     disable_nagle_algorithm = True
     models: ModelServer  # set on the subclass
+
+    def address_string(self) -> str:
+        # Unix-socket peers have no (host, port) address.
+        return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet by default
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -116,22 +123,43 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(e.status, str(e))
 
 
-class LocalApi:
-    """Serves :class:`ModelServer` on 127.0.0.1:port in a background thread."""
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
 
-    def __init__(self, models: ModelServer, port: int):
+
+class LocalApi:
+    """Serves :class:`ModelServer` on 127.0.0.1:port and/or a Unix socket, in background threads.
+
+    The Unix socket is created with mode 0660 so that access can be granted by group.
+    """
+
+    def __init__(self, models: ModelServer, port: int = 0, *, socket_path: Path | None = None):
         handler = type("Handler", (_Handler,), {"models": models})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="local-api", daemon=True)
+        unix_handler = type("UnixHandler", (_Handler,), {"models": models, "disable_nagle_algorithm": False})
+        self._servers: list[socketserver.BaseServer] = []
+        self.port = 0
+        if port:
+            httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+            httpd.daemon_threads = True
+            self.port = httpd.server_address[1]
+            self._servers.append(httpd)
+        self.socket_path = socket_path
+        if socket_path is not None:
+            socket_path.unlink(missing_ok=True)
+            unix = _UnixHTTPServer(str(socket_path), unix_handler)
+            os.chmod(socket_path, 0o660)
+            self._servers.append(unix)
 
     def start(self) -> None:
-        self._thread.start()
+        for srv in self._servers:
+            threading.Thread(target=srv.serve_forever, name="local-api", daemon=True).start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
 
 
 class InferenceClient:
