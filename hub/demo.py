@@ -91,7 +91,7 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
             status.update("[5/6] running predictions on every device")
             acc_table = Table(title=f"predictions on each device ({len(x_te)} held-out digits)")
             for col in ("device", "profile", "model", "precision", "accuracy", "p50 ms"):
-                acc_table.add_column(col)
+                acc_table.add_column(col, no_wrap=True)
             devs = {d["device_id"]: d for d in client.get("/api/v1/devices").json()}
             accs = {}
             for a in agents:
@@ -115,7 +115,7 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
             wait_until(lambda: _telemetry(client, ids), 30, 0.5, "telemetry from every device")
             tel = Table(title="telemetry received by the hub (latest window per device)")
             for col in ("device", "model", "inferences", "errors", "p50 ms", "p95 ms", "RSS MiB"):
-                tel.add_column(col)
+                tel.add_column(col, no_wrap=True)
             for dev_id in ids:
                 rows = client.get("/api/v1/telemetry", params={"device_id": dev_id}).json()
                 busiest = max(rows, key=lambda r: (r["inference_count"], r["seq"]))
