@@ -143,6 +143,10 @@ class Agent:
         self.hooks = Hooks(settings.hooks_dir or self.data_dir / "hooks", settings.hook_timeout)
         self._activated_at = 0.0
         self._sketches: dict[str, SketchAccumulator] = {}
+        # Sketching runs on its own thread, off the request path; when it falls behind,
+        # samples are dropped and counted rather than slowing inference.
+        self._drift_q: queue.Queue = queue.Queue(maxsize=1024)
+        self.drift_skipped = 0
         self._sketch_lock = threading.Lock()
         self.server.observers.append(self._observe)
         self._pending: queue.Queue[Deployment | None] = queue.Queue()
@@ -179,6 +183,7 @@ class Agent:
             ("lifecycle", self._worker),
             ("telemetry", self._telemetry_loop),
             ("spool-sender", self._sender_loop),
+            ("drift", self._drift_loop),
         ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -187,6 +192,7 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self._pending.put(None)
+        self._drift_q.put(None)
         self.spool.available.set()
         if self.api is not None:
             self.api.stop()
@@ -304,14 +310,29 @@ class Agent:
     # ------------------------------------------------------------------ drift
 
     def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
+        """Queue one served request for sketching (copies, so callers may reuse buffers)."""
+        man = model.bundle.manifest
+        try:
+            x = inputs[man.inputs[0].name]
+            y = outputs[man.outputs[0].name]
+            self._drift_q.put_nowait((np.array(x, copy=True), np.array(y, copy=True), model))
+        except queue.Full:
+            self.drift_skipped += 1
+        except KeyError:
+            return
+
+    def _drift_loop(self) -> None:
+        while (item := self._drift_q.get()) is not None:
+            self._sketch_one(*item)
+
+    def _sketch_one(self, x: np.ndarray, y: np.ndarray, model: LoadedModel) -> None:
         """Sketch one served request (inputs never leave the device; only sketches do)."""
         acc = self._sketches.get(model.ref)
         if acc is None:
             acc = self._new_sketch(model)
             if acc is None:
                 return
-        man = model.bundle.manifest
-        acc.update(inputs[man.inputs[0].name], outputs[man.outputs[0].name])
+        acc.update(x, y)
 
     def _new_sketch(self, model: LoadedModel) -> SketchAccumulator | None:
         with self._sketch_lock:
