@@ -103,8 +103,28 @@ class HubClient:
     def models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/api/v1/models")  # type: ignore[no-any-return]
 
-    def devices(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/api/v1/devices")  # type: ignore[no-any-return]
+    def devices(self, select: str | None = None) -> list[dict[str, Any]]:
+        params = {"select": select} if select is not None else None
+        return self._request("GET", "/api/v1/devices", params=params)  # type: ignore[no-any-return]
+
+    def create_campaign(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/api/v1/campaigns", json=body)  # type: ignore[no-any-return]
+
+    def campaigns(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/api/v1/campaigns")  # type: ignore[no-any-return]
+
+    def campaign(self, campaign_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/v1/campaigns/{campaign_id}")  # type: ignore[no-any-return]
+
+    def campaign_command(self, campaign_id: str, command: str, actor: str,
+                         reason: str | None = None) -> dict[str, Any]:
+        return self._request(  # type: ignore[no-any-return]
+            "POST", f"/api/v1/campaigns/{campaign_id}/{command}", json={"actor": actor, "reason": reason}
+        )
+
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._request("GET", "/api/v1/audit", params=params)  # type: ignore[no-any-return]
 
     def device(self, device_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/devices/{device_id}")  # type: ignore[no-any-return]

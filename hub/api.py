@@ -7,6 +7,7 @@ one handler turns it into ``{"detail": "..."}``. Routes hold no logic of their o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -16,11 +17,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel
 from starlette.concurrency import run_in_threadpool
 
-from hub import deployments, fleet, registry, telemetry
+from hub import audit, campaigns, deployments, fleet, registry, telemetry
 from hub._upload import receive_bundle
+from hub.api_monitoring import router as monitoring_router
 from hub.app import Hub
+from hub.campaigns import CampaignCreate, CampaignPublic, CampaignSummary, CommandRequest
 from hub.errors import HubError, NotFound
 from hub.models import (
+    AuditEntryPublic,
     BundlePublic,
     DeploymentCreate,
     DeploymentPublic,
@@ -123,8 +127,11 @@ def show_model_version(name: str, version: str, session: SessionDep) -> ModelVer
 
 
 @router.get("/devices", response_model=list[DevicePublic], tags=["devices"])
-def list_devices(session: SessionDep) -> list[DevicePublic]:
-    return fleet.list_devices(session)
+def list_devices(
+    session: SessionDep,
+    select: Annotated[str | None, Query(max_length=2000, description="Selector: profile=P,tag=T,id=D or all.")] = None,
+) -> list[DevicePublic]:
+    return fleet.list_devices(session, select)
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic, tags=["devices"])
@@ -150,6 +157,47 @@ def list_deployments(
 @router.get("/deployments/{deployment_id}", response_model=DeploymentPublic, tags=["deployments"])
 def show_deployment(deployment_id: str, session: SessionDep) -> DeploymentPublic:
     return deployments.get_deployment(session, deployment_id)
+
+
+@router.post("/campaigns", response_model=CampaignPublic, status_code=201, tags=["campaigns"])
+def create_campaign(body: CampaignCreate, hub: HubDep, session: SessionDep) -> CampaignPublic:
+    with hub.campaigns.lock:
+        cid = campaigns.create_campaign(session, body)
+    return campaigns.get_campaign(session, cid)
+
+
+@router.get("/campaigns", response_model=list[CampaignSummary], tags=["campaigns"])
+def list_campaigns(
+    session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[CampaignSummary]:
+    return campaigns.list_campaigns(session, limit)
+
+
+@router.get("/campaigns/{campaign_id}", response_model=CampaignPublic, tags=["campaigns"])
+def show_campaign(campaign_id: str, session: SessionDep) -> CampaignPublic:
+    return campaigns.get_campaign(session, campaign_id)
+
+
+@router.post("/campaigns/{campaign_id}/{command}", response_model=CampaignPublic, tags=["campaigns"],
+             summary="pause, resume, approve, abort or rollback (idempotent)")
+def campaign_command(
+    campaign_id: str, command: str, hub: HubDep, session: SessionDep, body: CommandRequest | None = None,
+) -> CampaignPublic:
+    with hub.campaigns.lock:
+        campaigns.run_command(session, campaign_id, command, body or CommandRequest())
+    return campaigns.get_campaign(session, campaign_id)
+
+
+@router.get("/audit", response_model=list[AuditEntryPublic], tags=["audit"])
+def list_audit(
+    session: SessionDep,
+    campaign_id: str | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[AuditEntryPublic]:
+    return audit.query(session, campaign_id=campaign_id, action=action, actor=actor, since=since, limit=limit)
 
 
 @router.get("/telemetry", response_model=list[TelemetryPublic], tags=["telemetry"])
@@ -214,3 +262,4 @@ def install(app: FastAPI) -> None:
         return JSONResponse(h.model_dump(), status_code=200 if h.status == "ok" else 503)
 
     app.include_router(router)
+    app.include_router(monitoring_router)

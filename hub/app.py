@@ -2,8 +2,9 @@
 
 :func:`create_app` returns a FastAPI app whose lifespan starts, in order: the database
 migrations, the TUF repository, the embedded broker (only when no ``broker_url`` is
-set), the MQTT ingest client, and a periodic task that re-signs expiring metadata and
-prunes old telemetry. Shutdown runs the same steps in reverse.
+set), the MQTT ingest client, a periodic task that re-signs expiring metadata and
+prunes old telemetry, and the campaign engine's loop (:mod:`hub.campaigns`).
+Shutdown runs the same steps in reverse.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
 from hub.broker import EmbeddedBroker
+from hub.campaigns import CampaignEngine
 from hub.config import HubSettings
 from hub.db import Database
 from hub.mqtt_ingest import MqttIngest
@@ -40,6 +42,7 @@ class Hub:
     repository: Repository
     mqtt: MqttIngest
     broker_url: str
+    campaigns: CampaignEngine
     broker: EmbeddedBroker | None = None
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -98,7 +101,8 @@ def start_hub(settings: HubSettings) -> Hub:
         queue_size=settings.ingest_queue_size,
     )
     ingest.start()
-    return Hub(settings, db, repo, ingest, broker_url, broker)
+    engine = CampaignEngine(db, repo, ingest, health_window_s=settings.deployment_health_window_s)
+    return Hub(settings, db, repo, ingest, broker_url, engine, broker)
 
 
 def stop_hub(hub: Hub) -> None:
@@ -114,6 +118,16 @@ async def _maintenance(hub: Hub) -> None:
         await asyncio.to_thread(hub.maintain)
 
 
+async def _campaign_loop(hub: Hub) -> None:
+    """Advance campaigns forever; a failing tick is logged and retried (it is idempotent)."""
+    while True:
+        try:
+            await asyncio.to_thread(hub.campaigns.tick)
+        except SQLAlchemyError:
+            log.exception("campaign engine tick failed; retrying")
+        await asyncio.sleep(hub.settings.campaign_tick_s)
+
+
 def create_app(
     settings: HubSettings, *, on_ready: Callable[[Hub], None] | None = None
 ) -> FastAPI:
@@ -124,15 +138,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub = await asyncio.to_thread(start_hub, settings)
         app.state.hub = hub
-        task = asyncio.create_task(_maintenance(hub))
+        tasks = [asyncio.create_task(_maintenance(hub)), asyncio.create_task(_campaign_loop(hub))]
         if on_ready is not None:
             on_ready(hub)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(stop_hub, hub)
 
     app = FastAPI(

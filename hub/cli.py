@@ -22,7 +22,7 @@ from rich.table import Table
 
 from hub._client import HubClient, HubClientError, default_hub_url
 
-__all__ = ["hub_group", "models_group", "devices_group", "deploy_command"]
+__all__ = ["hub_group", "models_group", "devices_group", "deploy_command", "rollout_group", "audit_command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TERMINAL = {"installed", "failed", "rolled_back", "rejected", "skipped"}
@@ -198,13 +198,14 @@ def _device_table(devices: list[dict[str, Any]]) -> Table:
 
 
 @devices_group.command("list")
+@click.option("--select", "select_expr", help="Only devices matching profile=P,tag=T,id=D (or all).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_hub_option
-def devices_list(as_json: bool, hub_url: str) -> None:
+def devices_list(select_expr: str | None, as_json: bool, hub_url: str) -> None:
     """All devices, with presence, lifecycle state and model."""
     try:
         with _client(hub_url) as c:
-            devices = c.devices()
+            devices = c.devices(select_expr)
     except HubClientError as e:
         raise _fail(e) from e
     if as_json:
@@ -294,3 +295,202 @@ def deploy_command(model: str, devices: tuple[str, ...], allow_downgrade: bool,
         sent = [d for d in dep["devices"] if d["outcome"] != "skipped"]
         if not sent or any(d["outcome"] != "installed" for d in sent):
             raise SystemExit(1)
+
+
+# --------------------------------------------------------------------------- rollouts
+
+_CAMPAIGN_STYLE = {"completed": "green", "rolled_back": "yellow", "aborted": "red", "paused": "yellow",
+                   "rolling_back": "yellow", "awaiting_approval": "magenta"}
+_DEVICE_STATE_STYLE = {"updated": "green", "reverted": "yellow", "failed": "red", "health_failed": "red",
+                       "revert_failed": "red", "skipped": "dim", "cancelled": "dim", "pending": "cyan",
+                       "deploying": "cyan", "reverting": "yellow"}
+_CAMPAIGN_DONE = {"completed", "rolled_back", "aborted"}
+
+
+@click.group("rollout")
+def rollout_group() -> None:
+    """Staged rollout campaigns: waves, gates, pause/resume/rollback."""
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(
+        f"[{_DEVICE_STATE_STYLE.get(k, '')}]{k} {v}[/]" if k in _DEVICE_STATE_STYLE else f"{k} {v}"
+        for k, v in sorted(counts.items())
+    ) or "-"
+
+
+def _campaign_view(c: dict[str, Any]) -> Table:
+    state = c["state"]
+    style = _CAMPAIGN_STYLE.get(state, "cyan")
+    t = Table(title=f"Campaign {c['id']}: {c['model']} → {c['selector']}  [{style}]{state}[/]",
+              caption=c.get("reason") or None)
+    for col in ("wave", "target", "devices", "progress", "status", "by state"):
+        t.add_column(col)
+    from rich.progress_bar import ProgressBar
+
+    for w in c["waves"]:
+        done = sum(v for k, v in w["counts"].items() if k not in ("pending", "deploying", "skipped"))
+        bar = ProgressBar(total=max(w["size"], 1), completed=done if w["size"] else 0, width=24)
+        t.add_row(str(w["index"] + 1), w["target"], str(w["size"]), bar, w["status"], _counts_text(w["counts"]))
+    return t
+
+
+@rollout_group.command("create")
+@click.argument("model")
+@click.option("--select", "select_expr", required=True,
+              help="Devices: profile=NAME,tag=VALUE,id=ID (comma = and) or all.")
+@click.option("--waves", default="100", show_default=True,
+              help="Cumulative waves: percentages (10,50,100) or counts (1n,10n,100).")
+@click.option("--soak", default="0s", show_default=True, help="Soak time per wave (30s, 5m, 1h).")
+@click.option("--gate", "gates", multiple=True,
+              help="install_failures<=N|N%, health_failures<=N|N%, error_rate<=R, "
+                   "p95_regression<=X, psi<=P (repeatable).")
+@click.option("--approve-waves", is_flag=True, help="Wait for 'rollout approve' before each next wave.")
+@click.option("--rate", help="Most devices started per minute, e.g. 20/min.")
+@click.option("--on-fail", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)
+@click.option("--precision", help="Bundle precision to pick, e.g. int8 or fp32.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), help="Bundle format to pick.")
+@click.option("--json", "as_json", is_flag=True, help="Print the campaign as JSON.")
+@_hub_option
+def rollout_create(model: str, select_expr: str, waves: str, soak: str, gates: tuple[str, ...],
+                   approve_waves: bool, rate: str | None, on_fail: str, precision: str | None,
+                   fmt: str | None, as_json: bool, hub_url: str) -> None:
+    """Start a campaign rolling MODEL (NAME:VERSION) out; prints its id."""
+    from hub.errors import InvalidCampaign
+    from hub.rollout import parse_duration, parse_rate
+
+    try:
+        body = {"model": model, "select": select_expr, "waves": waves, "soak_s": parse_duration(soak),
+                "gates": list(gates), "approve_waves": approve_waves,
+                "rate_per_min": parse_rate(rate) if rate else None, "on_fail": on_fail,
+                "precision": precision, "format": fmt, "created_by": getpass.getuser()[:64]}
+    except InvalidCampaign as e:
+        raise click.BadParameter(str(e)) from e
+    try:
+        with _client(hub_url) as c:
+            camp = c.create_campaign(body)
+    except HubClientError as e:
+        raise _fail(e) from e
+    if as_json:
+        click.echo(json.dumps(camp, indent=2))
+        return
+    skipped = camp["counts"].get("skipped", 0)
+    n = sum(v for k, v in camp["counts"].items() if k != "skipped")
+    console.print(f"campaign [bold]{camp['id']}[/]: {camp['model']} to {n} devices in "
+                  f"{len(camp['waves'])} waves" + (f" ({skipped} skipped)" if skipped else ""), highlight=False)
+    click.echo(camp["id"])
+
+
+@rollout_group.command("status")
+@click.argument("campaign_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (state, waves, devices).")
+@click.option("--watch", is_flag=True, help="Live progress until the campaign ends (Ctrl-C stops watching).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@_hub_option
+def rollout_status(campaign_id: str, as_json: bool, watch: bool, interval: float, hub_url: str) -> None:
+    """Waves, gates and device states of a campaign."""
+    try:
+        with _client(hub_url) as c:
+            camp = c.campaign(campaign_id)
+            if watch and not as_json:
+                with Live(_campaign_view(camp), console=console, refresh_per_second=4) as live:
+                    while camp["state"] not in _CAMPAIGN_DONE:
+                        time.sleep(interval)
+                        camp = c.campaign(campaign_id)
+                        live.update(_campaign_view(camp))
+                return
+    except HubClientError as e:
+        raise _fail(e) from e
+    except KeyboardInterrupt:
+        return
+    if as_json:
+        click.echo(json.dumps(camp, indent=2))
+        return
+    console.print(_campaign_view(camp))
+    for w in camp["waves"]:
+        for v in w["verdicts"]:
+            mark = "[green]✓[/]" if v["passed"] else "[red]✗[/]"
+            console.print(f"  wave {w['index'] + 1} {mark} {v['gate']}: {v['value']} ({v['note']})")
+
+
+@rollout_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_hub_option
+def rollout_list(as_json: bool, hub_url: str) -> None:
+    """Campaigns, newest first."""
+    try:
+        with _client(hub_url) as c:
+            rows = c.campaigns()
+    except HubClientError as e:
+        raise _fail(e) from e
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title="Campaigns")
+    for col in ("id", "model", "select", "state", "wave", "devices", "created", "by"):
+        t.add_column(col)
+    for r in rows:
+        style = _CAMPAIGN_STYLE.get(r["state"], "cyan")
+        t.add_row(r["id"], r["model"], r["selector"], f"[{style}]{r['state']}[/]",
+                  f"{r['wave_index'] + 1}/{r['waves']}", _counts_text(r["counts"]), _ago(r["created"]),
+                  r["created_by"])
+    console.print(t if rows else "[dim]no campaigns yet[/]")
+
+
+def _command(name: str, doc: str) -> None:
+    @rollout_group.command(name, help=doc)
+    @click.argument("campaign_id")
+    @click.option("--reason", help="Why (kept in the audit log).")
+    @click.option("--json", "as_json", is_flag=True, help="Print the campaign as JSON.")
+    @_hub_option
+    def cmd(campaign_id: str, reason: str | None, as_json: bool, hub_url: str) -> None:
+        try:
+            with _client(hub_url) as c:
+                camp = c.campaign_command(campaign_id, name, getpass.getuser()[:64], reason)
+        except HubClientError as e:
+            raise _fail(e) from e
+        if as_json:
+            click.echo(json.dumps(camp, indent=2))
+        else:
+            console.print(f"campaign {camp['id']}: {camp['state']}")
+
+
+for _name, _doc in (
+    ("pause", "Stop starting devices (in-flight ones finish). Idempotent."),
+    ("resume", "Continue a paused campaign; after a failed gate this overrides that wave. Idempotent."),
+    ("approve", "Let a campaign waiting for approval start its next wave."),
+    ("abort", "End the campaign: nothing more is started; updated devices keep the new version."),
+    ("rollback", "Send every updated device back to its previous version. Idempotent."),
+):
+    _command(_name, _doc)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@click.command("audit")
+@click.option("--campaign", "campaign_id", help="Only this campaign.")
+@click.option("--action", help="Only this action, e.g. rollout.pause or campaign.transition.")
+@click.option("--actor", help="Only this actor ('hub' is the campaign engine).")
+@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_hub_option
+def audit_command(campaign_id: str | None, action: str | None, actor: str | None, limit: int,
+                  as_json: bool, hub_url: str) -> None:
+    """Who did what, when and why: operator actions and campaign transitions."""
+    try:
+        with _client(hub_url) as c:
+            rows = c.audit(campaign_id=campaign_id, action=action, actor=actor, limit=limit)
+    except HubClientError as e:
+        raise _fail(e) from e
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title="Audit log")
+    for col in ("when", "who", "what", "campaign", "change", "why"):
+        t.add_column(col)
+    for r in rows:
+        d = r["detail"]
+        change = f"{d['from']} → {d['to']}" if "from" in d and "to" in d else ""
+        t.add_row(_ago(r["ts"]), r["actor"], r["action"], r["campaign_id"] or "-", change, r["reason"] or "")
+    console.print(t if rows else "[dim]no entries[/]")

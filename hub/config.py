@@ -75,6 +75,9 @@ class HubSettings(BaseSettings):
     ingest_queue_size: int = Field(
         100_000, ge=100, description="Most MQTT messages waiting for the database writer."
     )
+    campaign_tick_s: float = Field(
+        1.0, gt=0, le=60, description="How often the campaign engine advances campaigns, seconds."
+    )
     deployment_health_window_s: float = Field(
         5.0, ge=0, le=86400, description="Health window sent with each deployment, seconds."
     )

@@ -219,12 +219,18 @@ def create_deployment(
     request: DeploymentCreate,
     *,
     health_window_s: float = 5.0,
+    deployment_id: str | None = None,
 ) -> DeploymentPublic:
     """Deploy a model version to the listed devices.
 
     Devices without a compatible bundle are recorded as ``skipped`` with the reason;
     nothing is sent to them. With ``allow_downgrade`` the targets going back a
     version are re-signed with ``allow_downgrade`` before anything is published.
+
+    ``deployment_id`` makes the call idempotent for callers that save the id before
+    calling (the campaign engine): when that deployment already exists, its devices
+    that have not answered yet are sent the same desired state again (agents ignore a
+    deployment id they already know) and nothing new is recorded.
 
     Raises:
         InvalidRequest: bad model reference or device id.
@@ -234,6 +240,10 @@ def create_deployment(
             ``allow_downgrade`` was not given.
         BrokerUnavailable: the hub is not connected to the broker (nothing is recorded).
     """
+    if deployment_id is not None:
+        existing = session.get(Deployment, deployment_id)
+        if existing is not None:
+            return _republish(session, publisher, existing, health_window_s)
     name, version = parse_model_ref(request.model)
     ref = f"{name}:{version}"
     device_ids = _unique(request.devices)
@@ -270,7 +280,7 @@ def create_deployment(
         repository.set_allow_downgrade(target, True)
 
     dep = Deployment(
-        id=uuid.uuid4().hex,
+        id=deployment_id or uuid.uuid4().hex,
         model=ref,
         created_by=request.created_by,
         allow_downgrade=request.allow_downgrade,
@@ -310,6 +320,26 @@ def create_deployment(
         "deployment %s: %s to %d devices (%d skipped)",
         dep.id, ref, len(rows), sum(r.outcome == "skipped" for r in rows),
     )
+    return _public(dep, rows)
+
+
+def _republish(
+    session: Session, publisher: Publisher, dep: Deployment, health_window_s: float
+) -> DeploymentPublic:
+    if not publisher.connected:
+        raise BrokerUnavailable("the hub is not connected to the MQTT broker")
+    rows = session.exec(
+        select(DeploymentDevice).where(DeploymentDevice.deployment_id == dep.id)
+    ).all()
+    for row in rows:
+        if row.target_path is not None and row.outcome in ("pending", "failed") and (
+            row.state is None
+        ):
+            publish_deployment(publisher, row.device_id, dep.id, dep.model, row.target_path, health_window_s)
+            if row.outcome == "failed":
+                row.outcome, row.error, row.updated = "pending", None, utcnow()
+                session.add(row)
+    session.commit()
     return _public(dep, rows)
 
 

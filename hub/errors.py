@@ -17,6 +17,10 @@ __all__ = [
     "ModelNotFound",
     "DeviceNotFound",
     "DeploymentNotFound",
+    "CampaignNotFound",
+    "InvalidSelector",
+    "InvalidCampaign",
+    "CommandRefused",
     "Conflict",
     "BundleConflict",
     "DowngradeRefused",
@@ -41,6 +45,14 @@ class InvalidRequest(HubDataError):
     """A request is malformed (bad model reference, bad range, missing field)."""
 
 
+class InvalidSelector(InvalidRequest):
+    """A device selector expression does not parse."""
+
+
+class InvalidCampaign(InvalidRequest):
+    """A campaign's waves, gates or options are invalid."""
+
+
 class InvalidBundle(HubDataError):
     """An uploaded bundle is not a bundle, is truncated, corrupt, or over the size limit."""
 
@@ -61,8 +73,16 @@ class DeploymentNotFound(NotFound):
     """No deployment with this id."""
 
 
+class CampaignNotFound(NotFound):
+    """No campaign with this id."""
+
+
 class Conflict(HubDataError):
     status_code = 409
+
+
+class CommandRefused(Conflict):
+    """A campaign command does not apply in the campaign's current state."""
 
 
 class BundleConflict(Conflict):

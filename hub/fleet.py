@@ -22,6 +22,7 @@ from sqlmodel import Session, col, select
 from agent import protocol
 from hub.errors import DeviceNotFound
 from hub.models import DeploymentDevice, Device, DevicePublic
+from hub.selector import parse_selector
 
 __all__ = [
     "ensure_devices",
@@ -143,9 +144,20 @@ def apply_status(
     return True
 
 
-def list_devices(session: Session) -> list[DevicePublic]:
-    """Every device the hub has heard from, by id."""
-    rows = session.exec(select(Device).order_by(col(Device.device_id))).all()
+def list_devices(session: Session, select_expr: str | None = None) -> list[DevicePublic]:
+    """Every device the hub has heard from, by id; only those ``select_expr`` matches
+    when given (see :mod:`hub.selector`).
+
+    Raises:
+        InvalidSelector: ``select_expr`` does not parse.
+    """
+    selector = parse_selector(select_expr) if select_expr is not None else None
+    q = select(Device).order_by(col(Device.device_id))
+    if selector is not None and selector.profile is not None:
+        q = q.where(Device.profile == selector.profile)
+    rows = session.exec(q).all()
+    if selector is not None:
+        rows = [d for d in rows if selector.matches(d)]
     return [DevicePublic.model_validate(d, from_attributes=True) for d in rows]
 
 

@@ -41,6 +41,11 @@ __all__ = [
     "TelemetryPublic",
     "PayloadErrorCount",
     "PayloadErrorsPublic",
+    "DriftSketchRow",
+    "Campaign",
+    "CampaignDevice",
+    "AuditEntry",
+    "AuditEntryPublic",
 ]
 
 
@@ -164,10 +169,16 @@ class DeviceBase(SQLModel):
 
 class Device(DeviceBase, table=True):
     last_status_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    campaign_id: str | None = Field(
+        default=None,
+        max_length=64,
+        index=True,
+        description="The active campaign that owns this device; one at most, by construction.",
+    )
 
 
 class DevicePublic(DeviceBase):
-    pass
+    campaign_id: str | None = None
 
 
 # --------------------------------------------------------------------------- deployments
@@ -278,3 +289,115 @@ class PayloadErrorsPublic(SQLModel):
     total: int
     by_kind: dict[str, int]
     by_topic: dict[str, dict[str, int]]
+
+
+# --------------------------------------------------------------------------- drift sketches
+
+
+class DriftSketchRow(SQLModel, table=True):
+    """One device's :class:`agent.sketch.DriftSketch` for one window of one model.
+
+    ``(device_id, model, window_start)`` is unique, so a redelivered sketch is dropped.
+    ``sketch`` holds the validated message as JSON; :mod:`hub.drift` merges them.
+    """
+
+    __tablename__ = "drift_sketch"
+    __table_args__ = (
+        sa.UniqueConstraint("device_id", "model", "window_start", name="uq_drift_sketch_window"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    )
+    device_id: str = Field(max_length=64, index=True)
+    model: str = Field(max_length=200, index=True)
+    window_start: float
+    window_end: float
+    rows: int = Field(sa_type=sa.BigInteger)
+    received: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    sketch: dict[str, Any] = _json(dict)
+
+
+# --------------------------------------------------------------------------- campaigns
+
+
+class Campaign(SQLModel, table=True):
+    """A staged rollout; its life is the state machine in :mod:`hub.rollout`.
+
+    ``waves`` holds the plan (cumulative targets, :class:`hub.rollout.WaveSpec`) and
+    ``wave_results`` what each wave's gates measured. ``saves`` counts state saves,
+    capped like the agent's lifecycle.
+    """
+
+    id: str = Field(primary_key=True, max_length=64)
+    model: str = Field(max_length=200, description="NAME:VERSION rolled out.")
+    selector: str = Field(max_length=2000)
+    state: str = Field(max_length=32, index=True)
+    reason: str | None = Field(default=None, description="Why the last transition happened.")
+    waves: list[dict[str, Any]] = _json(list)
+    soak_s: float = Field(default=0.0)
+    gates: list[dict[str, Any]] = _json(list)
+    approve_waves: bool = Field(default=False)
+    rate_per_min: int | None = Field(default=None)
+    on_fail: str = Field(default="pause", max_length=16)
+    precision: str | None = Field(default=None, max_length=32)
+    format: str | None = Field(default=None, max_length=16)
+    wave_index: int = Field(default=0)
+    wave_started: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    soak_started: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    wave_results: list[dict[str, Any]] = _json(list)
+    saves: int = Field(default=0)
+    created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    created_by: str = Field(max_length=64)
+    updated: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class CampaignDevice(SQLModel, table=True):
+    """One device's place in a campaign (states: :class:`hub.rollout.DeviceState`)."""
+
+    __tablename__ = "campaign_device"
+
+    campaign_id: str = Field(foreign_key="campaign.id", primary_key=True, max_length=64)
+    device_id: str = Field(primary_key=True, max_length=64)
+    wave: int = Field(index=True)
+    state: str = Field(max_length=32, index=True)
+    from_model: str | None = Field(default=None, max_length=200)
+    bundle_sha256: str | None = Field(default=None, max_length=64)
+    target_path: str | None = Field(default=None, max_length=512)
+    deployment_id: str | None = Field(default=None, max_length=64)
+    rollback_deployment_id: str | None = Field(default=None, max_length=64)
+    published: bool = Field(default=False, description="The current deployment reached the broker.")
+    joined_late: bool = Field(default=False)
+    started: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    detail: str | None = Field(default=None)
+    updated: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class AuditEntryBase(SQLModel):
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    actor: str = Field(max_length=64, description="Operator name, or 'hub' for the engine.")
+    action: str = Field(max_length=64, index=True, description="What was done.")
+    campaign_id: str | None = Field(default=None, max_length=64, index=True)
+    target: str | None = Field(default=None, max_length=200, description="What it was done to.")
+    reason: str | None = Field(default=None, description="Why.")
+    detail: dict[str, Any] = _json(dict)
+
+
+class AuditEntry(AuditEntryBase, table=True):
+    """Append-only: every operator action and every campaign transition."""
+
+    __tablename__ = "audit_entry"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    )
+
+
+class AuditEntryPublic(AuditEntryBase):
+    id: int

@@ -4,14 +4,15 @@ Threads, and why:
 
 - paho's network thread only sorts incoming messages into two queues, so a slow
   database never stalls keepalives or chunk serving;
-- the *ingest worker* decodes hello/presence/status/telemetry payloads and applies
+- the *ingest worker* decodes hello/presence/status/telemetry/drift payloads and applies
   them to the database in batches (one transaction per batch, telemetry inserted with
   one statement), which is what lets the hub keep up with thousands of messages a
   second;
 - the *repository server* answers ``repo/get`` requests with chunk frames read from
   the TUF repository.
 
-Every payload goes through :func:`agent.protocol.decode`. A malformed one is logged at
+Every payload goes through :func:`agent.protocol.decode` (drift sketches through
+:meth:`agent.sketch.DriftSketch.decode`). A malformed one is logged at
 warning level with its device and topic, counted by kind (:class:`PayloadErrorLog`,
 persisted in ``payload_error_count``), and dropped; nothing a device sends can stop
 these threads.
@@ -38,11 +39,19 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent import protocol, topics
 from agent.errors import PayloadError
+from agent.sketch import DriftSketch
 from hub import fleet
 from hub.db import Database
 from hub.errors import BrokerUnavailable
 from hub.repository import Repository, RepositoryPathError
-from hub.telemetry import PayloadErrorTally, TelemetryIn, add_payload_errors, store_telemetry
+from hub.telemetry import (
+    DriftIn,
+    PayloadErrorTally,
+    TelemetryIn,
+    add_payload_errors,
+    store_drift,
+    store_telemetry,
+)
 
 __all__ = ["BrokerAddress", "parse_broker_url", "PayloadErrorLog", "MqttIngest"]
 
@@ -54,7 +63,7 @@ _DECODERS: Final[dict[str, type[BaseModel]]] = {
     "status": protocol.StatusReport,
     "telemetry": protocol.Telemetry,
 }
-_SUBSCRIPTIONS: Final = ("hello", "presence", "status", "telemetry", "repo/get")
+_SUBSCRIPTIONS: Final = ("hello", "presence", "status", "telemetry", "drift", "repo/get")
 _STOP: Final = object()
 
 
@@ -304,6 +313,8 @@ class MqttIngest:
 
     def _decode(self, item: _Inbound) -> BaseModel | None:
         try:
+            if item.kind == "drift":
+                return DriftSketch.decode(item.payload)
             payload = protocol.decode(_DECODERS[item.kind], item.payload)
         except PayloadError as e:
             self.errors.record(item.kind, item.device_id, e)
@@ -340,6 +351,7 @@ class MqttIngest:
     def _write(self, decoded: list[tuple[_Inbound, BaseModel]]) -> None:
         now = datetime.now(UTC)
         tele: list[TelemetryIn] = []
+        sketches: list[DriftIn] = []
         with self.db.session() as s:
             fleet.ensure_devices(s, (it.device_id for it, _ in decoded), now)
             for it, p in decoded:
@@ -351,10 +363,13 @@ class MqttIngest:
                     fleet.apply_status(s, it.device_id, p, it.received)
                 elif isinstance(p, protocol.Telemetry):
                     tele.append(TelemetryIn(it.device_id, p, it.received))
-            if tele:
+                elif isinstance(p, DriftSketch):
+                    sketches.append(DriftIn(it.device_id, p, it.received))
+            if tele or sketches:
                 s.flush()
                 store_telemetry(s, tele)
-                fleet.touch_devices(s, (t.device_id for t in tele), now)
+                store_drift(s, sketches)
+                fleet.touch_devices(s, [t.device_id for t in tele] + [d.device_id for d in sketches], now)
 
     def _flush_errors(self) -> None:
         tallies = self.errors.drain()

@@ -15,8 +15,10 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
 from agent import protocol
+from agent.sketch import DriftSketch
 from hub.fleet import dialect_insert
 from hub.models import (
+    DriftSketchRow,
     PayloadErrorCount,
     PayloadErrorsPublic,
     Telemetry,
@@ -25,6 +27,8 @@ from hub.models import (
 
 __all__ = [
     "TelemetryIn",
+    "DriftIn",
+    "store_drift",
     "PayloadErrorTally",
     "store_telemetry",
     "query_telemetry",
@@ -38,6 +42,13 @@ __all__ = [
 class TelemetryIn:
     device_id: str
     report: protocol.Telemetry
+    received: datetime
+
+
+@dataclass(frozen=True)
+class DriftIn:
+    device_id: str
+    sketch: DriftSketch
     received: datetime
 
 
@@ -77,6 +88,26 @@ def store_telemetry(session: Session, batch: Sequence[TelemetryIn]) -> None:
     session.execute(ins.on_conflict_do_nothing(index_elements=["device_id", "seq"]))
 
 
+def store_drift(session: Session, batch: Sequence[DriftIn]) -> None:
+    """Insert a batch of drift sketches; a redelivered window is dropped by the database."""
+    if not batch:
+        return
+    rows = [
+        {
+            "device_id": d.device_id,
+            "model": d.sketch.model,
+            "window_start": d.sketch.window_start,
+            "window_end": d.sketch.window_end,
+            "rows": d.sketch.rows,
+            "received": d.received,
+            "sketch": d.sketch.model_dump(mode="json", exclude_defaults=True),
+        }
+        for d in batch
+    ]
+    ins = dialect_insert(session.get_bind().dialect)(DriftSketchRow).values(rows)
+    session.execute(ins.on_conflict_do_nothing(index_elements=["device_id", "model", "window_start"]))
+
+
 def query_telemetry(
     session: Session, device_id: str | None = None, limit: int = 100
 ) -> list[TelemetryPublic]:
@@ -89,9 +120,11 @@ def query_telemetry(
 
 
 def prune_telemetry(session: Session, now: datetime, retention: timedelta) -> int:
-    """Delete telemetry received before ``now - retention``; returns how many rows."""
+    """Delete telemetry and drift sketches received before ``now - retention``;
+    returns how many rows."""
     res = session.execute(delete(Telemetry).where(col(Telemetry.received) < now - retention))
-    return int(res.rowcount or 0)  # type: ignore[attr-defined]
+    res2 = session.execute(delete(DriftSketchRow).where(col(DriftSketchRow.received) < now - retention))
+    return int(res.rowcount or 0) + int(res2.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def add_payload_errors(

@@ -12,6 +12,7 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 from sqlmodel import SQLModel
 
+import hub.models_monitoring  # noqa: F401  (registers the monitoring tables)
 from hub.models import UTCDateTime  # importing hub.models registers the tables
 
 config = context.config

@@ -47,3 +47,8 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def reference(rng: np.random.Generator) -> Reference:
     return mixed_reference(rng)
+
+
+# Hub-side monitoring tests (test_hub_*) use the hub's database and broker fixtures;
+# imported once here so the session gets one PostgreSQL database, not one per module.
+from tests.hub.conftest import db_url, device_factory, pg_database, session_mosquitto  # noqa: E402, F401
