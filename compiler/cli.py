@@ -15,7 +15,7 @@ from agent.profiles import Profile, list_profiles, load_profile
 from compiler.errors import CompilerInputError
 from compiler.measure import LatencySettings
 from compiler.metrics import parse_metric
-from compiler.pipeline import CompileOptions, compile_model
+from compiler.pipeline import CompileOptions, TrainSettings, compile_model
 
 __all__ = ["compile_command"]
 
@@ -52,7 +52,7 @@ def _profiles(names: tuple[str, ...]) -> list[Profile]:
 
 
 @click.command("compile")
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model")
 @click.option(
     "--profile",
     "profile_names",
@@ -96,8 +96,28 @@ def _profiles(names: tuple[str, ...]) -> list[Profile]:
     type=click.IntRange(1, 1000),
     help="Interleaved timing rounds per candidate (x40 runs each).",
 )
+@click.option(
+    "--state-dict",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Weights for a package.module:factory MODEL (torch.save'd state_dict).",
+)
+@click.option(
+    "--train",
+    "train_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Labelled training .npz ('x', 'y'): enables structured pruning + fine-tuning, "
+    "a distilled width-scaled student, and unstructured pruning (reported only).",
+)
+@click.option(
+    "--train-epochs",
+    default=None,
+    type=click.IntRange(1, 1000),
+    help="Epochs for pruning fine-tuning (default 5) and distillation (default 15).",
+)
+@click.option("--tflite/--no-tflite", default=True, show_default=True,
+              help="Build TFLite candidates for profiles that run LiteRT.")
 def compile_command(
-    model: Path,
+    model: str,
     profile_names: tuple[str, ...],
     calibration: Path,
     eval_path: Path | None,
@@ -108,8 +128,13 @@ def compile_command(
     calibrate_method: str,
     metric: str,
     latency_rounds: int,
+    state_dict: Path | None,
+    train_path: Path | None,
+    train_epochs: int | None,
+    tflite: bool,
 ) -> None:
-    """Compile MODEL (.pt2 or .onnx) into one bundle per profile and candidate.
+    """Compile MODEL (.pt2, .onnx, or package.module:factory with --state-dict) into one
+    bundle per profile and candidate.
 
     Every candidate is measured on this host (size, batch-1 latency, accuracy) and
     one per profile is selected; DIR/report.json says why each was kept or rejected.
@@ -123,7 +148,8 @@ def compile_command(
         chosen_metric = parse_metric(metric)
     except CompilerInputError as e:
         raise click.BadParameter(str(e), param_hint="--metric") from e
-    model_name = (name or model.stem).lower()
+    default_name = model.rpartition(":")[2] if state_dict is not None else Path(model).stem
+    model_name = (name or default_name).lower()
     if not _MODEL_NAME.match(model_name):
         raise click.BadParameter(
             f"{model_name!r} is not a valid model name ([a-z0-9][a-z0-9_.-]{{0,63}})",
@@ -136,6 +162,14 @@ def compile_command(
         latency=LatencySettings(rounds=latency_rounds),
         calibrate_method=calibrate_method,  # type: ignore[arg-type]
         metric=chosen_metric,
+        tflite=tflite,
+        state_dict=state_dict,
+        train=None
+        if train_path is None
+        else TrainSettings(
+            train_path,
+            **({} if train_epochs is None else {"prune_epochs": train_epochs, "distill_epochs": train_epochs}),
+        ),
     )
     console = Console()
     if not console.is_terminal:

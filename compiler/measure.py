@@ -8,9 +8,10 @@ changes) hits all of them alike rather than whichever happened to run then.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "ort_session",
     "run_batched",
     "measure_latencies",
+    "measure_calls",
 ]
 
 
@@ -94,26 +96,32 @@ def measure_latencies(
     x1: np.ndarray,
     settings: LatencySettings,
 ) -> list[Latency]:
-    """Batch-1 latency of each session, timed in interleaved rounds.
-
-    Each round runs every session ``runs_per_round`` times (per-call timings kept);
-    the order of sessions rotates between rounds. Returns p50/p95 per session.
-    """
+    """Batch-1 latency of each ONNX Runtime session (see :func:`measure_calls`)."""
     feed = {input_name: np.ascontiguousarray(x1[:1])}
-    for s in sessions:
+    return measure_calls([functools.partial(s.run, None, feed) for s in sessions], settings)
+
+
+def measure_calls(calls: Sequence[Callable[[], object]], settings: LatencySettings) -> list[Latency]:
+    """Latency of each zero-argument call (one batch-1 inference), timed in interleaved rounds.
+
+    Each round runs every call ``runs_per_round`` times (per-call timings kept); the
+    order rotates between rounds. Returns p50/p95 per call. Calls may belong to
+    different runtimes (ONNX Runtime sessions, LiteRT interpreters).
+    """
+    for call in calls:
         for _ in range(settings.warmup):
-            s.run(None, feed)
-    samples: list[list[float]] = [[] for _ in sessions]
-    n = len(sessions)
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    n = len(calls)
     clock = time.perf_counter_ns
     for r in range(settings.rounds):
         for k in range(n):
             i = (k + r) % n
-            s = sessions[i]
+            call = calls[i]
             out = samples[i]
             for _ in range(settings.runs_per_round):
                 t0 = clock()
-                s.run(None, feed)
+                call()
                 out.append((clock() - t0) / 1e6)
     result = []
     for ts in samples:

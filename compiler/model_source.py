@@ -6,7 +6,11 @@ Accepted inputs:
   converted with the dynamo ONNX exporter (opset :data:`OPSET`) to a graph with one
   input ``input`` and outputs ``logits`` (``logits``, ``output_1``, ... if several),
   whose batch dimension is symbolic (``batch``);
-* an ONNX file, used as is (names are read from its graph).
+* an ONNX file, used as is (names are read from its graph);
+* ``package.module:factory`` plus a state_dict file (:func:`load_factory_model`): the
+  factory is called with no arguments, the weights are loaded strictly, and the module
+  is exported like a ``.pt2``. Only a ``module:factory`` model (or a ``.pt2``) can feed
+  TFLite conversion and the ``--train`` techniques, which need torch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +31,15 @@ import onnx
 
 from compiler.errors import ModelLoadError
 
-__all__ = ["OPSET", "OnnxModel", "TensorInfo", "load_model", "onnx_tensor_infos"]
+__all__ = [
+    "OPSET",
+    "OnnxModel",
+    "TensorInfo",
+    "load_model",
+    "load_factory_model",
+    "is_factory_spec",
+    "onnx_tensor_infos",
+]
 
 OPSET = 18
 MAX_MODEL_FILE_BYTES = 2 << 30
@@ -55,6 +68,20 @@ class OnnxModel:
     source_kind: str  # "pt2" or "onnx"
     source_sha256: str
     exported: Any = field(default=None, repr=False, compare=False)  # torch ExportedProgram
+    module: Any = field(default=None, repr=False, compare=False)  # torch nn.Module (factory)
+
+    def torch_module(self) -> Any:
+        """A torch module computing this model, or None for ONNX inputs."""
+        if self.module is not None:
+            return self.module
+        if self.exported is not None:
+            from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+            # An unlifted program refuses .eval() unless told how to switch modes.
+            module = self.exported.module()
+            allow_exported_model_train_eval(module)
+            return module
+        return None
 
     @property
     def input(self) -> TensorInfo:
@@ -216,6 +243,73 @@ def load_model(path: Path, example: np.ndarray | None = None) -> OnnxModel:
         if not proto.graph.node:
             raise ModelLoadError(f"model {path}: not a .pt2 or ONNX model (empty graph)")
         kind = "onnx"
+    return _finish(proto, path, kind, digest, exported, None)
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory_spec(text: str) -> bool:
+    """``package.module:factory`` (and not an existing file path)."""
+    return bool(_FACTORY.match(text)) and not Path(text).exists()
+
+
+def load_factory_model(spec: str, state_dict: Path, example: np.ndarray) -> OnnxModel:
+    """Build ``module:factory()``, load ``state_dict`` into it, and convert it to ONNX.
+
+    The state_dict is read with ``torch.load(weights_only=True)`` (no pickled code) and
+    loaded strictly, so missing or unexpected keys are an error. ``source_sha256`` hashes
+    the spec and the state_dict bytes.
+
+    Raises:
+        ModelLoadError: the module or factory cannot be imported or called, it does not
+            return an ``nn.Module``, the state_dict is unreadable or does not fit, or
+            the export fails.
+    """
+    import importlib
+
+    import torch
+
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"model {spec}: cannot import {fn_name!r} from {mod_name!r}: {e}") from e
+    try:
+        module = factory()
+    except Exception as e:  # noqa: BLE001 - user code raises anything
+        raise ModelLoadError(f"model {spec}: calling the factory failed: {type(e).__name__}: {e}") from e
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(f"model {spec}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+    try:
+        raw = Path(state_dict).read_bytes()
+    except OSError as e:
+        raise ModelLoadError(f"state_dict {state_dict}: cannot read ({e.strerror})") from e
+    try:
+        sd = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        module.load_state_dict(sd, strict=True)
+    except Exception as e:  # noqa: BLE001 - unpickling and key mismatches raise many types
+        raise ModelLoadError(f"state_dict {state_dict}: does not load into {spec}: {e}") from e
+    module.eval()
+    x = torch.from_numpy(np.ascontiguousarray(example[:2]))
+    if x.shape[0] < 2:
+        x = x.repeat(2, *([1] * (x.dim() - 1)))
+    try:
+        with _quiet_exporter():
+            exported = torch.export.export(
+                module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},)
+            )
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        raise ModelLoadError(f"model {spec}: torch.export failed: {e}") from e
+    proto = pt2_to_onnx(exported, np.asarray(example))
+    digest = hashlib.sha256(spec.encode() + b"\0" + raw).hexdigest()
+    return _finish(proto, Path(state_dict), "module:factory", digest, exported, module)
+
+
+def _finish(
+    proto: onnx.ModelProto, path: Path, kind: str, digest: str, exported: Any, module: Any
+) -> OnnxModel:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
@@ -229,13 +323,13 @@ def load_model(path: Path, example: np.ndarray | None = None) -> OnnxModel:
         raise ModelLoadError(f"model {path}: input {ins[0].name!r} is {ins[0].dtype}, need float32")
     if not outs:
         raise ModelLoadError(f"model {path}: graph has no outputs")
-    data = proto.SerializeToString(deterministic=True)
     return OnnxModel(
-        data=data,
+        data=proto.SerializeToString(deterministic=True),
         inputs=ins,
         outputs=outs,
         source_path=path,
         source_kind=kind,
         source_sha256=digest,
         exported=exported,
+        module=module,
     )

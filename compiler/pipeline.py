@@ -3,16 +3,20 @@
 The flow for one compile:
 
 1. load the data files and the model, and check that they fit each other;
-2. build every distinct candidate model once (fp32, static int8 per quantization
-   setting, ...), even when several profiles share it;
+2. plan candidates per profile (ONNX fp32 / static int8 / dynamic int8 / fp16, TFLite
+   fp32 / int8 through pt2e, and with ``--train`` structured pruning, a distilled
+   student and unstructured pruning), building each distinct model once even when
+   several profiles share it;
 3. evaluate each on the eval set and on the self-test rows (1 thread, so the bytes
-   written into bundles do not depend on this host's thread scheduling);
-4. write one bundle per (profile, candidate) with :func:`agent.bundle.write_bundle`;
-5. time every distinct (model, thread count) at batch 1, interleaved;
-6. decide per profile with :func:`compiler.selection.select` and write ``report.json``.
+   written into bundles do not depend on this host's thread scheduling), and check
+   TFLite int8 against ONNX int8 (argmax agreement >= 99%);
+4. time every distinct (model, thread count) at batch 1, interleaved across runtimes;
+5. decide per profile with :func:`compiler.selection.select`;
+6. write one bundle per (profile, candidate) with :func:`agent.bundle.write_bundle`,
+   recording the decision as ``lineage.settings["selected"]``, and ``report.json``.
 
-Bundles are deterministic: they hold nothing measured on the host (latency goes to
-the report only), so the same inputs and seed give byte-identical bundles.
+Bundles hold nothing measured on the host except that decision (latency goes to the
+report only): the same inputs, seed and selection give byte-identical bundles.
 """
 
 from __future__ import annotations
@@ -39,14 +43,16 @@ from compiler.errors import CompilerInputError, DataFileError, TechniqueError
 from compiler.measure import (
     LatencySettings,
     host_threads,
-    measure_latencies,
+    measure_calls,
     ort_session,
     run_batched,
 )
 from compiler.metrics import Metric, evaluate_metric, score
-from compiler.model_source import OPSET, OnnxModel, load_model
+from compiler.model_source import OPSET, OnnxModel, is_factory_spec, load_factory_model, load_model
 from compiler.quantize import (
     CalibrationMethodName,
+    StaticQuantSettings,
+    convert_fp16,
     quantize_dynamic_int8,
     quantize_static_qdq,
     static_settings_for,
@@ -54,9 +60,19 @@ from compiler.quantize import (
 from compiler.report import CandidateRecord, CompileReport, ProfileSummary
 from compiler.selection import Measured, select
 
-__all__ = ["CompileOptions", "CompileProgress", "compile_model", "host_info", "SELFTEST_ROWS"]
+__all__ = [
+    "AGREEMENT_MIN",
+    "CompileOptions",
+    "CompileProgress",
+    "TrainSettings",
+    "compile_model",
+    "host_info",
+    "SELFTEST_ROWS",
+]
 
 SELFTEST_ROWS = 8
+# TFLite int8 must give the same argmax as ONNX int8 on at least this share of rows.
+AGREEMENT_MIN = 0.99
 
 
 class CompileProgress(Protocol):
@@ -76,6 +92,20 @@ class _NoProgress:
 
 
 @dataclass(frozen=True)
+class TrainSettings:
+    """``--train``: labelled data enabling pruning and distillation candidates."""
+
+    path: Path
+    prune_ratio: float = 0.5
+    prune_epochs: int = 5
+    student_width: float = 0.5
+    distill_epochs: int = 15
+    temperature: float = 4.0
+    alpha: float = 0.7
+    sparsity: float = 0.5
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     name: str = "model"
     version: str = "0.1.0"
@@ -84,6 +114,10 @@ class CompileOptions:
     calibrate_method: CalibrationMethodName = "minmax"
     metric: Metric = field(default_factory=lambda: Metric("accuracy"))
     dynamic_int8: bool = True
+    tflite: bool = True
+    fp16: bool = True
+    train: TrainSettings | None = None
+    state_dict: Path | None = None  # with a ``module:factory`` model
 
 
 @dataclass
@@ -97,17 +131,28 @@ class _Artifact:
     runtime: str
     build: Callable[[], tuple[bytes, list[str]]]
     settings: dict[str, Any]
+    tag: str = ""  # bundle-name suffix; the precision when empty
     model: bytes | None = None
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    blockers: list[str] = field(default_factory=list)
+    selftest_in: np.ndarray | None = None
     selftest_out: dict[str, np.ndarray] = field(default_factory=dict)
+    input_name: str = ""
+    input_shape: list[int] = field(default_factory=list)
+    output_shapes: dict[str, list[int]] = field(default_factory=dict)
     eval_logits: np.ndarray | None = None
     metrics: dict[str, float | None] = field(default_factory=dict)
     agreement: float | None = None
+    agreement_onnx_int8: float | None = None
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.model or b"").hexdigest()
+
+    @property
+    def label(self) -> str:
+        return self.tag or self.precision
 
 
 def host_info() -> dict[str, Any]:
@@ -135,7 +180,10 @@ def host_info() -> dict[str, Any]:
 
 def _libraries() -> dict[str, str]:
     out = {}
-    for dist in ("edgefleet", "torch", "onnx", "onnxruntime", "onnxscript", "numpy"):
+    for dist in (
+        "edgefleet", "torch", "onnx", "onnxruntime", "onnxscript", "numpy",
+        "litert-torch", "ai-edge-litert", "torch-pruning",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -204,58 +252,216 @@ def _selftest_tolerance(precision: str, outputs: dict[str, np.ndarray]) -> float
     return max(1e-2, 1e-2 * mag)
 
 
-def _plan_onnx_artifacts(
-    model: OnnxModel,
-    profile: Profile,
-    calib: Dataset,
-    options: CompileOptions,
-    cache: dict[str, _Artifact],
-) -> list[_Artifact]:
-    """The ONNX artifacts this profile gets (shared through ``cache``)."""
-    out: list[_Artifact] = []
-    # fp32 is always built: it is the baseline every other candidate is judged against.
-    if "onnx-fp32" not in cache:
-        cache["onnx-fp32"] = _Artifact(
-            key="onnx-fp32",
-            format="onnx",
-            precision="fp32",
-            technique="baseline",
-            runtime="onnxruntime",
-            build=lambda: (model.data, []),
-            settings={"opset": OPSET, "source": model.source_kind},
-        )
-    out.append(cache["onnx-fp32"])
-    if {"int8", "uint8"} & set(profile.dtypes):
-        qs = static_settings_for(profile, options.calibrate_method)
-        key = "onnx-int8-" + hashlib.sha256(repr(sorted(qs.as_dict().items())).encode()).hexdigest()[:12]
-        if key not in cache:
-            cache[key] = _Artifact(
-                key=key,
+def _settings_key(prefix: str, qs: StaticQuantSettings) -> str:
+    return prefix + hashlib.sha256(repr(sorted(qs.as_dict().items())).encode()).hexdigest()[:12]
+
+
+def _module_to_onnx(module: Any, example: np.ndarray) -> bytes:
+    """Export a (pruned/distilled) torch module like a ``.pt2`` input."""
+    import torch
+
+    from compiler.model_source import _quiet_exporter, pt2_to_onnx
+
+    x = torch.from_numpy(np.ascontiguousarray(example[:2]))
+    if x.shape[0] < 2:
+        x = x.repeat(2, *([1] * (x.dim() - 1)))
+    try:
+        with _quiet_exporter():
+            ep = torch.export.export(
+                module.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},)
+            )
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        raise TechniqueError(f"exporting the optimised module failed: {e}") from e
+    try:
+        return pt2_to_onnx(ep, np.asarray(example)).SerializeToString(deterministic=True)
+    except CompilerInputError as e:
+        raise TechniqueError(str(e)) from e
+
+
+class _Planner:
+    """Which artifacts each profile gets; distinct artifacts are shared through ``cache``."""
+
+    def __init__(
+        self, model: OnnxModel, calib: Dataset, train: Dataset | None, options: CompileOptions
+    ) -> None:
+        self.model = model
+        self.calib = calib
+        self.train = train
+        self.options = options
+        self.cache: dict[str, _Artifact] = {}
+        self._torch_module: Any = None
+
+    def _get(self, art: _Artifact) -> _Artifact:
+        return self.cache.setdefault(art.key, art)
+
+    def torch_module(self) -> Any:
+        if self._torch_module is None:
+            self._torch_module = self.model.torch_module()
+        return self._torch_module
+
+    def onnx_static(self, qs: StaticQuantSettings) -> _Artifact:
+        m, calib = self.model, self.calib
+        return self._get(
+            _Artifact(
+                key=_settings_key("onnx-int8-", qs),
                 format="onnx",
                 precision="int8",
                 technique="static-qdq",
                 runtime="onnxruntime",
-                build=functools.partial(
-                    quantize_static_qdq, model.data, model.input.name, calib.x, qs
-                ),
+                build=functools.partial(quantize_static_qdq, m.data, m.input.name, calib.x, qs),
                 settings={"opset": OPSET, "calibration_rows": calib.rows, **qs.as_dict()},
             )
-        out.append(cache[key])
-    if options.dynamic_int8 and {"int8", "uint8"} & set(profile.dtypes):
-        # Dynamic int8 is a candidate everywhere int8 is; selection keeps it only when
-        # it measures faster than fp32 (it is usually slower for convolutions).
-        if "onnx-int8-dynamic" not in cache:
-            cache["onnx-int8-dynamic"] = _Artifact(
-                key="onnx-int8-dynamic",
-                format="onnx",
-                precision="int8-dynamic",
-                technique="dynamic-int8",
-                runtime="onnxruntime",
-                build=lambda: quantize_dynamic_int8(model.data),
-                settings={"opset": OPSET, "weight_type": "int8", "activations": "uint8 at run time"},
+        )
+
+    def onnx(self, profile: Profile) -> list[_Artifact]:
+        m, opts = self.model, self.options
+        out = [
+            self._get(
+                _Artifact(
+                    key="onnx-fp32",
+                    format="onnx",
+                    precision="fp32",
+                    technique="baseline",
+                    runtime="onnxruntime",
+                    build=lambda: (m.data, []),
+                    settings={"opset": OPSET, "source": m.source_kind},
+                )
             )
-        out.append(cache["onnx-int8-dynamic"])
-    return out
+        ]
+        int8 = bool({"int8", "uint8"} & set(profile.dtypes))
+        if int8:
+            out.append(self.onnx_static(static_settings_for(profile, opts.calibrate_method)))
+        if opts.dynamic_int8 and int8:
+            # Dynamic int8 is a candidate everywhere int8 is; selection keeps it only
+            # when it measures faster than fp32 (it is usually slower for convolutions).
+            out.append(
+                self._get(
+                    _Artifact(
+                        key="onnx-int8-dynamic",
+                        format="onnx",
+                        precision="int8-dynamic",
+                        technique="dynamic-int8",
+                        runtime="onnxruntime",
+                        build=lambda: quantize_dynamic_int8(m.data),
+                        settings={"opset": OPSET, "weight_type": "int8", "activations": "uint8 at run time"},
+                    )
+                )
+            )
+        if opts.fp16 and ("fp16" in profile.dtypes or profile.hardware.fp16):
+            out.append(
+                self._get(
+                    _Artifact(
+                        key="onnx-fp16",
+                        format="onnx",
+                        precision="fp16",
+                        technique="fp16",
+                        runtime="onnxruntime",
+                        build=lambda: convert_fp16(m.data),
+                        settings={"opset": OPSET, "keep_io_types": True},
+                    )
+                )
+            )
+        if self.train is not None and self.model.module is not None:
+            out += self._trained(profile)
+        return out
+
+    def _trained(self, profile: Profile) -> list[_Artifact]:
+        from compiler import pruning
+
+        ts = self.options.train
+        train = self.train
+        assert ts is not None and train is not None and train.y is not None
+        seed, x_tr, y_tr = self.options.seed, train.x, train.y
+        example = self.calib.x
+
+        def pruned() -> tuple[bytes, list[str]]:
+            import torch
+
+            teacher = self.torch_module()
+            small = pruning.prune_channels(
+                teacher, torch.from_numpy(example[:2]), ts.prune_ratio, x_tr, y_tr,
+                epochs=ts.prune_epochs, seed=seed,
+            )
+            note = f"parameters {pruning.parameter_count(teacher)} -> {pruning.parameter_count(small)}"
+            return _module_to_onnx(small, example), [note]
+
+        def student() -> tuple[bytes, list[str]]:
+            import torch
+
+            teacher = self.torch_module()
+            st = pruning.width_scaled_student(
+                teacher, torch.from_numpy(example[:2]), ts.student_width, x_tr, y_tr,
+                epochs=ts.distill_epochs, seed=seed, temperature=ts.temperature, alpha=ts.alpha,
+            )
+            note = f"parameters {pruning.parameter_count(teacher)} -> {pruning.parameter_count(st)}"
+            return _module_to_onnx(st, example), [note]
+
+        def sparse() -> tuple[bytes, list[str]]:
+            data = _module_to_onnx(pruning.magnitude_prune(self.torch_module(), ts.sparsity), example)
+            dense = pruning.compressed_size(self.model.data)
+            comp = pruning.compressed_size(data)
+            return data, [
+                f"zlib-compressed {comp} bytes vs fp32 {dense} ({dense / max(comp, 1):.2f}x smaller "
+                "on the wire); dense runtimes run it exactly like fp32"
+            ]
+
+        common = {"opset": OPSET, "train_rows": train.rows, "train_sha256": train.sha256}
+        pct = int(round(ts.prune_ratio * 100))
+        return [
+            self._get(_Artifact(
+                key="onnx-pruned", format="onnx", precision="fp32", technique="structured-pruning",
+                runtime="onnxruntime", build=pruned, tag=f"fp32-pruned{pct}",
+                settings={**common, "ratio": ts.prune_ratio, "importance": "L2 magnitude",
+                          "fine_tune_epochs": ts.prune_epochs},
+            )),
+            self._get(_Artifact(
+                key="onnx-student", format="onnx", precision="fp32", technique="distillation",
+                runtime="onnxruntime", build=student,
+                tag=f"fp32-student{int(round(ts.student_width * 100))}",
+                settings={**common, "width": ts.student_width, "epochs": ts.distill_epochs,
+                          "temperature": ts.temperature, "alpha": ts.alpha},
+            )),
+            self._get(_Artifact(
+                key="onnx-sparse", format="onnx", precision="fp32",
+                technique="unstructured-pruning", runtime="onnxruntime", build=sparse,
+                tag=f"fp32-sparse{int(round(ts.sparsity * 100))}",
+                settings={**common, "sparsity": ts.sparsity, "fine_tune_epochs": 0},
+            )),
+        ]
+
+    def tflite(self, profile: Profile) -> list[_Artifact]:
+        from compiler import tflite
+
+        module = self.torch_module()
+        calib = self.calib
+        out = [
+            self._get(_Artifact(
+                key="tflite-fp32", format="tflite", precision="fp32", technique="baseline",
+                runtime="litert", build=lambda: tflite.convert_fp32(module, calib.x),
+                settings={"converter": "litert-torch", "batch": 1},
+            ))
+        ]
+        if "int8" in profile.dtypes:
+            out.append(self._get(_Artifact(
+                key="tflite-int8", format="tflite", precision="int8", technique="pt2e-static",
+                runtime="litert", build=lambda: tflite.convert_int8_pt2e(module, calib.x),
+                settings={"converter": "litert-torch", "quantizer": "pt2e PT2EQuantizer",
+                          "per_channel": True, "symmetric": True, "activation_observer": "histogram",
+                          "calibration_rows": calib.rows, "batch": 1, "io": "int8"},
+            )))
+            # The ONNX int8 model the TFLite one must agree with (shared when a profile
+            # builds the same settings anyway).
+            self.onnx_static(StaticQuantSettings("int8", calibrate_method=self.options.calibrate_method))
+        return out
+
+
+def _run(art: _Artifact, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    assert art.model is not None
+    if art.runtime == "litert":
+        from compiler.tflite import LiteRtRunner
+
+        return LiteRtRunner(art.model, threads).run(x)
+    return run_batched(ort_session(art.model, threads), art.input_name, x)
 
 
 def _evaluate(
@@ -267,13 +473,32 @@ def _evaluate(
     metric: Metric,
 ) -> None:
     assert art.model is not None
-    sess = ort_session(art.model, threads=1)
-    names = [o.name for o in sess.get_outputs()]
-    st = run_batched(sess, model.input.name, calib.x[:SELFTEST_ROWS])
+    if art.runtime == "litert":
+        from compiler.tflite import LiteRtRunner
+
+        runner = LiteRtRunner(art.model, 1)
+        art.input_name = runner.input_name
+        names = runner.output_names
+        rows = runner.fixed_batch or SELFTEST_ROWS
+        art.input_shape = [runner.fixed_batch or -1, *model.input.spec_shape()[1:]]
+        st_in = calib.x[:rows]
+        st = runner.run(st_in)
+    else:
+        sess = ort_session(art.model, threads=1)
+        art.input_name = model.input.name
+        names = [o.name for o in sess.get_outputs()]
+        art.input_shape = model.input.spec_shape()
+        st_in = calib.x[:SELFTEST_ROWS]
+        st = run_batched(sess, art.input_name, st_in)
+    art.selftest_in = st_in
     art.selftest_out = dict(zip(names, st, strict=True))
+    fixed = art.input_shape[0] if art.input_shape and art.input_shape[0] > 0 else -1
+    art.output_shapes = {n: [fixed, *list(v.shape[1:])] for n, v in art.selftest_out.items()}
+    if art.runtime == "onnxruntime":
+        art.output_shapes = {o.name: o.spec_shape() for o in model.outputs}
     if eval_data is None:
         return
-    logits = run_batched(sess, model.input.name, eval_data.x)[0]
+    logits = _run(art, eval_data.x)[0]
     art.eval_logits = logits
     y = eval_data.y
     pred = logits.argmax(axis=-1) if logits.ndim >= 2 else None
@@ -285,8 +510,54 @@ def _evaluate(
         art.agreement = float((pred == fp32_logits.argmax(axis=-1)).mean())
 
 
+def _check_tflite_int8(arts: Sequence[_Artifact], cache: dict[str, _Artifact],
+                       rows: np.ndarray, calibrate_method: CalibrationMethodName) -> None:
+    """TFLite int8 must predict like ONNX int8 (same argmax) on >= 99% of ``rows``."""
+    ref = cache.get(_settings_key("onnx-int8-", StaticQuantSettings("int8", calibrate_method=calibrate_method)))
+    for art in arts:
+        if art.key != "tflite-int8" or art.model is None or art.error:
+            continue
+        if ref is None or ref.model is None or ref.error:
+            art.blockers.append("no ONNX int8 model to check TFLite int8 agreement against")
+            continue
+        a = _run(art, rows)[0]
+        b = _run(ref, rows)[0]
+        if a.ndim < 2:
+            continue
+        art.agreement_onnx_int8 = float((a.argmax(-1) == b.argmax(-1)).mean())
+        if art.agreement_onnx_int8 < AGREEMENT_MIN:
+            art.blockers.append(
+                f"TFLite int8 agrees with ONNX int8 on {art.agreement_onnx_int8:.2%} of "
+                f"{len(rows)} rows, under {AGREEMENT_MIN:.0%}"
+            )
+
+
+def _timing_call(art: _Artifact, threads: int, x1: np.ndarray) -> Callable[[], object]:
+    assert art.model is not None
+    if art.runtime == "litert":
+        from compiler.tflite import LiteRtRunner
+
+        runner = LiteRtRunner(art.model, threads)
+        return functools.partial(runner.run1, np.ascontiguousarray(x1[:1]))
+    sess = ort_session(art.model, threads)
+    return functools.partial(sess.run, None, {art.input_name: np.ascontiguousarray(x1[:1])})
+
+
+def _load(model_spec: Path | str, calib: Dataset, options: CompileOptions) -> OnnxModel:
+    text = str(model_spec)
+    if options.state_dict is not None:
+        if not is_factory_spec(text):
+            raise CompilerInputError(
+                f"--state-dict needs MODEL as package.module:factory, got {text!r}"
+            )
+        return load_factory_model(text, options.state_dict, calib.x)
+    if is_factory_spec(text):
+        raise CompilerInputError(f"model {text}: a module:factory model needs --state-dict")
+    return load_model(Path(model_spec), example=calib.x)
+
+
 def compile_model(
-    model_path: Path,
+    model_path: Path | str,
     profiles: Sequence[Profile],
     calibration: Path,
     eval_path: Path | None,
@@ -296,10 +567,13 @@ def compile_model(
 ) -> CompileReport:
     """Compile ``model_path`` for ``profiles``; write bundles and ``report.json`` to ``out_dir``.
 
+    ``model_path`` is a ``.pt2``/``.onnx`` file or, with ``options.state_dict``, a
+    ``package.module:factory`` spec.
+
     Raises:
         DataFileError: a data file is unreadable or does not fit the model.
         ModelLoadError: the model cannot be read or converted.
-        CompilerInputError: no profile given.
+        CompilerInputError: no profile given, or the model spec and state_dict disagree.
         agent.errors.ManifestError: the name/version do not make a valid manifest.
     """
     prog = progress or _NoProgress()
@@ -308,29 +582,64 @@ def compile_model(
     _seed_everything(options.seed)
     calib = load_npz(calibration, "calibration")
     eval_data = load_npz(eval_path, "eval") if eval_path is not None else None
-    model = load_model(model_path, example=calib.x)
+    train = load_npz(options.train.path, "train", need_labels=True) if options.train else None
+    model = _load(model_path, calib, options)
     check_input_shape(calib, "calibration", model.input.shape)
     if eval_data is not None:
         check_input_shape(eval_data, "eval", model.input.shape)
+    if train is not None:
+        check_input_shape(train, "train", model.input.shape)
+        assert train.y is not None
+        if train.y.ndim != 1 or train.y.dtype.kind not in "iu":
+            raise DataFileError(f"train data {train.path}: 'y' must be 1-D integer class labels")
 
-    cache: dict[str, _Artifact] = {}
+    planner = _Planner(model, calib, train, options)
     plans: dict[str, list[_Artifact]] = {}
     notes: dict[str, list[str]] = {p.name: [] for p in profiles}
+    skipped: list[str] = []
+    has_torch = model.torch_module() is not None
+    if options.train is None:
+        skipped.append(
+            "structured pruning, distillation and unstructured pruning: skipped, they need "
+            "labelled training data (--train TRAIN.npz)"
+        )
+    elif model.module is None:
+        skipped.append(
+            "structured pruning, distillation and unstructured pruning: skipped, they need "
+            f"the model's nn.Module structure (give MODEL as package.module:factory with "
+            f"--state-dict); a {model.source_kind} input has none"
+        )
     for p in profiles:
-        if "onnx" not in p.formats or "onnxruntime" not in p.runtimes:
+        plan: list[_Artifact] = []
+        if "onnx" in p.formats and "onnxruntime" in p.runtimes:
+            plan += planner.onnx(p)
+        else:
             notes[p.name].append(
                 f"profile runs formats {p.formats} on runtimes {sorted(p.runtimes)}; "
                 "ONNX candidates are not built for it"
             )
-            plans[p.name] = []
-            continue
-        plans[p.name] = _plan_onnx_artifacts(model, p, calib, options, cache)
+        if "tflite" in p.formats and "litert" in p.runtimes:
+            if not options.tflite:
+                notes[p.name].append("TFLite candidates disabled (--no-tflite)")
+            elif not has_torch:
+                notes[p.name].append(
+                    "TFLite candidates need a torch model (.pt2 or module:factory); "
+                    "an ONNX input cannot be converted with litert-torch"
+                )
+            else:
+                plan += planner.tflite(p)
+        plans[p.name] = plan
+    if any(a.format == "tflite" for a in planner.cache.values()):
+        from compiler.tflite import litert_version
 
-    artifacts = list(cache.values())
+        if litert_version() is None:
+            skipped.append("TFLite: ai-edge-litert is not installed")
+
+    artifacts = sorted(planner.cache.values(), key=lambda a: a.key != "onnx-fp32")
     n_bundles = sum(len(v) for v in plans.values())
-    prog.begin(total=len(artifacts) * 2 + n_bundles + 1)
+    prog.begin(total=len(artifacts) * 2 + n_bundles + 2)
 
-    # Build and evaluate each distinct artifact once; fp32 first (its predictions
+    # Build and evaluate each distinct artifact once; ONNX fp32 first (its predictions
     # are the reference for agreement and the drift reference).
     fp32_logits: np.ndarray | None = None
     for art in artifacts:
@@ -350,33 +659,55 @@ def compile_model(
         if art.key == "onnx-fp32" and art.eval_logits is not None:
             fp32_logits = art.eval_logits
 
-    fp32 = cache.get("onnx-fp32")
-    if fp32 is not None and fp32.error:
+    fp32 = planner.cache.get("onnx-fp32")
+    if fp32 is None:  # TFLite-only compile: still evaluate the source model in ORT
+        fp32 = _Artifact(key="onnx-fp32", format="onnx", precision="fp32", technique="baseline",
+                         runtime="onnxruntime", build=lambda: (model.data, []), settings={})
+        fp32.model = model.data
+        try:
+            _evaluate(fp32, model, calib, None, None, options.metric)
+        except TechniqueError as e:
+            fp32.error = str(e)
+    if fp32.error:
         raise TechniqueError(f"the fp32 model does not run in ONNX Runtime: {fp32.error}")
+    _check_tflite_int8(
+        artifacts, planner.cache, eval_data.x if eval_data is not None else calib.x,
+        options.calibrate_method,
+    )
     n_out = model.output.shape[-1] if model.output.shape and isinstance(model.output.shape[-1], int) else 0
-    if not n_out and fp32 is not None and fp32.selftest_out:
+    if not n_out and fp32.selftest_out:
         n_out = int(next(iter(fp32.selftest_out.values())).shape[-1])
     _check_labels(eval_data, n_out)
     labels = _labels(eval_data, n_out)
-    reference = None
-    if fp32 is not None and fp32.model is not None:
-        sess = ort_session(fp32.model, threads=1)
-        calib_logits = run_batched(sess, model.input.name, calib.x)[0]
-        classes = [str(i) for i in range(calib_logits.shape[-1])] if calib_logits.ndim == 2 else None
-        preds = calib_logits.argmax(axis=-1) if classes is not None else calib_logits.ravel()
-        reference = build_reference(calib.x, preds, classes=labels or classes)
+    assert fp32.model is not None
+    calib_logits = run_batched(ort_session(fp32.model, threads=1), model.input.name, calib.x)[0]
+    classes = [str(i) for i in range(calib_logits.shape[-1])] if calib_logits.ndim == 2 else None
+    preds = calib_logits.argmax(axis=-1) if classes is not None else calib_logits.ravel()
+    reference = build_reference(calib.x, preds, classes=labels or classes)
 
-    # Bundles.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records: dict[tuple[str, str], CandidateRecord] = {}
-    libraries = _libraries()
-    version = _edgefleet_version()
-    data_hashes = {"model": model.source_sha256, "calibration": calib.sha256}
-    if eval_data is not None:
-        data_hashes["eval"] = eval_data.sha256
+    # Latency: every distinct (model, threads) once, interleaved per thread count.
+    prog.advance("timing candidates at batch 1")
+    by_threads: dict[int, dict[str, _Artifact]] = {}
     for p in profiles:
+        th = host_threads(p.runtime_options.intra_op_threads)
         for art in plans[p.name]:
-            prog.advance(f"bundling {p.name} {art.precision}")
+            if art.model is not None and not art.error:
+                by_threads.setdefault(th, {})[art.sha256] = art
+    timings: dict[tuple[str, int], tuple[float, float]] = {}
+    for th, arts in sorted(by_threads.items()):
+        calls = [_timing_call(a, th, calib.x) for a in arts.values()]
+        for sha, m in zip(arts, measure_calls(calls, options.latency), strict=True):
+            timings[(sha, th)] = (m.p50_ms, m.p95_ms)
+
+    # Selection per profile.
+    records: dict[tuple[str, str], CandidateRecord] = {}
+    summaries: dict[str, ProfileSummary] = {}
+    ordered: list[CandidateRecord] = []
+    for p in profiles:
+        th = host_threads(p.runtime_options.intra_op_threads)
+        baseline = "onnx-fp32" if any(a.key == "onnx-fp32" for a in plans[p.name]) else "tflite-fp32"
+        measured = []
+        for art in plans[p.name]:
             rec = CandidateRecord(
                 profile=p.name,
                 format=art.format,
@@ -388,116 +719,70 @@ def compile_model(
                 metrics=dict(art.metrics),
                 accuracy=art.metrics.get("accuracy"),
                 agreement_with_fp32=art.agreement,
+                agreement_with_onnx_int8=art.agreement_onnx_int8,
                 model_bytes=len(art.model) if art.model else None,
             )
             records[(p.name, art.key)] = rec
-            if art.error or art.model is None or reference is None:
-                continue
-            fname = f"{options.name}-{options.version}-{p.name}-{art.format}-{art.precision}.efb"
-            manifest = {
-                "name": options.name,
-                "version": options.version,
-                "format": art.format,
-                "precision": art.precision,
-                "runtime": art.runtime,
-                "min_runtime_version": p.runtimes[art.runtime],  # type: ignore[index]
-                "profile": p.name,
-                "inputs": [
-                    {"name": t.name, "dtype": t.dtype, "shape": t.spec_shape()} for t in model.inputs
-                ],
-                "outputs": [
-                    {"name": t.name, "dtype": t.dtype, "shape": t.spec_shape()} for t in model.outputs
-                ],
-                "preprocessing": {
-                    "layout": _layout(len(model.input.shape)),
-                    "notes": "Feed float32 inputs prepared exactly like the calibration data.",
-                },
-                "task": "classification",
-                "labels": labels,
-                "selftest_tolerance": _selftest_tolerance(art.precision, art.selftest_out),
-                "lineage": {
-                    "training_data_sha256": None,
-                    "hyperparameters": {"seed": options.seed},
-                    # Only deterministic metrics: host latency would break byte-identical
-                    # rebuilds, so it lives in report.json.
-                    "metrics": {**art.metrics, "model_bytes": float(len(art.model))},
-                    "code_version": version,
-                    "compiler_version": version,
-                    "libraries": libraries,
-                    "inputs": data_hashes,
-                    "settings": {
-                        "technique": art.technique,
-                        "seed": options.seed,
-                        **art.settings,
-                    },
-                },
-            }
-            _, sha = write_bundle(
-                out_dir / fname,
-                manifest=manifest,
-                model=art.model,
-                selftest_inputs={model.input.name: calib.x[:SELFTEST_ROWS]},
-                selftest_outputs=art.selftest_out,
-                reference=reference,
-            )
-            rec.bundle = fname
-            rec.bundle_sha256 = sha
-            rec.size_bytes = (out_dir / fname).stat().st_size
-
-    # Latency: every distinct (model, threads) once, interleaved per thread count.
-    prog.advance("timing candidates at batch 1")
-    by_threads: dict[int, dict[str, _Artifact]] = {}
-    for p in profiles:
-        th = host_threads(p.runtime_options.intra_op_threads)
-        for art in plans[p.name]:
-            if art.model is not None and not art.error:
-                by_threads.setdefault(th, {})[art.sha256] = art
-    timings: dict[tuple[str, int], tuple[float, float]] = {}
-    x1 = calib.x[:1]
-    for th, arts in sorted(by_threads.items()):
-        sessions = [ort_session(a.model or b"", th) for a in arts.values()]
-        lat = measure_latencies(sessions, model.input.name, x1, options.latency)
-        for sha, m in zip(arts, lat, strict=True):
-            timings[(sha, th)] = (m.p50_ms, m.p95_ms)
-
-    # Selection per profile.
-    summaries: dict[str, ProfileSummary] = {}
-    ordered: list[CandidateRecord] = []
-    for p in profiles:
-        th = host_threads(p.runtime_options.intra_op_threads)
-        measured = []
-        for art in plans[p.name]:
-            rec = records[(p.name, art.key)]
             t = timings.get((art.sha256, th))
             if t is not None:
                 rec.latency_ms_p50, rec.latency_ms_p95 = round(t[0], 5), round(t[1], 5)
                 rec.latency_threads = th
-            blockers: list[str] = []
-            if art.model is not None and art.format == "onnx":
-                blockers = onnx_blockers(art.model, p.runtimes["onnxruntime"])  # type: ignore[index]
-            metric_value = art.metrics.get(options.metric.name)
+            blockers = list(art.blockers)
+            if art.model is not None and not art.error:
+                if art.format == "onnx":
+                    blockers += onnx_blockers(art.model, p.runtimes["onnxruntime"])  # type: ignore[index]
+                else:
+                    from compiler.tflite import tflite_blockers
+
+                    blockers += tflite_blockers(art.model, p.runtimes["litert"])  # type: ignore[index]
+            if art.technique == "unstructured-pruning":
+                blockers.append(
+                    "unstructured sparsity does not speed up dense runtimes; reported for its "
+                    "compressed size only, never deployed"
+                )
             measured.append(
                 Measured(
                     key=art.key,
                     model_bytes=rec.model_bytes,
                     latency_p50_ms=t[0] if t else None,
                     latency_p95_ms=t[1] if t else None,
-                    metric=score(options.metric, metric_value),
-                    is_baseline=art.technique == "baseline",
+                    metric=score(options.metric, art.metrics.get(options.metric.name)),
+                    is_baseline=art.key == baseline,
                     errors=(art.error,) if art.error else (),
                     blockers=tuple(blockers),
                 )
             )
-        selected = None
         for art, d in zip(plans[p.name], select(measured, p.limits), strict=True):
             rec = records[(p.name, art.key)]
             rec.selected, rec.passed, rec.reasons = d.selected, d.passed, d.reasons
             rec.metric_drop = d.metric_drop
-            if d.selected:
-                selected = rec.bundle
             ordered.append(rec)
-        if plans[p.name] and selected is None:
+        if plans[p.name] and not any(records[(p.name, a.key)].selected for a in plans[p.name]):
             notes[p.name].append("no candidate passed every check; nothing selected")
+
+    # Bundles, after selection so that each records whether it is the profile's choice.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    libraries = _libraries()
+    version = _edgefleet_version()
+    data_hashes = {"model": model.source_sha256, "calibration": calib.sha256}
+    if eval_data is not None:
+        data_hashes["eval"] = eval_data.sha256
+    if train is not None:
+        data_hashes["train"] = train.sha256
+    for p in profiles:
+        selected = None
+        for art in plans[p.name]:
+            prog.advance(f"bundling {p.name} {art.label}")
+            rec = records[(p.name, art.key)]
+            if art.error or art.model is None or art.selftest_in is None:
+                continue
+            fname = f"{options.name}-{options.version}-{p.name}-{art.format}-{art.label}.efb"
+            _write(out_dir / fname, art, rec, p, model, options, labels, reference,
+                   libraries, version, data_hashes)
+            rec.bundle = fname
+            rec.size_bytes = (out_dir / fname).stat().st_size
+            if rec.selected:
+                selected = fname
         summaries[p.name] = ProfileSummary(selected=selected, notes=notes[p.name])
 
     report = CompileReport(
@@ -520,6 +805,9 @@ def compile_model(
                 "rows": eval_data.rows,
                 "labels": eval_data.y is not None,
             },
+            "train": None
+            if train is None
+            else {"path": str(train.path), "sha256": train.sha256, "rows": train.rows},
         },
         host=host_info(),
         settings={
@@ -535,6 +823,77 @@ def compile_model(
         },
         profiles=summaries,
         candidates=ordered,
+        skipped=skipped,
     )
     report.write(out_dir / "report.json")
     return report
+
+
+def _write(
+    path: Path,
+    art: _Artifact,
+    rec: CandidateRecord,
+    p: Profile,
+    model: OnnxModel,
+    options: CompileOptions,
+    labels: list[str],
+    reference: Any,
+    libraries: dict[str, str],
+    version: str,
+    data_hashes: dict[str, str],
+) -> None:
+    assert art.model is not None and art.selftest_in is not None
+    # The bundle's interface is float32 for every candidate (int8 TFLite models are
+    # quantized/dequantized at the boundary by the runtime).
+    inputs = [{"name": art.input_name, "dtype": "float32", "shape": art.input_shape}]
+    outputs = [{"name": n, "dtype": "float32", "shape": s} for n, s in art.output_shapes.items()]
+    if art.runtime == "onnxruntime":
+        inputs = [{"name": t.name, "dtype": t.dtype, "shape": t.spec_shape()} for t in model.inputs]
+        outputs = [{"name": t.name, "dtype": t.dtype, "shape": t.spec_shape()} for t in model.outputs]
+    layout = _layout(len(model.input.shape))
+    batch_note = " Batch fixed to 1." if art.input_shape and art.input_shape[0] == 1 else ""
+    manifest = {
+        "name": options.name,
+        "version": options.version,
+        "format": art.format,
+        "precision": art.precision,
+        "runtime": art.runtime,
+        "min_runtime_version": p.runtimes[art.runtime],  # type: ignore[index]
+        "profile": p.name,
+        "inputs": inputs,
+        "outputs": outputs,
+        "preprocessing": {
+            "layout": layout,
+            "notes": "Feed float32 inputs prepared exactly like the calibration data." + batch_note,
+        },
+        "task": "classification",
+        "labels": labels,
+        "selftest_tolerance": _selftest_tolerance(art.precision, art.selftest_out),
+        "lineage": {
+            "training_data_sha256": data_hashes.get("train"),
+            "hyperparameters": {"seed": options.seed},
+            # Only deterministic metrics: host latency would break byte-identical
+            # rebuilds, so it lives in report.json.
+            "metrics": {**art.metrics, "model_bytes": float(len(art.model))},
+            "code_version": version,
+            "compiler_version": version,
+            "libraries": libraries,
+            "inputs": data_hashes,
+            "settings": {
+                "technique": art.technique,
+                "seed": options.seed,
+                **art.settings,
+                # The hub prefers the compiler's choice (hub.registry.is_selected).
+                "selected": rec.selected,
+            },
+        },
+    }
+    _, sha = write_bundle(
+        path,
+        manifest=manifest,
+        model=art.model,
+        selftest_inputs={art.input_name: art.selftest_in},
+        selftest_outputs=art.selftest_out,
+        reference=reference,
+    )
+    rec.bundle_sha256 = sha

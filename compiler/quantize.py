@@ -37,6 +37,7 @@ __all__ = [
     "preprocess_for_quantization",
     "quantize_static_qdq",
     "quantize_dynamic_int8",
+    "convert_fp16",
 ]
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
@@ -180,3 +181,27 @@ def quantize_dynamic_int8(model: bytes) -> tuple[bytes, list[str]]:
         except Exception as e:  # noqa: BLE001 - the quantizer raises many untyped errors
             raise TechniqueError(f"dynamic quantization failed: {type(e).__name__}: {e}") from e
         return dst.read_bytes(), notes
+
+
+def convert_fp16(model: bytes) -> tuple[bytes, list[str]]:
+    """fp16 weights and arithmetic, fp32 graph inputs/outputs (``keep_io_types``).
+
+    Built for profiles whose hardware or dtypes list fp16 (GPU/NPU targets). On an x86
+    host CPU, ONNX Runtime runs most fp16 ops by casting back to fp32, so host latency
+    is usually *worse* than fp32 and selection rejects it there; the report says so.
+
+    Raises:
+        TechniqueError: the converter failed on this graph.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        proto = convert_float_to_float16(
+            onnx.load_model_from_string(model), keep_io_types=True, disable_shape_infer=False
+        )
+    except Exception as e:  # noqa: BLE001 - the converter raises many untyped errors
+        raise TechniqueError(f"fp16 conversion failed: {type(e).__name__}: {e}") from e
+    return proto.SerializeToString(deterministic=True), [
+        "fp16 weights/activations, fp32 inputs and outputs (keep_io_types)"
+    ]

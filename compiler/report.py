@@ -42,6 +42,9 @@ class CandidateRecord(_Model):
     agreement_with_fp32: float | None = Field(
         None, description="Share of eval rows whose argmax equals the fp32 model's."
     )
+    agreement_with_onnx_int8: float | None = Field(
+        None, description="TFLite int8 only: share of eval rows whose argmax equals ONNX int8's."
+    )
     selected: bool = False
     passed: bool = False
     reasons: list[str] = Field(default_factory=list)
@@ -64,6 +67,9 @@ class CompileReport(_Model):
     settings: dict[str, Any]
     profiles: dict[str, ProfileSummary]
     candidates: list[CandidateRecord]
+    skipped: list[str] = Field(
+        default_factory=list, description="Techniques not tried in this compile, and why."
+    )
 
     def write(self, path: Path) -> None:
         """Write atomically as indented JSON."""
@@ -106,6 +112,8 @@ class CompileReport(_Model):
 
     def print(self, console: Console) -> None:
         console.print(self.table())
+        for line in self.skipped:
+            console.print(f"[yellow]skipped[/]: {line}")
         for name, p in self.profiles.items():
             for note in p.notes:
                 console.print(f"[yellow]{name}[/]: {note}")

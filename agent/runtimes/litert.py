@@ -65,6 +65,25 @@ class LiteRtRuntime:
     def outputs(self) -> list[TensorSpec]:
         return [self._spec(d) for d in self._out]
 
+    @staticmethod
+    def _to_input(d: dict[str, Any], value: np.ndarray) -> np.ndarray:
+        """Quantize float inputs of full-integer models with the tensor's scale and zero point."""
+        arr = np.asarray(value)
+        dt = np.dtype(d["dtype"])
+        scale, zero = d.get("quantization", (0.0, 0))
+        if dt.kind in "iu" and arr.dtype.kind == "f" and scale:
+            info = np.iinfo(dt)
+            return np.clip(np.round(arr / scale) + zero, info.min, info.max).astype(dt)
+        return np.asarray(arr, dtype=dt)
+
+    @staticmethod
+    def _from_output(d: dict[str, Any], value: np.ndarray) -> np.ndarray:
+        """Dequantize integer outputs of full-integer models to float32."""
+        scale, zero = d.get("quantization", (0.0, 0))
+        if np.dtype(d["dtype"]).kind in "iu" and scale:
+            return ((value.astype(np.float32) - zero) * scale).astype(np.float32)
+        return value
+
     def _run_one(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         current = self._interp.get_input_details()
         resized = False
@@ -83,7 +102,7 @@ class LiteRtRuntime:
         if self._interp is None:
             raise RuntimeError("model not loaded")
         try:
-            arrays = [np.asarray(inputs[d["name"]], dtype=d["dtype"]) for d in self._in]
+            arrays = [self._to_input(d, inputs[d["name"]]) for d in self._in]
         except KeyError as e:
             raise ValueError(f"missing input {e}") from e
         with self._lock:
@@ -91,7 +110,7 @@ class LiteRtRuntime:
                 outs = self._run_one(arrays)
             except (ValueError, RuntimeError) as e:
                 raise ValueError(str(e)) from e
-        return {d["name"]: o for d, o in zip(self._out, outs, strict=True)}
+        return {d["name"]: self._from_output(d, o) for d, o in zip(self._out, outs, strict=True)}
 
     def warmup(self, inputs: dict[str, np.ndarray] | None = None) -> None:
         if inputs is not None:

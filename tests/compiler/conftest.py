@@ -58,3 +58,28 @@ def cnn_compiled(cnn_workspace: Workspace) -> tuple[Path, CompileReport]:
         CompileOptions(name="digits-cnn", version="1.2.3", seed=0, latency=FAST_LATENCY),
     )
     return out, report
+
+
+@dataclass(frozen=True)
+class FactoryWorkspace:
+    spec: str
+    state_dict: Path
+    calib: Path
+    eval: Path
+    train: Path
+
+
+@pytest.fixture(scope="session")
+def factory_workspace(tmp_path_factory: pytest.TempPathFactory) -> FactoryWorkspace:
+    """A DigitsCNN given as ``module:factory`` + state_dict, with a labelled train file."""
+    import torch
+
+    from compiler.demo_models import write_npz
+
+    root = tmp_path_factory.mktemp("factory")
+    module, x_tr, y_tr, x_te, y_te = train_digits_cnn(seed=0, epochs=6)
+    sd = root / "cnn.pt"
+    torch.save(module.state_dict(), sd)
+    calib, ev = write_calib_eval(root, x_tr, x_te, y_te, calib_rows=128)
+    train = write_npz(root / "train.npz", x_tr, y_tr)
+    return FactoryWorkspace("compiler.demo_models:DigitsCNN", sd, calib, ev, train)
