@@ -10,6 +10,7 @@ received.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from agent.v2 import V2Error
 from hub.localfleet import AgentProcess, HubProcess, free_port, wait_until
 
 __all__ = ["demo_command", "run_demo"]
@@ -36,7 +38,8 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
     from compiler.demo_models import export_pt2, train_digits_cnn, write_calib_eval
     from compiler.pipeline import CompileOptions, compile_model
 
-    con = console or Console()
+    # Piped output gets 120 columns rather than rich's 80 so the tables stay readable.
+    con = console or Console(width=None if sys.stdout.isatty() else 120)
     t_start = time.monotonic()
     summary: dict = {}
 
@@ -50,10 +53,10 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
         report = compile_model(pt2, [load_profile(p) for p in PROFILES], calib, ev,
                                workdir / "compiled", CompileOptions(name=MODEL, version=VERSION))
         table = Table(title="compiled candidates (this host)")
-        for col in ("profile", "precision", "size", "p50 ms", "accuracy", "selected"):
+        for col in ("profile", "format", "precision", "size", "p50 ms", "accuracy", "selected"):
             table.add_column(col)
         for c in report.candidates:
-            table.add_row(c.profile, c.precision, f"{c.size_bytes / 1024:.0f} KiB",
+            table.add_row(c.profile, c.format, c.precision, f"{c.size_bytes / 1024:.0f} KiB",
                           f"{c.latency_ms_p50:.3f}" if c.latency_ms_p50 is not None else "-",
                           f"{c.accuracy:.4f}" if c.accuracy is not None else "-",
                           "yes" if c.selected else "")
@@ -90,7 +93,7 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
 
             status.update("[5/6] running predictions on every device")
             acc_table = Table(title=f"predictions on each device ({len(x_te)} held-out digits)")
-            for col in ("device", "profile", "model", "precision", "accuracy", "p50 ms"):
+            for col in ("device", "profile", "model", "bundle", "accuracy", "p50 ms / call"):
                 acc_table.add_column(col, no_wrap=True)
             devs = {d["device_id"]: d for d in client.get("/api/v1/devices").json()}
             accs = {}
@@ -98,17 +101,20 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
                 ic = InferenceClient(a.api_url)
                 meta = ic.metadata(MODEL)
                 in_name, out_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+                # Some bundles (TFLite from litert-torch) have a fixed batch dimension.
+                fixed = meta["inputs"][0]["shape"][0]
+                step = 32 if fixed == -1 else fixed
                 preds, lat = [], []
-                for j in range(0, len(x_te), 32):
+                for j in range(0, len(x_te), step):
                     t0 = time.perf_counter()
-                    out = ic.infer(MODEL, {in_name: x_te[j:j + 32]})
+                    out = ic.infer(MODEL, {in_name: x_te[j:j + step]})
                     lat.append((time.perf_counter() - t0) * 1000)
                     preds.append(out[out_name].argmax(axis=1))
                 acc = float((np.concatenate(preds) == y_te).mean())
                 accs[a.device_id] = acc
                 sel = next(c for c in report.candidates if c.profile == a.profile and c.selected)
                 acc_table.add_row(a.device_id, a.profile, devs[a.device_id]["model"] or "-",
-                                  sel.precision, f"{acc:.4f}", f"{np.median(lat):.2f}")
+                                  f"{sel.format} {sel.precision}", f"{acc:.4f}", f"{np.median(lat):.2f}")
             con.print(acc_table)
 
             status.update("[6/6] waiting for telemetry")
@@ -163,7 +169,7 @@ def demo_command(devices: int, keep: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     try:
         summary = run_demo(workdir, devices)
-    except (TimeoutError, RuntimeError, httpx.HTTPError) as e:
+    except (TimeoutError, RuntimeError, httpx.HTTPError, V2Error) as e:
         raise click.ClickException(f"demo failed: {e} (files kept in {workdir})") from e
     finally:
         if not keep:
