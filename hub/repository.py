@@ -40,6 +40,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.bundle import file_sha256
+from agent.slots import atomic_write as _atomic_write
 from agent.trust import CUSTOM_KEY, TargetCustom, target_path_for
 
 __all__ = ["RepositoryConfig", "Repository", "RepositoryPathError", "ROLES"]
@@ -58,19 +59,6 @@ class RepositoryConfig:
     targets_expiry: timedelta = timedelta(days=90)
     snapshot_expiry: timedelta = timedelta(days=7)
     timestamp_expiry: timedelta = timedelta(days=1)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Repository:
