@@ -1,9 +1,19 @@
-"""The hub's MQTT transport: one paho client that ingests device messages and publishes.
+"""The hub's MQTT transport: paho clients that ingest device messages, and publishing.
 
 Threads, and why:
 
 - paho's network thread only sorts incoming messages into two queues, so a slow
   database never stalls keepalives or chunk serving;
+- receiving is the costliest part of ingestion in Python, so telemetry can be split
+  over ``ingest_clients`` clients (env ``EDGEFLEET_HUB_INGEST_CLIENTS``; default 1,
+  because on a 2-core machine that also runs the broker the extra clients only compete
+  for the same CPU and the GIL) through an MQTT shared subscription, ``$share/<group>/edgefleet/v1/devices/+/telemetry``,
+  the group being one per database (:func:`share_group`). Only telemetry is shared:
+  a window is stored once per ``(device_id, seq)`` whatever client or order it comes
+  by, while hello, presence, status, drift and repo/get stay on the primary client, in
+  the order each device sent them. A broker without shared subscriptions (the
+  embedded amqtt one) is detected with a probe message at connect, and the hub then
+  keeps one client on a plain subscription;
 - the *ingest worker* decodes hello/presence/status/telemetry/drift payloads and applies
   them to the database in batches (one transaction per batch, telemetry inserted with
   one statement), which is what lets the hub keep up with thousands of messages a
@@ -20,6 +30,7 @@ these threads.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -36,6 +47,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent import protocol, topics
@@ -59,7 +71,8 @@ __all__ = [
     "parse_broker_url",
     "PayloadErrorLog",
     "MqttIngest",
-    "SHARE_GROUP",
+    "SHARE_GROUP_PREFIX",
+    "share_group",
     "INGEST_CLIENTS_ENV",
 ]
 
@@ -76,9 +89,9 @@ _SUBSCRIPTIONS: Final = ("hello", "presence", "status", "telemetry", "drift", "r
 # (device_id, seq) whatever order or client it arrives by. hello/presence/status are
 # order-sensitive (last writer wins, presence toggles) and stay on the primary client.
 _SHARED_KIND: Final = "telemetry"
-SHARE_GROUP: Final = "edgefleet-hub"
+SHARE_GROUP_PREFIX: Final = "edgefleet-hub"
 INGEST_CLIENTS_ENV: Final = "EDGEFLEET_HUB_INGEST_CLIENTS"
-DEFAULT_INGEST_CLIENTS: Final = 3
+DEFAULT_INGEST_CLIENTS: Final = 1  # see docs/hub-benchmarks-results.md: no gain on 2 cores
 _STOP: Final = object()
 _KNOWN_DEVICES_TTL_S: Final = 300.0
 
@@ -126,6 +139,17 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ValueError(f"broker URL has no host: {url!r}")
     tls = parts.scheme in ("mqtts", "ssl")
     return BrokerAddress(parts.hostname, parts.port or (8883 if tls else 1883), tls)
+
+
+def share_group(db_url: str) -> str:
+    """The shared-subscription group of the hubs writing to the database ``db_url``.
+
+    Hubs on one database split its telemetry between them (each window is stored once
+    whichever writes it); hubs on different databases sharing a broker each still get
+    every message.
+    """
+    safe = make_url(db_url).render_as_string(hide_password=True)
+    return f"{SHARE_GROUP_PREFIX}-{hashlib.sha256(safe.encode()).hexdigest()[:12]}"
 
 
 class PayloadErrorLog:
@@ -197,16 +221,18 @@ class MqttIngest:
             raise ValueError(f"ingest_clients must be at least 1, got {ingest_clients}")
         self.ingest_clients = ingest_clients
         # Set once the broker has shown it honours shared subscriptions; from then on
-        # telemetry arrives through $share/SHARE_GROUP on every ingest client.
+        # telemetry arrives through $share/<share_group>/... on every ingest client.
         self.shared = threading.Event()
         self._probe_topic = f"{topics.ROOT}/hub/{self.client_id}/probe"
         self._probe_filter = f"$share/{self.client_id}-probe/{self._probe_topic}"
-        self._shared_filter = f"$share/{SHARE_GROUP}/{topics.device_wildcard(_SHARED_KIND)}"
+        self.share_group = share_group(db.url)
+        self._shared_filter = f"$share/{self.share_group}/{topics.device_wildcard(_SHARED_KIND)}"
         self._extra_clients: list[mqtt.Client] = []
         self._clients_lock = threading.Lock()
         self._stopping = False
         self._count_lock = threading.Lock()
         self.received: Counter[str] = Counter()
+        self.received_by_client: Counter[str] = Counter()
         self.dropped = 0
         self._ingest_q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._repo_q: queue.Queue[Any] = queue.Queue(maxsize=10_000)
@@ -239,6 +265,7 @@ class MqttIngest:
         c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.user_data_set(client_id)  # the ``userdata`` of callbacks: which client got it
         return c
 
     # ------------------------------------------------------------------ lifecycle
@@ -318,7 +345,7 @@ class MqttIngest:
 
     def _on_probe(self, client: mqtt.Client) -> None:
         """The broker delivered our probe through a shared subscription: split telemetry
-        across ``ingest_clients`` clients of the group :data:`SHARE_GROUP`."""
+        across ``ingest_clients`` clients of the group :func:`share_group`."""
         if self.shared.is_set():
             return
         client.unsubscribe(self._probe_filter)
@@ -346,7 +373,7 @@ class MqttIngest:
             return
         client.subscribe(self._shared_filter, topics.QOS[_SHARED_KIND])
 
-    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: str, msg: mqtt.MQTTMessage) -> None:
         dt = topics.parse_device_topic(msg.topic)
         if dt is None:
             if msg.topic == self._probe_topic:
@@ -354,6 +381,7 @@ class MqttIngest:
             return
         with self._count_lock:
             self.received[dt.kind] += 1
+            self.received_by_client[userdata] += 1
         item = _Inbound(dt.kind, dt.device_id, msg.payload, datetime.now(UTC))
         q = self._repo_q if dt.kind == "repo/get" else self._ingest_q
         try:
@@ -468,17 +496,20 @@ class MqttIngest:
         new_ids = {it.device_id for it, _ in decoded} - self._known_devices
         with self.db.session() as s:
             fleet.ensure_devices(s, new_ids, now)
+            # Dispatch on the topic kind (_decode made ``p`` of that kind's class):
+            # isinstance on pydantic models goes through a slow metaclass check.
             for it, p in decoded:
-                if isinstance(p, protocol.Hello):
-                    fleet.apply_hello(s, it.device_id, p, it.received)
-                elif isinstance(p, protocol.Presence):
-                    fleet.apply_presence(s, it.device_id, p, it.received)
-                elif isinstance(p, protocol.StatusReport):
-                    fleet.apply_status(s, it.device_id, p, it.received)
-                elif isinstance(p, protocol.Telemetry):
-                    tele.append(TelemetryIn(it.device_id, p, it.received))
-                elif isinstance(p, DriftSketch):
-                    sketches.append(DriftIn(it.device_id, p, it.received))
+                kind = it.kind
+                if kind == "telemetry":
+                    tele.append(TelemetryIn(it.device_id, p, it.received))  # type: ignore[arg-type]
+                elif kind == "drift":
+                    sketches.append(DriftIn(it.device_id, p, it.received))  # type: ignore[arg-type]
+                elif kind == "hello":
+                    fleet.apply_hello(s, it.device_id, p, it.received)  # type: ignore[arg-type]
+                elif kind == "presence":
+                    fleet.apply_presence(s, it.device_id, p, it.received)  # type: ignore[arg-type]
+                elif kind == "status":
+                    fleet.apply_status(s, it.device_id, p, it.received)  # type: ignore[arg-type]
             if tele or sketches:
                 s.flush()
                 store_telemetry(s, tele)

@@ -17,9 +17,9 @@ class Compiled:
     eval_x: object
     eval_y: object
 
-    def bundles(self, precision: str) -> list[Path]:
+    def bundles(self, precision: str, fmt: str = "onnx") -> list[Path]:
         return [self.out / c.bundle for c in self.report.candidates
-                if c.precision == precision and c.bundle]
+                if c.precision == precision and c.format == fmt and c.bundle]
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from agent import protocol
 from hub.models import Telemetry
+from hub.mqtt_ingest import INGEST_CLIENTS_ENV
 from tests.hub.bundles import make_bundle
 from tests.hub.conftest import HubHarness, SimDevice, wait_until
 
@@ -151,3 +155,133 @@ def d_topic(d: SimDevice) -> str:
     from agent import topics
 
     return topics.device_topic(d.device_id, "telemetry")
+
+
+# --------------------------------------------------------------------------- several ingest clients
+
+
+def _stored(h: HubHarness, ids: set[str]) -> dict[str, list[int]]:
+    with h.hub.db.session() as s:
+        out: dict[str, list[int]] = {}
+        for t in s.query(Telemetry).all():  # type: ignore[attr-defined]
+            if t.device_id in ids:
+                out.setdefault(t.device_id, []).append(t.seq)
+    return {d: sorted(v) for d, v in out.items()}
+
+
+@pytest.fixture
+def shared_hub(hub_factory, db_url: str, session_mosquitto, monkeypatch: pytest.MonkeyPatch) -> HubHarness:  # type: ignore[no-untyped-def]
+    """A hub with three ingest clients sharing the telemetry subscription."""
+    monkeypatch.setenv(INGEST_CLIENTS_ENV, "3")
+    return hub_factory(db_url, session_mosquitto.url)  # type: ignore[no-any-return]
+
+
+def test_shared_subscription_splits_telemetry_and_stores_each_window_once(
+    shared_hub: HubHarness, device_factory: DeviceFactory, session_mosquitto  # type: ignore[no-untyped-def]
+) -> None:
+    from hub.mqtt_ingest import share_group
+
+    hub = shared_hub
+    ingest = hub.hub.mqtt
+    assert ingest.ingest_clients > 1
+    wait_until(ingest.shared.is_set)
+    assert ingest.share_group == share_group(hub.hub.db.url)
+    devs = [device_factory(session_mosquitto.url, f"shared-{uuid.uuid4().hex[:8]}") for _ in range(4)]
+    time.sleep(0.5)  # every ingest client has joined the group
+    before = Counter(ingest.received_by_client)
+    for seq in range(150):
+        for d in devs:
+            d.client.publish(d_topic(d), protocol.encode(_telemetry(seq)), qos=1)
+    for d in devs:  # redelivered windows, possibly to another client of the group
+        for seq in range(0, 150, 10):
+            d.client.publish(d_topic(d), protocol.encode(_telemetry(seq)), qos=1)
+    ids = {d.device_id for d in devs}
+    wait_until(lambda: sum(map(len, _stored(hub, ids).values())) >= 600, timeout=30)
+    time.sleep(0.3)
+    hub.settle()
+    assert _stored(hub, ids) == {d: list(range(150)) for d in ids}
+    got = Counter(ingest.received_by_client)
+    got.subtract(before)
+    assert sum(got.values()) == 600 + 4 * 15  # each message reached exactly one client
+    assert sum(1 for n in got.values() if n > 0) > 1, got  # and the work was split
+
+
+def test_order_sensitive_messages_stay_on_one_client(
+    shared_hub: HubHarness, device_factory: DeviceFactory, session_mosquitto  # type: ignore[no-untyped-def]
+) -> None:
+    """Presence has no sequence number: it must be applied in the order it was sent."""
+    hub = shared_hub
+    ingest = hub.hub.mqtt
+    wait_until(ingest.shared.is_set)
+    dev = device_factory(session_mosquitto.url)
+    dev.hello(model="tiny:1.0.0")
+    for i in range(60):
+        dev.publish("presence", protocol.Presence(online=i % 2 == 1))
+        dev.publish("telemetry", _telemetry(i))
+    time.sleep(0.3)
+    hub.settle()
+    wait_until(lambda: len(_stored(hub, {dev.device_id}).get(dev.device_id, [])) == 60)
+    assert _device(hub, dev.device_id)["online"] is True  # the last presence sent
+    extra = [c for c in ingest.received_by_client if c != ingest.client_id]
+    assert extra  # telemetry was shared ...
+    # ... and only the primary client subscribes to the ordered kinds.
+    assert ingest.received["presence"] >= 60
+
+
+def test_two_hubs_on_different_databases_each_get_all_telemetry(
+    hub_factory, device_factory: DeviceFactory, session_mosquitto, tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(INGEST_CLIENTS_ENV, "3")
+    a = hub_factory(f"sqlite:///{tmp_path / 'a.db'}", session_mosquitto.url)
+    b = hub_factory(f"sqlite:///{tmp_path / 'b.db'}", session_mosquitto.url)
+    assert a.hub.mqtt.share_group != b.hub.mqtt.share_group
+    wait_until(lambda: a.hub.mqtt.shared.is_set() and b.hub.mqtt.shared.is_set())
+    time.sleep(0.5)
+    dev = device_factory(session_mosquitto.url)
+    for seq in range(100):
+        dev.client.publish(d_topic(dev), protocol.encode(_telemetry(seq)), qos=1)
+    for h in (a, b):
+        wait_until(lambda h=h: len(_stored(h, {dev.device_id}).get(dev.device_id, [])) == 100, timeout=20)
+
+
+def test_broker_without_shared_subscriptions_keeps_one_client(
+    hub_factory, device_factory: DeviceFactory, embedded_broker, tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The embedded amqtt broker ignores $share filters: the hub must notice and keep
+    telemetry on its plain subscription rather than lose it."""
+    monkeypatch.setenv(INGEST_CLIENTS_ENV, "3")
+    h = hub_factory(f"sqlite:///{tmp_path / 'e.db'}", embedded_broker.url)
+    dev = device_factory(embedded_broker.url)
+    for seq in range(50):
+        dev.client.publish(d_topic(dev), protocol.encode(_telemetry(seq)), qos=1)
+    wait_until(lambda: len(_stored(h, {dev.device_id}).get(dev.device_id, [])) == 50, timeout=20)
+    assert not h.hub.mqtt.shared.is_set()
+    assert list(h.hub.mqtt.received_by_client) == [h.hub.mqtt.client_id]
+
+
+def test_fast_decode_agrees_with_protocol_decode() -> None:
+    from agent.errors import PayloadError
+    from hub.mqtt_ingest import _fast_decode
+
+    good = json.loads(protocol.encode(_telemetry(7)))
+    cases = [
+        json.dumps(good).encode(),
+        json.dumps({k: v for k, v in good.items() if k != "v"}).encode(),  # no version: refused
+        json.dumps({**good, "v": 2}).encode(),
+        json.dumps({**good, "seq": -1}).encode(),
+        json.dumps({**good, "extra": {"v": 1}}).encode(),
+        json.dumps([good]).encode(),
+        b"\xff\xfe not json",
+        b'{"v": 1, "pad": "' + b"x" * (protocol.MAX_JSON_PAYLOAD + 10) + b'"}',
+    ]
+    for data in cases:
+        fast = _fast_decode(protocol.Telemetry, data)
+        try:
+            slow: object = protocol.decode(protocol.Telemetry, data)
+        except PayloadError:
+            slow = None
+        if fast is not None:
+            assert fast == slow, data[:80]
+    assert _fast_decode(protocol.Telemetry, cases[0]) is not None
