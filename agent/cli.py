@@ -138,6 +138,8 @@ def agent_status(data_dir: Path, as_json: bool) -> None:
     for s, ref in st["slots"].items():
         t.add_row(f"slot {s}", str(ref))
     t.add_row("spool", f"{st['spool_records']} records, {st['spool_bytes']} bytes, {st['spool_dropped']} dropped")
+    if st.get("captured_samples"):
+        t.add_row("captured samples", f"{st['captured_samples']} ({st['captured_bytes']} bytes)")
     t.add_row("last error", f"{st['last_error_kind']}: {st['last_error']}" if st["last_error"] else "-")
     t.add_row("history", " → ".join(st["history"]))
     Console().print(t)

@@ -10,11 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import DataError
 from agent.health import ProbeConfig
+from agent.protocol import MAX_CAPTURE_BYTES
 from agent.topics import valid_device_id
 
 __all__ = ["AgentSettings", "ConfigError", "load_settings"]
@@ -61,6 +62,23 @@ class AgentSettings(BaseSettings):
     )
     reconnect_max_delay: float = Field(30.0, gt=0, description="Cap of the reconnect backoff, seconds.")
     hook_timeout: float = Field(60.0, gt=0, description="Seconds before a state hook is killed.")
+    capture_per_minute: float = Field(
+        0.0, ge=0, le=6000, description="Raw samples captured per minute (agent.capture); 0 keeps capture off."
+    )
+    capture_max_bytes: int = Field(16 << 20, ge=4096, description="Byte cap of the capture folder.")
+    capture_max_sample_bytes: int = Field(
+        256 * 1024, ge=1024, le=MAX_CAPTURE_BYTES, description="Larger samples are not captured."
+    )
+    capture_upload: bool = Field(False, description="Also send captured samples to the hub.")
+    feedback_max_pending: int = Field(
+        10_000, ge=1, description="Labels held between telemetry intervals before new ones are dropped."
+    )
+
+    @model_validator(mode="after")
+    def _capture_cap(self) -> AgentSettings:
+        if self.capture_per_minute > 0 and self.capture_max_bytes < self.capture_max_sample_bytes:
+            raise ValueError("capture_max_bytes must be at least capture_max_sample_bytes")
+        return self
 
     @field_validator("device_id")
     @classmethod

@@ -1,7 +1,9 @@
 """The agent daemon: connection, lifecycle worker, local inference, telemetry.
 
 Threads: the MQTT link, one lifecycle worker (deployments run one at a time), a
-telemetry ticker, a spool sender, and the optional localhost HTTP server.
+telemetry ticker, a spool sender (which also uploads captured samples when that is
+switched on), a sketching thread (drift sketches and sample capture, off the request
+path), and the optional localhost HTTP server.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import agent
 from agent import topics
 from agent.bundle import BundleLimits, read_manifest
+from agent.capture import CaptureStore
 from agent.config import AgentSettings
 from agent.connection import Link, parse_broker_url
 from agent.errors import (
@@ -48,8 +51,11 @@ from agent.lifecycle import (
 from agent.localapi import LocalApi
 from agent.profiles import Profile, load_profile
 from agent.protocol import (
+    MAX_FEEDBACK_ITEMS,
     Deployment,
+    Feedback,
     Hello,
+    LabelRecord,
     LatencyStats,
     PayloadCounters,
     StatusReport,
@@ -149,6 +155,17 @@ class Agent:
         self.drift_skipped = 0
         self._sketch_lock = threading.Lock()
         self.server.observers.append(self._observe)
+        self.capture: CaptureStore | None = None
+        if settings.capture_per_minute > 0:
+            self.capture = CaptureStore(
+                self.data_dir / "captures",
+                per_minute=settings.capture_per_minute,
+                max_bytes=settings.capture_max_bytes,
+                max_sample_bytes=settings.capture_max_sample_bytes,
+            )
+        self._labels: list[LabelRecord] = []
+        self._labels_lock = threading.Lock()
+        self.feedback_dropped = 0
         self._pending: queue.Queue[Deployment | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -167,6 +184,55 @@ class Agent:
         """
         out, _ = self.server.infer(inputs)
         return out
+
+    def feedback(
+        self,
+        label: int | str,
+        prediction: int | str,
+        *,
+        model: str | None = None,
+        request_id: str | None = None,
+        ts: float | None = None,
+        score: float | dict[str, float] | None = None,
+    ) -> None:
+        """Record the true label of one prediction made on this device.
+
+        Labels are batched and sent to the hub with the next telemetry interval
+        (topic ``feedback``), where they feed accuracy, precision, recall, F1 and AUC
+        per window. ``request_id`` (for example the V2 request ``id``) makes a resend
+        harmless. ``model`` defaults to the active model.
+
+        Raises:
+            ValueError: a field is invalid (the message names it), or no model is
+                active and ``model`` was not given.
+        """
+        ref = model or self.model_ref
+        if ref is None:
+            raise ValueError("feedback: no model is active; pass model='name:version'")
+        try:
+            rec = LabelRecord(
+                model=ref, request_id=request_id, ts=time.time() if ts is None else ts,
+                label=label, prediction=prediction, score=score,
+            )
+        except ValueError as e:  # pydantic.ValidationError is a ValueError
+            raise ValueError(f"feedback: {e}") from e
+        if type(rec.label) is not type(rec.prediction):
+            raise ValueError("feedback: label and prediction must have the same type")
+        with self._labels_lock:
+            if len(self._labels) >= self.settings.feedback_max_pending:
+                self.feedback_dropped += 1
+                return
+            self._labels.append(rec)
+            full = len(self._labels) >= MAX_FEEDBACK_ITEMS
+        if full:
+            self._flush_feedback()
+
+    def _flush_feedback(self) -> None:
+        with self._labels_lock:
+            labels, self._labels = self._labels, []
+        for k in range(0, len(labels), MAX_FEEDBACK_ITEMS):
+            msg = Feedback(seq=self._next_seq("seq.feedback"), items=labels[k : k + MAX_FEEDBACK_ITEMS])
+            self.spool.push(Priority.DRIFT, topics.device_topic(self.settings.device_id, "feedback"), encode(msg))
 
     @property
     def model_ref(self) -> str | None:
@@ -199,6 +265,7 @@ class Agent:
         self.link.stop()
         for t in self._threads:
             t.join(timeout=5)
+        self._flush_feedback()
         self.spool.close()
 
     def wait_stopped(self) -> None:
@@ -310,7 +377,8 @@ class Agent:
     # ------------------------------------------------------------------ drift
 
     def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
-        """Queue one served request for sketching (copies, so callers may reuse buffers)."""
+        """Queue one served request for sketching (copies, so callers may reuse buffers),
+        and, when capture is on and a token is free, for capture."""
         man = model.bundle.manifest
         try:
             x = inputs[man.inputs[0].name]
@@ -319,11 +387,35 @@ class Agent:
         except queue.Full:
             self.drift_skipped += 1
         except KeyError:
-            return
+            pass
+        if self.capture is not None and self.capture.admit():
+            sample = (
+                {k: np.array(v, copy=True) for k, v in inputs.items()},
+                {k: np.array(v, copy=True) for k, v in outputs.items()},
+                model,
+                time.time(),
+            )
+            try:
+                self._drift_q.put_nowait(sample)
+            except queue.Full:
+                self.capture.counts["skipped_busy"] += 1
 
     def _drift_loop(self) -> None:
         while (item := self._drift_q.get()) is not None:
-            self._sketch_one(*item)
+            if len(item) == 4:
+                self._capture_one(*item)
+            else:
+                self._sketch_one(*item)
+
+    def _capture_one(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel, ts: float
+    ) -> None:
+        assert self.capture is not None
+        try:
+            self.capture.add(model.ref, ts, inputs, outputs)
+        except OSError as e:
+            self.capture.counts["write_failed"] += 1
+            log.warning("could not store a captured sample: %s", e)
 
     def _sketch_one(self, x: np.ndarray, y: np.ndarray, model: LoadedModel) -> None:
         """Sketch one served request (inputs never leave the device; only sketches do)."""
@@ -365,6 +457,7 @@ class Agent:
                     del self._sketches[ref]
             for acc in accs:
                 self._push_drift(acc)
+            self._flush_feedback()
             cand = self.server.candidate
             snap = self.server.window.snapshot_and_reset()
             t = Telemetry(
@@ -380,6 +473,8 @@ class Agent:
                 dropped_records=self.spool.dropped(),
                 payload_errors=self.payload_errors.snapshot(),
                 candidate=cand.snapshot_and_reset() if cand is not None else None,
+                capture=self.capture.snapshot() if self.capture is not None else None,
+                feedback_dropped=self.feedback_dropped,
             )
             self.spool.push(Priority.METRICS, topics.device_topic(self.settings.device_id, "telemetry"), encode(t))
 
@@ -389,6 +484,8 @@ class Agent:
                 continue
             rec = self.spool.peek()
             if rec is None:
+                if self._upload_capture():
+                    continue
                 self.spool.available.wait(timeout=0.5)
                 continue
             try:
@@ -397,6 +494,22 @@ class Agent:
                 self._stop.wait(0.5)
                 continue
             self.spool.ack(rec.id)
+
+    def _upload_capture(self) -> bool:
+        """Send the oldest captured sample (only when the spool is empty); True if sent."""
+        if self.capture is None or not self.settings.capture_upload:
+            return False
+        item = self.capture.oldest()
+        if item is None:
+            return False
+        name, frame = item
+        try:
+            self.link.publish_wait(topics.device_topic(self.settings.device_id, "capture"), frame, qos=1)
+        except TransportError:
+            self._stop.wait(0.5)
+            return False
+        self.capture.remove(name)
+        return True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -735,6 +848,7 @@ def status_from_disk(data_dir: Path) -> dict[str, Any]:
         sp = Spool(data_dir / "spool.sqlite")
         spool_bytes, spool_records, dropped = sp.size_bytes(), len(sp), sp.dropped()
         sp.close()
+    captures = sorted((data_dir / "captures").glob("*.efs")) if (data_dir / "captures").is_dir() else []
     return {
         "state": rec.state.value,
         "deployment_id": rec.deployment_id,
@@ -745,6 +859,8 @@ def status_from_disk(data_dir: Path) -> dict[str, Any]:
         "spool_bytes": spool_bytes,
         "spool_records": spool_records,
         "spool_dropped": dropped,
+        "captured_samples": len(captures),
+        "captured_bytes": sum(p.stat().st_size for p in captures),
         "last_error": rec.error,
         "last_error_kind": rec.error_kind,
         "history": rec.history[-12:],

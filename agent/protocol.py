@@ -13,6 +13,10 @@ Artifact and metadata bytes travel as binary *chunk frames* (:func:`encode_frame
 
 Each frame carries the sha256 of its data, so a corrupted chunk is caught on its own
 and re-requested, without waiting for the whole-file hash.
+
+Captured samples (opt-in on the device, see :mod:`agent.capture`) travel the same way
+with their own magic: ``b"EFS1" | uint32 | header JSON (CaptureHeader) | npz bytes``
+(:func:`encode_capture`, :func:`decode_capture`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections import Counter
 from typing import Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import PayloadError
 
@@ -44,6 +48,13 @@ __all__ = [
     "Command",
     "RepoRequest",
     "ChunkHeader",
+    "LabelRecord",
+    "Feedback",
+    "MAX_FEEDBACK_ITEMS",
+    "CaptureHeader",
+    "MAX_CAPTURE_BYTES",
+    "encode_capture",
+    "decode_capture",
     "decode",
     "encode",
     "encode_frame",
@@ -55,6 +66,9 @@ PROTOCOL_VERSION: Final = 1
 MAX_JSON_PAYLOAD: Final = 256 * 1024
 MAX_CHUNK_DATA: Final = 1024 * 1024
 _FRAME_MAGIC: Final = b"EFC1"
+_CAPTURE_MAGIC: Final = b"EFS1"
+MAX_FEEDBACK_ITEMS: Final = 1000
+MAX_CAPTURE_BYTES: Final = 1024 * 1024
 _MAX_FRAME_HEADER: Final = 4096
 
 LifecycleState = str  # the agent's lifecycle state names; see agent.lifecycle.State
@@ -153,6 +167,10 @@ class Telemetry(Payload):
         default_factory=dict, description="Malformed inbound payloads by kind."
     )
     candidate: CandidateStats | None = Field(None, description="Shadow or split candidate, if any.")
+    capture: dict[str, int] | None = Field(
+        None, description="Sample capture counters (captured, evicted, oversized, uploaded, stored), if on."
+    )
+    feedback_dropped: int = Field(0, ge=0, description="Labels dropped because too many were pending.")
 
 
 class Deployment(Payload):
@@ -204,6 +222,53 @@ class ChunkHeader(BaseModel):
     error: str | None = None
 
 
+Label = int | str
+
+
+class LabelRecord(BaseModel):
+    """One prediction whose true label became known on the device."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model: str = Field(min_length=3, max_length=129, description="name:version that predicted.")
+    request_id: str | None = Field(
+        None, min_length=1, max_length=63, description="Makes resends idempotent (the hub scopes it by device)."
+    )
+    ts: float = Field(ge=0, le=1e11, description="When the prediction was made (device clock, seconds).")
+    label: Label = Field(description="True label (int or string).")
+    prediction: Label = Field(description="Predicted label, same type as label.")
+    score: float | dict[str, float] | None = Field(
+        None, description="Binary: score of the greater label. Multi-class: score per label."
+    )
+
+    @field_validator("label", "prediction", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("labels must be integers or strings, not booleans")
+        return v
+
+
+class Feedback(Payload):
+    """Labels that came back on the device, batched per telemetry interval.
+
+    Labels and predictions are not raw inputs; they leave the device like telemetry.
+    """
+
+    seq: int = Field(ge=0)
+    items: list[LabelRecord] = Field(min_length=1, max_length=MAX_FEEDBACK_ITEMS)
+
+
+class CaptureHeader(BaseModel):
+    """Header of one captured sample frame (see :mod:`agent.capture`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    v: Literal[1] = PROTOCOL_VERSION
+    sample_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    model: str = Field(min_length=3, max_length=129, description="name:version that served it.")
+    ts: float = Field(ge=0, le=1e11, description="When the request was served (device clock).")
+    sha256: str = Field("", description="sha256 of the npz data.")
+
+
 P = TypeVar("P", bound=BaseModel)
 
 
@@ -241,11 +306,28 @@ def decode(cls: type[P], data: bytes, *, limit: int = MAX_JSON_PAYLOAD) -> P:
         raise PayloadError(f"{cls.__name__}: {loc}: {err['msg']}", "schema") from e
 
 
+def _pack(magic: bytes, header: BaseModel, data: bytes) -> bytes:
+    h = header.model_dump_json().encode()
+    return magic + struct.pack(">I", len(h)) + h + data
+
+
+def _unpack(what: str, magic: bytes, cls: type[P], frame: bytes, limit: int) -> tuple[P, bytes]:
+    if len(frame) < 8 or frame[:4] != magic:
+        raise PayloadError(f"{what}: bad magic or truncated", "not_frame")
+    (hlen,) = struct.unpack(">I", frame[4:8])
+    if hlen > _MAX_FRAME_HEADER or len(frame) < 8 + hlen:
+        raise PayloadError(f"{what}: header length {hlen} is invalid or truncated", "not_frame")
+    header = decode(cls, frame[8 : 8 + hlen], limit=_MAX_FRAME_HEADER)
+    data = frame[8 + hlen :]
+    if len(data) > limit:
+        raise PayloadError(f"{what}: {len(data)} data bytes exceed {limit}", "oversized")
+    return header, data
+
+
 def encode_frame(header: ChunkHeader, data: bytes = b"") -> bytes:
     if header.status == "ok" and not header.sha256:
         header = header.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
-    h = header.model_dump_json().encode()
-    return _FRAME_MAGIC + struct.pack(">I", len(h)) + h + data
+    return _pack(_FRAME_MAGIC, header, data)
 
 
 def decode_frame(frame: bytes, *, limit: int = MAX_CHUNK_DATA) -> tuple[ChunkHeader, bytes]:
@@ -255,20 +337,33 @@ def decode_frame(frame: bytes, *, limit: int = MAX_CHUNK_DATA) -> tuple[ChunkHea
         PayloadError: bad magic, truncated or oversized header, data over ``limit``,
             or data that does not match the header's sha256.
     """
-    if len(frame) < 8 or frame[:4] != _FRAME_MAGIC:
-        raise PayloadError("chunk frame: bad magic or truncated", "not_frame")
-    (hlen,) = struct.unpack(">I", frame[4:8])
-    if hlen > _MAX_FRAME_HEADER or len(frame) < 8 + hlen:
-        raise PayloadError(f"chunk frame: header length {hlen} is invalid or truncated", "not_frame")
-    header = decode(ChunkHeader, frame[8 : 8 + hlen], limit=_MAX_FRAME_HEADER)
-    data = frame[8 + hlen :]
-    if len(data) > limit:
-        raise PayloadError(f"chunk frame: {len(data)} data bytes exceed {limit}", "oversized")
+    header, data = _unpack("chunk frame", _FRAME_MAGIC, ChunkHeader, frame, limit)
     if header.status == "ok" and hashlib.sha256(data).hexdigest() != header.sha256:
         raise PayloadError(
             f"chunk frame: data of {header.path}@{header.offset} does not match its sha256",
             "chunk_hash",
         )
+    return header, data
+
+
+def encode_capture(header: CaptureHeader, data: bytes) -> bytes:
+    """One captured-sample frame; fills in the data's sha256."""
+    header = header.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
+    return _pack(_CAPTURE_MAGIC, header, data)
+
+
+def decode_capture(frame: bytes, *, limit: int = MAX_CAPTURE_BYTES) -> tuple[CaptureHeader, bytes]:
+    """Split and check one captured-sample frame (the npz inside is not parsed here).
+
+    Raises:
+        PayloadError: bad magic, truncated or oversized header, data over ``limit``,
+            or data that does not match the header's sha256.
+    """
+    if len(frame) > limit + _MAX_FRAME_HEADER + 8:
+        raise PayloadError(f"capture frame: {len(frame)} bytes exceed {limit}", "oversized")
+    header, data = _unpack("capture frame", _CAPTURE_MAGIC, CaptureHeader, frame, limit)
+    if hashlib.sha256(data).hexdigest() != header.sha256:
+        raise PayloadError(f"capture frame: data of sample {header.sample_id} does not match its sha256", "chunk_hash")
     return header, data
 
 

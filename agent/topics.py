@@ -7,6 +7,8 @@
     edgefleet/v1/devices/{device_id}/status      device -> hub  QoS1 retained
     edgefleet/v1/devices/{device_id}/telemetry   device -> hub  QoS1
     edgefleet/v1/devices/{device_id}/drift       device -> hub  QoS1 (agent.sketch.DriftSketch)
+    edgefleet/v1/devices/{device_id}/feedback    device -> hub  QoS1 (labels that came back on the device)
+    edgefleet/v1/devices/{device_id}/capture     device -> hub  QoS1 (opt-in sample frames, agent.capture)
     edgefleet/v1/devices/{device_id}/deploy      hub -> device  QoS1 retained (desired state)
     edgefleet/v1/devices/{device_id}/command     hub -> device  QoS1
     edgefleet/v1/devices/{device_id}/repo/get    device -> hub  QoS0 (agent retries)
@@ -38,11 +40,12 @@ ROOT: Final = "edgefleet/v1"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 DeviceTopicKind = Literal[
-    "presence", "hello", "status", "telemetry", "drift", "deploy", "command", "repo/get", "repo/data"
+    "presence", "hello", "status", "telemetry", "drift", "feedback", "capture", "deploy", "command",
+    "repo/get", "repo/data",
 ]
 _KINDS: Final[tuple[str, ...]] = (
-    "presence", "hello", "status", "telemetry", "drift", "deploy", "command", "repo/get",
-    "repo/data",
+    "presence", "hello", "status", "telemetry", "drift", "feedback", "capture", "deploy", "command",
+    "repo/get", "repo/data",
 )
 
 QOS: Final[dict[str, int]] = {
@@ -51,6 +54,8 @@ QOS: Final[dict[str, int]] = {
     "status": 1,
     "telemetry": 1,
     "drift": 1,
+    "feedback": 1,
+    "capture": 1,
     "deploy": 1,
     "command": 1,
     "repo/get": 0,
