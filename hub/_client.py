@@ -76,6 +76,10 @@ class HubClient:
             HubUnreachable: no answer from the hub.
             HubRequestError: an error status.
         """
+        return self._send(method, path, **kw).json()
+
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """Send one request and return the response (raises as :meth:`_request`)."""
         try:
             r = self._http.request(method, path, **kw)
         except httpx.TransportError as e:
@@ -90,7 +94,7 @@ class HubClient:
                     f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
                 )
             raise HubRequestError(r.status_code, str(detail))
-        return r.json()
+        return r
 
     def upload(self, path: Path, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         with open(path, "rb") as fh:

@@ -19,13 +19,19 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session, SQLModel, col, select
 from starlette.concurrency import run_in_threadpool
 
 from hub import alerts, monitoring
 from hub.app import Hub
+from hub.errors import NotFound
 from hub.metrics_export import CONTENT_TYPE, ProcessCounters, render_metrics
-from hub.models_monitoring import AlertPublic, RetrainEpisodePublic
+from hub.models_monitoring import (
+    AlertPublic,
+    CapturedSample,
+    CapturedSamplePublic,
+    RetrainEpisodePublic,
+)
 from hub.monitoring import (
     DriftResult,
     FeedbackRejects,
@@ -144,6 +150,42 @@ async def post_feedback(request: Request, hub: HubDep, st: StateDep) -> Feedback
         raise err
     return await run_in_threadpool(
         monitoring.receive_feedback, hub.db, st.rejects, bytes(body), st.settings, time.time()
+    )
+
+
+@router.get("/api/v1/captures", response_model=list[CapturedSamplePublic], tags=["monitoring"],
+            summary="Samples devices captured and uploaded (opt-in on the device), newest first")
+def list_captures(
+    session: SessionDep,
+    model: Annotated[str | None, Query(max_length=129, description="NAME or NAME:VERSION.")] = None,
+    device: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> list[CapturedSample]:
+    q = select(CapturedSample)
+    if model:
+        name, sep, version = model.partition(":")
+        q = q.where(CapturedSample.model_name == name)
+        if sep:
+            q = q.where(CapturedSample.model_version == version)
+    if device:
+        q = q.where(CapturedSample.device_id == device)
+    return list(session.exec(q.order_by(col(CapturedSample.id).desc()).limit(limit)).all())
+
+
+@router.get("/api/v1/captures/{capture_id}/npz", tags=["monitoring"],
+            summary="One captured sample as .npz: in/<input name> and out/<output name> arrays",
+            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+def get_capture(capture_id: int, hub: HubDep, session: SessionDep) -> Response:
+    row = session.get(CapturedSample, capture_id)
+    if row is None:
+        raise NotFound(f"no captured sample {capture_id}")
+    try:
+        data = hub.captures.npz(row)
+    except FileNotFoundError as e:
+        raise NotFound(f"captured sample {capture_id} is no longer on disk") from e
+    return Response(
+        data, media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{row.device_id}-{row.sample_id}.npz"'},
     )
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hub.broker import EmbeddedBroker
 from hub.campaigns import CampaignEngine
+from hub.captures import CaptureArchive
 from hub.config import HubSettings
 from hub.db import Database
 from hub.mqtt_ingest import MqttIngest
@@ -43,6 +44,7 @@ class Hub:
     mqtt: MqttIngest
     broker_url: str
     campaigns: CampaignEngine
+    captures: CaptureArchive
     broker: EmbeddedBroker | None = None
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -93,16 +95,18 @@ def start_hub(settings: HubSettings) -> Hub:
         broker = EmbeddedBroker("127.0.0.1", settings.embedded_broker_port)
         broker.start()
         broker_url = broker.url
+    captures = CaptureArchive(settings.data_dir / "captures", settings.capture_max_bytes)
     ingest = MqttIngest(
         broker_url,
         db,
         repo,
+        captures=captures,
         batch_size=settings.ingest_batch_size,
         queue_size=settings.ingest_queue_size,
     )
     ingest.start()
     engine = CampaignEngine(db, repo, ingest, health_window_s=settings.deployment_health_window_s)
-    return Hub(settings, db, repo, ingest, broker_url, engine, broker)
+    return Hub(settings, db, repo, ingest, broker_url, engine, captures, broker)
 
 
 def stop_hub(hub: Hub) -> None:

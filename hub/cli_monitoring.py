@@ -1,4 +1,5 @@
-"""Monitoring commands: ``edgefleet drift ...`` and ``edgefleet alerts ...``.
+"""Monitoring commands: ``edgefleet drift ...``, ``edgefleet alerts ...`` and
+``edgefleet captures ...``.
 
 Thin clients of the REST API (``--hub URL``, default ``$EDGEFLEET_HUB``). With
 ``--json``, ``drift show`` prints one object per feature (inputs, then the
@@ -9,6 +10,7 @@ prediction row with ``role: "prediction"``), exactly the statistics of
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +21,7 @@ from rich.table import Table
 
 from hub._client import HubClient, HubClientError, default_hub_url
 
-__all__ = ["drift_group", "alerts_group", "MonitoringClient"]
+__all__ = ["drift_group", "alerts_group", "captures_group", "MonitoringClient"]
 
 console = Console()
 _STATUS_STYLE = {"ok": "green", "warn": "yellow", "alert": "bold red",
@@ -50,6 +52,12 @@ class MonitoringClient(HubClient):
 
     def evaluate(self) -> dict[str, Any]:
         return self._request("POST", "/api/v1/monitoring/evaluate")  # type: ignore[no-any-return]
+
+    def captures(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        return self._request("GET", "/api/v1/captures", params=params)  # type: ignore[no-any-return]
+
+    def capture_npz(self, capture_id: int) -> bytes:
+        return self._send("GET", f"/api/v1/captures/{capture_id}/npz").content
 
     def policy(self, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         path = f"/api/v1/monitoring/policies/{quote(name, safe='')}"
@@ -292,3 +300,54 @@ def alerts_evaluate(hub_url: str, as_json: bool) -> None:
                   f"resolved {len(res['resolved'])}, retraining started {len(res['retrain_started'])}")
     for err in res["errors"]:
         console.print(f"[red]error:[/] {err}")
+
+
+@click.group("captures")
+def captures_group() -> None:
+    """Raw samples that devices captured and uploaded (only where the device owner
+    enabled capture: capture_per_minute and capture_upload in the agent config)."""
+
+
+@captures_group.command("list")
+@click.option("--model", help="NAME or NAME:VERSION.")
+@click.option("--device", help="Only this device.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_hub_option
+def captures_list(model: str | None, device: str | None, limit: int, as_json: bool, hub_url: str) -> None:
+    """Captured samples, newest first."""
+    try:
+        with MonitoringClient(hub_url) as c:
+            rows = c.captures(_params(model=model, device=device, limit=limit))
+    except HubClientError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("[dim]no captured samples[/]")
+        return
+    t = Table(title="captured samples")
+    for col_name in ("id", "device", "model", "served at", "bytes"):
+        t.add_column(col_name, justify="right" if col_name in ("id", "bytes") else "left")
+    for r in rows:
+        served = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        t.add_row(str(r["id"]), r["device_id"], f"{r['model_name']}:{r['model_version']}", served, str(r["size"]))
+    console.print(t)
+
+
+@captures_group.command("get")
+@click.argument("capture_id", type=int)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the .npz.  [default: capture-ID.npz]")
+@_hub_option
+def captures_get(capture_id: int, out: Path | None, hub_url: str) -> None:
+    """Download one sample as .npz (arrays in/<input> and out/<output>)."""
+    try:
+        with MonitoringClient(hub_url) as c:
+            data = c.capture_npz(capture_id)
+    except HubClientError as e:
+        raise click.ClickException(str(e)) from e
+    path = out or Path(f"capture-{capture_id}.npz")
+    path.write_bytes(data)
+    click.echo(f"wrote {path} ({len(data)} bytes)")

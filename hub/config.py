@@ -75,6 +75,9 @@ class HubSettings(BaseSettings):
     ingest_queue_size: int = Field(
         100_000, ge=100, description="Most MQTT messages waiting for the database writer."
     )
+    capture_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="Byte bound of the archive of samples devices upload (opt-in)."
+    )
     campaign_tick_s: float = Field(
         1.0, gt=0, le=60, description="How often the campaign engine advances campaigns, seconds."
     )

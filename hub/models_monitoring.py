@@ -1,5 +1,5 @@
 """Tables of the hub's monitoring: per-model policies, labelled feedback, alerts,
-retraining episodes and the webhook outbox.
+retraining episodes, the webhook outbox and captured samples (``0004_captured_samples``).
 
 Kept apart from :mod:`hub.models` so monitoring can evolve on its own; importing
 this module registers the tables on ``SQLModel.metadata`` (Alembic revision
@@ -29,6 +29,9 @@ __all__ = [
     "RetrainEpisode",
     "RetrainEpisodePublic",
     "WebhookDelivery",
+    "CapturedSampleBase",
+    "CapturedSample",
+    "CapturedSamplePublic",
 ]
 
 
@@ -142,3 +145,30 @@ class WebhookDelivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=2000)
     created: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     delivered: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class CapturedSampleBase(SQLModel):
+    device_id: str = Field(max_length=64, description="Device that captured it.")
+    sample_id: str = Field(max_length=64, description="The device's id of the sample.")
+    model_name: str = Field(max_length=64)
+    model_version: str = Field(max_length=64)
+    ts: float = Field(description="When the request was served (device clock, seconds).")
+    size: int = Field(description="Bytes of the stored sample frame.")
+    sha256: str = Field(max_length=64, description="sha256 of the npz data.")
+    received: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class CapturedSample(CapturedSampleBase, table=True):
+    """One raw sample a device captured and uploaded (opt-in on the device)."""
+
+    __tablename__ = "captured_sample"
+    __table_args__ = (
+        sa.UniqueConstraint("device_id", "sample_id", name="uq_capture_device_sample"),
+        sa.Index("ix_capture_model_ts", "model_name", "model_version", "ts"),
+    )
+
+    id: int | None = _bigint_pk()
+
+
+class CapturedSamplePublic(CapturedSampleBase):
+    id: int

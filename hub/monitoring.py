@@ -46,6 +46,7 @@ from sqlmodel import Session, col, select
 
 from agent.bundle import Reference, SemVer, unpack
 from agent.errors import BundleError, PayloadError
+from agent.protocol import Feedback as AgentFeedback
 from agent.sketch import LATENCY_EDGES_MS, DriftSketch
 from hub import drift
 from hub.db import Database
@@ -81,6 +82,7 @@ __all__ = [
     "parse_feedback",
     "ingest_feedback",
     "receive_feedback",
+    "device_feedback",
     "WindowMetrics",
     "Staleness",
     "VersionPerformance",
@@ -721,6 +723,32 @@ def ingest_feedback(session: Session, batch: FeedbackBatch, now: float) -> Feedb
         )
         accepted += 1
     return FeedbackResult(accepted=accepted, duplicates=duplicates)
+
+
+def device_feedback(device_id: str, msg: AgentFeedback) -> FeedbackBatch:
+    """A device's labels (MQTT topic ``feedback``) as a feedback batch.
+
+    The device id comes from the topic, never from the payload, and request ids are
+    scoped by it (``device_id/request_id``), so two devices cannot collide.
+
+    Raises:
+        InvalidFeedback: (kind ``schema``) an item breaks a rule the REST path also
+            enforces, e.g. a label and prediction of different types.
+    """
+    items = [
+        {
+            "model": i.model, "device_id": device_id, "ts": i.ts, "label": i.label,
+            "prediction": i.prediction, "score": i.score,
+            "request_id": f"{device_id}/{i.request_id}" if i.request_id is not None else None,
+        }
+        for i in msg.items
+    ]
+    try:
+        return FeedbackBatch.model_validate({"items": items})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise InvalidFeedback(f"feedback from {device_id}: {loc}: {err['msg']}", "schema") from e
 
 
 # --------------------------------------------------------------------------- performance

@@ -54,8 +54,10 @@ from agent import protocol, topics
 from agent.errors import PayloadError
 from agent.sketch import DriftSketch
 from hub import fleet
+from hub.captures import CaptureArchive
 from hub.db import Database
 from hub.errors import BrokerUnavailable
+from hub.monitoring import InvalidFeedback, device_feedback, ingest_feedback
 from hub.repository import Repository, RepositoryPathError
 from hub.telemetry import (
     DriftIn,
@@ -84,7 +86,10 @@ _DECODERS: Final[dict[str, type[BaseModel]]] = {
     "status": protocol.StatusReport,
     "telemetry": protocol.Telemetry,
 }
-_SUBSCRIPTIONS: Final = ("hello", "presence", "status", "telemetry", "drift", "repo/get")
+_SUBSCRIPTIONS: Final = ("hello", "presence", "status", "telemetry", "drift", "feedback", "capture", "repo/get")
+# Stored one message per transaction, apart from the batched kinds: a rejected label
+# batch or sample must never roll back other devices' telemetry.
+_SINGLE_KINDS: Final = frozenset({"feedback", "capture"})
 # Telemetry may be split across several clients: a window is stored once per
 # (device_id, seq) whatever order or client it arrives by. hello/presence/status are
 # order-sensitive (last writer wins, presence toggles) and stay on the primary client.
@@ -207,10 +212,12 @@ class MqttIngest:
         queue_size: int = 100_000,
         publish_timeout: float = 10.0,
         ingest_clients: int | None = None,
+        captures: CaptureArchive | None = None,
     ) -> None:
         self.address = parse_broker_url(broker_url)
         self.db = db
         self.repository = repository
+        self.captures = captures
         self.batch_size = batch_size
         self.publish_timeout = publish_timeout
         self.errors = PayloadErrorLog()
@@ -470,6 +477,11 @@ class MqttIngest:
         return payload
 
     def _apply(self, batch: list[_Inbound]) -> None:
+        if any(it.kind in _SINGLE_KINDS for it in batch):
+            for it in batch:
+                if it.kind in _SINGLE_KINDS:
+                    self._store_single(it)
+            batch = [it for it in batch if it.kind not in _SINGLE_KINDS]
         decoded = [(it, p) for it in batch if (p := self._decode(it)) is not None]
         if not decoded:
             return
@@ -486,6 +498,27 @@ class MqttIngest:
                     self._write([one])
                 except SQLAlchemyError:
                     log.exception("could not store %s from %s; message dropped", one[0].kind, one[0].device_id)
+
+    def _store_single(self, item: _Inbound) -> None:
+        """Store one label batch or captured sample in its own transaction."""
+        try:
+            with self.db.session() as s:
+                fleet.ensure_devices(s, {item.device_id} - self._known_devices, item.received)
+                if item.kind == "feedback":
+                    msg = protocol.decode(protocol.Feedback, item.payload)
+                    ingest_feedback(s, device_feedback(item.device_id, msg), item.received.timestamp())
+                elif self.captures is None:
+                    raise PayloadError("this hub does not accept captured samples", "not_accepted")
+                else:
+                    self.captures.store(s, item.device_id, bytes(item.payload), item.received)
+        except PayloadError as e:
+            self.errors.record(item.kind, item.device_id, e)
+        except InvalidFeedback as e:
+            self.errors.record(item.kind, item.device_id, PayloadError(str(e), e.kind))
+        except (SQLAlchemyError, OSError):
+            log.exception("could not store %s from %s; message dropped", item.kind, item.device_id)
+        else:
+            self._known_devices.add(item.device_id)
 
     def _write(self, decoded: list[tuple[_Inbound, BaseModel]]) -> None:
         now = datetime.now(UTC)
