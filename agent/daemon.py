@@ -147,7 +147,8 @@ class Agent:
         self.link.on("repo/data", lambda _t, p: self.repo.on_frame(p))
         self.api: LocalApi | None = None
         self.hooks = Hooks(settings.hooks_dir or self.data_dir / "hooks", settings.hook_timeout)
-        self._activated_at = 0.0
+        self._activated_at = 0.0  # wall clock, for readiness-file mtimes
+        self._activated_mono = 0.0  # monotonic, for delays
         self._sketches: dict[str, SketchAccumulator] = {}
         # Sketching runs on its own thread, off the request path; when it falls behind,
         # samples are dropped and counted rather than slowing inference.
@@ -768,6 +769,7 @@ class Agent:
             raise _Fail(f"activation failed: {e}", "io") from e
         self.server.swap(self._candidate)
         self._activated_at = time.time()
+        self._activated_mono = time.monotonic()
         return Event.OK
 
     def _do_health(self, rec: DeploymentRecord) -> Event:
@@ -775,10 +777,12 @@ class Agent:
 
         deadline = time.monotonic() + rec.health_window_s
         budget = self.profile.limits.latency_budget_ms
+        # after a restart in health_check, the probes' initial delay counts from now
         activated_at = self._activated_at or time.time()
+        activated_mono = self._activated_mono or time.monotonic()
         for probe in self.settings.health_probes:
             try:
-                run_probe(probe, activated_at, self._stop)
+                run_probe(probe, activated_at, self._stop, activated_mono)
             except ProbeFailed as e:
                 if self._stop.is_set():
                     raise _Stopped() from e
