@@ -1,7 +1,7 @@
 """Hub telemetry ingestion benchmark: sustained messages/s with no message lost.
 
     python benchmarks/hub_ingest.py [--publishers 4] [--messages 120000] [--runs 3]
-        [--ingest-clients N] [--db URL] [--plain-subscriber]
+        [--ingest-clients N] [--read-block BYTES] [--db URL] [--plain-subscriber]
 
 A private Mosquitto (max_inflight_messages 1000, set_tcp_nodelay true, a queue per
 client large enough that the broker never drops a QoS 1 message while the hub catches
@@ -18,7 +18,8 @@ acknowledgement: a hub that keeps up has ``drain_s`` near 0, one that does not h
 the broker holding a backlog (which, sustained, ends in loss once its queue is full).
 
 ``--ingest-clients`` sets the hub's ``EDGEFLEET_HUB_INGEST_CLIENTS`` (MQTT clients
-sharing the telemetry subscription). ``--plain-subscriber`` replaces the hub with one
+sharing the telemetry subscription), ``--read-block`` its
+``EDGEFLEET_HUB_MQTT_READ_BLOCK`` (0: paho reads the socket itself, as before). ``--plain-subscriber`` replaces the hub with one
 paho client that only counts what it receives: the ceiling of broker + publishers +
 one Python MQTT client on this machine.
 """
@@ -147,6 +148,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ingest-clients", type=int, default=None,
                     help="the hub's EDGEFLEET_HUB_INGEST_CLIENTS (default: the hub's default)")
+    ap.add_argument("--read-block", type=int, default=None,
+                    help="the hub's EDGEFLEET_HUB_MQTT_READ_BLOCK (0: paho reads the socket itself)")
     ap.add_argument("--db", default=None, help="database URL for the hub (default: SQLite in its data folder)")
     ap.add_argument("--plain-subscriber", action="store_true",
                     help="no hub: one paho subscriber that only counts (the broker/client ceiling)")
@@ -156,6 +159,8 @@ def main() -> None:
                              extra_conf="max_queued_messages 10000000\n")
     broker.start()
     env = {} if args.ingest_clients is None else {"EDGEFLEET_HUB_INGEST_CLIENTS": str(args.ingest_clients)}
+    if args.read_block is not None:
+        env["EDGEFLEET_HUB_MQTT_READ_BLOCK"] = str(args.read_block)
     hub = HubProcess(work / "hub", db_url=args.db, broker_url=broker.url, env=env)
     sub: _PlainSubscriber | None = None
     rates: list[float] = []
@@ -200,6 +205,7 @@ def main() -> None:
                               "msg_per_s": round(rate), "publish_msg_per_s": round(sent / publish_s),
                               "drain_s": round(max(elapsed - publish_s, 0.0), 2)}), flush=True)
         print(json.dumps({"publishers": args.publishers, "ingest_clients": args.ingest_clients,
+                          "read_block": args.read_block,
                           "db": "plain-subscriber" if args.plain_subscriber else (args.db or "sqlite"),
                           "median_msg_per_s": round(statistics.median(rates)),
                           "runs_msg_per_s": [round(r) for r in rates], "lost": lost_total,

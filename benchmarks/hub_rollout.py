@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -50,6 +51,10 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--bundle-mb", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--agents-per-process", type=int, default=SimConfig.max_agents_per_process,
+                    help="most agents in one sim process (more processes are started as needed)")
+    ap.add_argument("--idle-s", type=float, default=0,
+                    help="before the first campaign, measure the idle fleet's CPU for this long")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hub-rollout-"))
@@ -71,7 +76,8 @@ def main() -> None:
         rss_empty = psutil.Process(hub.proc.pid).memory_info().rss  # type: ignore[union-attr]
         sim = SimFleet(SimConfig(broker_url=broker.url, devices=args.devices, data_dir=work / "sim",
                                  trust_root=hub.root_json(), processes=args.processes,
-                                 preinstall=(bundles[0],), telemetry_interval=10.0, infer_interval=0))
+                                 preinstall=(bundles[0],), telemetry_interval=10.0, infer_interval=0,
+                                 max_agents_per_process=args.agents_per_process))
         t0 = time.monotonic()
         sim.start(timeout=args.timeout)
 
@@ -81,24 +87,58 @@ def main() -> None:
 
         wait_until(online, args.timeout, 0.5, "devices online")
         print(json.dumps({"fleet_start_s": round(time.monotonic() - t0, 1)}), flush=True)
+        procs = {"hub": [hub.proc.pid], "broker": [broker.proc.pid], "sim": sim.pids()}  # type: ignore[union-attr]
+
+        def cpu() -> dict[str, float]:
+            """CPU seconds (user + system) used so far by the hub, the broker and the sims."""
+            out = {}
+            for k, pids in procs.items():
+                t = 0.0
+                for pid in pids:
+                    try:
+                        ct = psutil.Process(pid).cpu_times()
+                        t += ct.user + ct.system
+                    except psutil.Error:
+                        pass
+                out[k] = t
+            return out
+
+        def cpu_since(c0: dict[str, float], seconds: float) -> dict[str, float]:
+            c1 = cpu()
+            return {f"{k}_cpu_s": round(c1[k] - c0[k], 1) for k in c0} | {"wall_s": round(seconds, 1)}
+
+        if args.idle_s > 0:
+            c0, t0 = cpu(), time.monotonic()
+            time.sleep(args.idle_s)
+            print(json.dumps({"idle": cpu_since(c0, time.monotonic() - t0),
+                              "hub_rss_mb": round(psutil.Process(hub.proc.pid).memory_info().rss / 2**20, 1),  # type: ignore[union-attr]
+                              "load": [round(x, 1) for x in os.getloadavg()]}), flush=True)
         times = []
         for run in range(args.runs):
             version = f"{run + 2}.0.0"
+            c0 = cpu()
+            load0 = os.getloadavg()[0]
             t0 = time.monotonic()
             r = http.post("/api/v1/campaigns", json={"model": f"tiny:{version}", "select": "all", "waves": "100"})
             r.raise_for_status()
             cid = r.json()["id"]
 
+            # Poll the summaries (state and counts): the full campaign lists every
+            # device, which at 1,000 devices ten times a second would load the hub
+            # being measured.
             def done(cid: str = cid) -> dict | None:
-                c = http.get(f"/api/v1/campaigns/{cid}").json()
+                c = next(c for c in http.get("/api/v1/campaigns", params={"limit": 5}).json() if c["id"] == cid)
                 return c if c["state"] in ("completed", "paused", "rolled_back", "aborted") else None
 
-            c = wait_until(done, args.timeout, 0.1, "campaign")
+            wait_until(done, args.timeout, 0.1, "campaign")
             dt_s = time.monotonic() - t0
+            c = http.get(f"/api/v1/campaigns/{cid}").json()
             times.append(dt_s)
             why = Counter((d["detail"] or "")[:90] for d in c["devices"] if d["state"] != "updated")
             print(json.dumps({"run": run, "version": version, "seconds": round(dt_s, 2), "state": c["state"],
-                              "counts": c["counts"], "failures": dict(why)}), flush=True)
+                              "counts": c["counts"], "failures": dict(why), "cpu": cpu_since(c0, dt_s),
+                              "load_before": round(load0, 1), "load_after": round(os.getloadavg()[0], 1)}),
+                  flush=True)
         rss = psutil.Process(hub.proc.pid).memory_info().rss  # type: ignore[union-attr]
         summary = {
             "devices": args.devices, "bundle_bytes": bundles[1].stat().st_size, "runs": args.runs,
@@ -111,7 +151,7 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
     finally:
         if sim is not None:
-            sim.stop()
+            sim.stop(timeout=20)  # graceful stops of 1,000 agents are not what is measured
         hub.stop()
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)

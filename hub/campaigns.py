@@ -49,11 +49,13 @@ from agent.sketch import DriftSketch
 from hub import audit, drift
 from hub.db import Database
 from hub.deployments import (
+    DEPLOY_QOS,
+    DEPLOY_RETAIN,
     Publisher,
     choose_bundle,
     create_deployment,
+    deployment_message,
     parse_model_ref,
-    publish_deployment,
 )
 from hub.errors import (
     BrokerUnavailable,
@@ -118,6 +120,8 @@ _STARTABLE = frozenset({CampaignState.RUNNING, CampaignState.SOAKING,
 _IN_FLIGHT = frozenset({D.DEPLOYING, D.REVERTING})
 _BEFORE_WINDOW = timedelta(minutes=10)  # old-version baseline looked at before a device's start
 _MIN_PSI_ROWS = 50
+_OUTCOMES = ("installed", "failed", "rejected", "rolled_back", "skipped")  # what _sync folds
+_PUBLISH_BATCH = 500  # deploy messages sent before waiting for their acknowledgements
 
 
 # --------------------------------------------------------------------------- API shapes
@@ -565,21 +569,28 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
     inferences = 0
     p95_ratio: float | None = None
     if upd_ids:
+        # Columns rather than ORM objects, and grouped by device once: a 1,000-device
+        # wave has tens of thousands of rows here, and a scan of all of them per
+        # device took the engine minutes.
         tele = session.exec(
-            select(Telemetry).where(col(Telemetry.device_id).in_(upd_ids),
-                                    col(Telemetry.received) >= since - _BEFORE_WINDOW)
+            select(Telemetry.device_id, Telemetry.model, Telemetry.received, Telemetry.p95_ms,
+                   Telemetry.inference_count, Telemetry.error_count)
+            .where(col(Telemetry.device_id).in_(upd_ids), col(Telemetry.received) >= since - _BEFORE_WINDOW)
         ).all()
         new_rows = [t for t in tele if t.model == c.model and t.received >= since]
         inferences = sum(t.inference_count for t in new_rows)
         if inferences:
             error_rate = sum(t.error_count for t in new_rows) / inferences
+        timed: dict[str, list[Any]] = defaultdict(list)
+        for t in tele:
+            if t.p95_ms is not None and t.inference_count:
+                timed[t.device_id].append(t)
         ratios: list[float] = []
         for d in updated:
-            new = _median(t.p95_ms for t in new_rows
-                          if t.device_id == d.device_id and t.p95_ms is not None and t.inference_count)
-            old = _median(t.p95_ms for t in tele
-                          if t.device_id == d.device_id and t.model == d.from_model and d.started
-                          and t.received < d.started and t.p95_ms is not None and t.inference_count)
+            mine = timed.get(d.device_id, [])
+            new = _median(t.p95_ms for t in mine if t.model == c.model and t.received >= since)
+            old = _median(t.p95_ms for t in mine
+                          if t.model == d.from_model and d.started and t.received < d.started)
             if new is not None and old:
                 ratios.append(new / old)
         p95_ratio = _median(ratios)
@@ -692,7 +703,12 @@ class CampaignEngine:
     # ---- work
 
     def _sync(self, s: Session, c: Campaign, now: datetime) -> None:
-        """Fold agents' reports (deployment rows) into the campaign's device states."""
+        """Fold agents' reports (deployment rows) into the campaign's device states.
+
+        Only rows whose deployment reached an outcome are loaded: a device still
+        installing has nothing to fold, and loading every in-flight device on every
+        tick was most of the engine's time in a 1,000-device wave.
+        """
         rows = s.exec(
             select(CampaignDevice, DeploymentDevice)
             .join(DeploymentDevice, (col(DeploymentDevice.device_id) == col(CampaignDevice.device_id)) & (
@@ -700,7 +716,7 @@ class CampaignEngine:
                  & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.deployment_id)))
                 | ((col(CampaignDevice.state) == D.REVERTING)
                    & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))))
-            .where(CampaignDevice.campaign_id == c.id)
+            .where(CampaignDevice.campaign_id == c.id, col(DeploymentDevice.outcome).in_(_OUTCOMES))
         ).all()
         for cd, dd in rows:
             new: DeviceState | None = None
@@ -806,8 +822,9 @@ class CampaignEngine:
 
     def _advance(self, s: Session, c: Campaign, state: CampaignState, now: datetime) -> None:
         """Decide the state's event, if any, and save the transition."""
+        # Plain columns, not ORM objects: this runs every tick over every device.
         devs = s.exec(
-            select(CampaignDevice, Device.online)
+            select(CampaignDevice.wave, CampaignDevice.state, Device.online)
             .join(Device, col(Device.device_id) == col(CampaignDevice.device_id))
             .where(CampaignDevice.campaign_id == c.id)
         ).all()
@@ -826,8 +843,8 @@ class CampaignEngine:
                 if failed:
                     event, reason, detail = self._trip(c, m, failed, evaluate_gates(gates, m))
             if event is None and all(
-                not online or cd.state not in (D.PENDING, D.DEPLOYING)
-                for cd, online in devs if cd.wave <= c.wave_index
+                not online or st not in (D.PENDING, D.DEPLOYING)
+                for wave, st, online in devs if wave <= c.wave_index
             ):
                 event, reason = Event.SETTLED, f"wave {c.wave_index + 1} settled"
         elif state == CampaignState.SOAKING:
@@ -847,17 +864,17 @@ class CampaignEngine:
                         reason = f"wave {c.wave_index + 1} passed its gates"
                         detail = {"verdicts": [v.as_dict() for v in verdicts]}
                 if passed:
-                    pending = any(cd.state in (D.PENDING, D.DEPLOYING) for cd, _ in devs)
+                    pending = any(st in (D.PENDING, D.DEPLOYING) for _, st, _ in devs)
                     if last:
                         event = Event.LAST_WAVE_PASSED if pending else Event.DRAINED
                     else:
                         event = Event.NEEDS_APPROVAL if c.approve_waves else Event.NEXT_WAVE
         elif state == CampaignState.COMPLETING:
-            if not any(cd.state in (D.PENDING, D.DEPLOYING) for cd, _ in devs):
+            if not any(st in (D.PENDING, D.DEPLOYING) for _, st, _ in devs):
                 event, reason = Event.DRAINED, "every returning device was updated"
         elif state == CampaignState.ROLLING_BACK:
-            if not any(cd.state in (D.UPDATED, D.DEPLOYING, D.REVERTING) for cd, _ in devs):
-                n = sum(cd.state == D.REVERTED for cd, _ in devs)
+            if not any(st in (D.UPDATED, D.DEPLOYING, D.REVERTING) for _, st, _ in devs):
+                n = sum(st == D.REVERTED for _, st, _ in devs)
                 event, reason = Event.REVERTED, f"{n} devices back on their previous version"
         if event is not None:
             _transition(s, c, event, actor=audit.ENGINE_ACTOR, reason=reason, now=now, detail=detail)
@@ -894,22 +911,36 @@ class CampaignEngine:
             if not todo or not self.publisher.connected:
                 return
             c = _get(s, campaign_id)
+            s.commit()  # end the read; nothing is held while waiting on the broker
             forward = [cd for cd in todo if cd.state == D.DEPLOYING]
-            for cd in forward:
-                assert cd.deployment_id is not None and cd.target_path is not None
-                try:
-                    publish_deployment(self.publisher, cd.device_id, cd.deployment_id, c.model,
-                                       cd.target_path, self.health_window_s)
-                except BrokerUnavailable as e:
-                    log.warning("campaign %s: publish to %s failed (%s); will retry", c.id, cd.device_id, e)
+            # Pipelined (one round trip per batch, not per device), and ``published`` is
+            # saved after the acknowledgements in one short transaction per batch: a
+            # write transaction held across a thousand acknowledgements kept SQLite
+            # locked long enough for the ingest worker to time out and drop status.
+            for k in range(0, len(forward), _PUBLISH_BATCH):
+                part = forward[k:k + _PUBLISH_BATCH]
+                results = self.publisher.publish_many(
+                    [deployment_message(cd.device_id, str(cd.deployment_id), c.model, str(cd.target_path),
+                                        self.health_window_s) for cd in part],
+                    qos=DEPLOY_QOS, retain=DEPLOY_RETAIN,
+                )
+                acked: dict[str, list[str]] = defaultdict(list)
+                for cd, err in zip(part, results, strict=True):
+                    if err is None:
+                        acked[str(cd.deployment_id)].append(cd.device_id)
+                for dep_id, ids in acked.items():
+                    s.execute(update(CampaignDevice)
+                              .where(col(CampaignDevice.campaign_id) == c.id,
+                                     col(CampaignDevice.device_id).in_(ids),
+                                     col(CampaignDevice.deployment_id) == dep_id,
+                                     col(CampaignDevice.state) == D.DEPLOYING)
+                              .values(published=True))
+                s.commit()
+                failed = [(cd.device_id, err) for cd, err in zip(part, results, strict=True) if err is not None]
+                if failed:
+                    log.warning("campaign %s: publish to %d devices failed (first: %s: %s); will retry",
+                                c.id, len(failed), failed[0][0], failed[0][1])
                     break
-                s.execute(update(CampaignDevice)
-                          .where(col(CampaignDevice.campaign_id) == c.id,
-                                 col(CampaignDevice.device_id) == cd.device_id,
-                                 col(CampaignDevice.deployment_id) == cd.deployment_id,
-                                 col(CampaignDevice.state) == D.DEPLOYING)
-                          .values(published=True))
-            s.commit()
             groups: dict[tuple[str, str], list[str]] = defaultdict(list)
             for cd in todo:
                 if cd.state == D.REVERTING and cd.rollback_deployment_id and cd.from_model:

@@ -41,8 +41,11 @@ class CaptureArchive:
     max_bytes: int = 1 << 30
     evicted: int = field(default=0, init=False)
 
-    def store(self, session: Session, device_id: str, frame: bytes, now: datetime) -> CapturedSample | None:
+    def store(
+        self, session: Session, device_id: str, frame: bytes, now: datetime, *, clock_offset: float = 0.0
+    ) -> CapturedSample | None:
         """Check and keep one uploaded sample; None when it was already stored.
+        ``clock_offset`` moves the device's timestamp onto the hub's clock.
 
         Raises:
             PayloadError: ``oversized``, ``not_frame``, ``schema``, ``version``,
@@ -72,7 +75,7 @@ class CaptureArchive:
         atomic_write(path, frame)
         row = CapturedSample(
             device_id=device_id, sample_id=header.sample_id, model_name=name, model_version=version,
-            ts=header.ts, size=len(frame), sha256=header.sha256, received=now,
+            ts=header.ts + clock_offset, size=len(frame), sha256=header.sha256, received=now,
         )
         session.add(row)
         session.flush()

@@ -6,6 +6,14 @@ messages. Status reports carry a per-device sequence number; a report whose ``se
 is not newer than the last one applied is ignored, so duplicates and out-of-order
 deliveries (QoS 1 redelivery, retained replays after a hub restart) are harmless.
 Agents must therefore keep ``seq`` increasing across their own restarts.
+
+Clock skew: devices stamp windows, labels and samples with their own wall clock,
+which may be wrong (no RTC, NTP not yet synced) or stepped. The hub measures each
+device's offset from its live hello on every connect (``Device.clock_offset_s``);
+while the offset is over :data:`CLOCK_SKEW_TOLERANCE_S`, the ingest moves that
+device's timestamps onto the hub's clock (``hub.telemetry.to_hub_clock``), so its
+windows land where they belong in fleet statistics. Campaign gates never depend on
+device clocks: they use the hub's receive time.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from hub.selector import parse_selector
 __all__ = [
     "ensure_devices",
     "touch_devices",
+    "preload",
     "apply_hello",
+    "CLOCK_SKEW_TOLERANCE_S",
     "apply_presence",
     "apply_status",
     "list_devices",
@@ -36,6 +46,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+CLOCK_SKEW_TOLERANCE_S = 2.0
+"""Offsets up to this are network delay and jitter, and left alone."""
 
 
 def dialect_insert(dialect: Dialect):  # type: ignore[no-untyped-def]
@@ -73,6 +86,31 @@ def touch_devices(session: Session, device_ids: Iterable[str], now: datetime) ->
         )
 
 
+def preload(
+    session: Session, device_ids: Iterable[str], deployments: Iterable[tuple[str, str]] = ()
+) -> list[object]:
+    """Load these devices' rows, and the ``(device_id, deployment_id)`` deployment rows,
+    into ``session`` with one query each, so that :func:`apply_hello`,
+    :func:`apply_presence` and :func:`apply_status` for a batch of messages find them
+    there instead of querying once per message (the ingest worker's main cost when a
+    thousand devices report at once).
+
+    Returns the loaded rows: the session only holds them weakly, so the caller keeps
+    this list for as long as it uses the session.
+    """
+    loaded: list[object] = []
+    ids = sorted(set(device_ids))
+    if ids:
+        loaded += session.exec(select(Device).where(col(Device.device_id).in_(ids))).all()
+    pairs = set(deployments)
+    if pairs:
+        loaded += session.exec(select(DeploymentDevice).where(
+            col(DeploymentDevice.deployment_id).in_(sorted({dep for _, dep in pairs})),
+            col(DeploymentDevice.device_id).in_(sorted({dev for dev, _ in pairs})),
+        )).all()
+    return loaded
+
+
 def _device(session: Session, device_id: str) -> Device:
     dev = session.get(Device, device_id)
     if dev is None:  # ensure_devices runs first; this is for direct callers
@@ -81,9 +119,20 @@ def _device(session: Session, device_id: str) -> Device:
     return dev
 
 
-def apply_hello(session: Session, device_id: str, hello: protocol.Hello, now: datetime) -> None:
-    """A device (re)announced itself: profile, runtimes, tags and current model."""
+def apply_hello(
+    session: Session, device_id: str, hello: protocol.Hello, now: datetime, *, live: bool = False
+) -> float | None:
+    """A device (re)announced itself: profile, runtimes, tags and current model.
+
+    A *live* hello (published on connect and delivered at once, not a retained copy)
+    also measures the device's clock offset: hub receive time minus the device's send
+    time. Returns that offset, or None for a retained hello.
+    """
     dev = _device(session, device_id)
+    offset = None
+    if live:
+        offset = now.timestamp() - hello.ts
+        dev.clock_offset_s = offset
     dev.profile = hello.profile
     dev.agent_version = hello.agent_version
     dev.runtimes = dict(hello.runtimes)
@@ -94,6 +143,7 @@ def apply_hello(session: Session, device_id: str, hello: protocol.Hello, now: da
     dev.online = True
     dev.last_seen = now
     session.add(dev)
+    return offset
 
 
 def apply_presence(

@@ -165,6 +165,11 @@ class DeviceBase(SQLModel):
     error_kind: str | None = Field(default=None, max_length=64)
     first_seen: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    clock_offset_s: float | None = Field(
+        default=None,
+        description="Hub clock minus device clock, seconds, from the last live hello "
+        "(positive: the device is behind). See hub.fleet.CLOCK_SKEW_TOLERANCE_S.",
+    )
 
 
 class Device(DeviceBase, table=True):

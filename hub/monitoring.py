@@ -725,11 +725,12 @@ def ingest_feedback(session: Session, batch: FeedbackBatch, now: float) -> Feedb
     return FeedbackResult(accepted=accepted, duplicates=duplicates)
 
 
-def device_feedback(device_id: str, msg: AgentFeedback) -> FeedbackBatch:
+def device_feedback(device_id: str, msg: AgentFeedback, clock_offset: float = 0.0) -> FeedbackBatch:
     """A device's labels (MQTT topic ``feedback``) as a feedback batch.
 
     The device id comes from the topic, never from the payload, and request ids are
     scoped by it (``device_id/request_id``), so two devices cannot collide.
+    ``clock_offset`` moves the device's timestamps onto the hub's clock.
 
     Raises:
         InvalidFeedback: (kind ``schema``) an item breaks a rule the REST path also
@@ -737,7 +738,7 @@ def device_feedback(device_id: str, msg: AgentFeedback) -> FeedbackBatch:
     """
     items = [
         {
-            "model": i.model, "device_id": device_id, "ts": i.ts, "label": i.label,
+            "model": i.model, "device_id": device_id, "ts": max(0.0, i.ts + clock_offset), "label": i.label,
             "prediction": i.prediction, "score": i.score,
             "request_id": f"{device_id}/{i.request_id}" if i.request_id is not None else None,
         }

@@ -39,6 +39,7 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -49,6 +50,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col, select
 
 from agent import protocol, topics
 from agent.errors import PayloadError
@@ -57,6 +59,7 @@ from hub import fleet
 from hub.captures import CaptureArchive
 from hub.db import Database
 from hub.errors import BrokerUnavailable
+from hub.models import Device
 from hub.monitoring import InvalidFeedback, device_feedback, ingest_feedback
 from hub.repository import Repository, RepositoryPathError
 from hub.telemetry import (
@@ -66,6 +69,7 @@ from hub.telemetry import (
     add_payload_errors,
     store_drift,
     store_telemetry,
+    to_hub_clock,
 )
 
 __all__ = [
@@ -118,6 +122,48 @@ def _fast_decode(cls: type[BaseModel], data: bytes) -> BaseModel | None:
     except ValueError:  # pydantic.ValidationError, including JSON syntax errors
         return None
     return p if "v" in p.model_fields_set else None
+
+
+class _BufferedClient(mqtt.Client):
+    """A paho client that reads the socket in blocks of ``_READ_BLOCK`` bytes.
+
+    paho reads each packet with three ``recv`` calls (command byte, length bytes one
+    by one, body) and one ``select`` per packet; at thousands of telemetry messages a
+    second those system calls were most of the hub's receive cost. This serves
+    paho's reads from one block read and keeps parsing while the block holds data.
+    It overrides two private methods of paho-mqtt 2.2 (``_sock_recv``,
+    ``_sock_close``), pinned in constraints.txt; TLS sockets are left to paho.
+    """
+
+    _rbuf: bytes = b""
+    _rpos: int = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            if isinstance(self._sock, ssl.SSLSocket):
+                return super()._sock_recv(bufsize)
+            self._rbuf, self._rpos = super()._sock_recv(_READ_BLOCK), 0
+            if not self._rbuf:
+                return b""  # the broker closed the connection
+        out = self._rbuf[self._rpos:self._rpos + bufsize]
+        self._rpos += len(out)
+        return out
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
+            rc = super().loop_read(1)
+        return rc
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+
+# Bytes per socket read of the hub's MQTT clients (_BufferedClient); 0 leaves reading
+# to paho (for comparison: benchmarks/hub_ingest.py --read-block 0).
+READ_BLOCK_ENV: Final = "EDGEFLEET_HUB_MQTT_READ_BLOCK"
+_READ_BLOCK: Final = int(os.environ.get(READ_BLOCK_ENV, 65536))
 
 
 @dataclass(frozen=True)
@@ -197,6 +243,7 @@ class _Inbound:
     device_id: str
     payload: bytes
     received: datetime
+    retained: bool = False
 
 
 class MqttIngest:
@@ -241,6 +288,7 @@ class MqttIngest:
         self.received: Counter[str] = Counter()
         self.received_by_client: Counter[str] = Counter()
         self.dropped = 0
+        self.repo_superseded = 0  # repo/get requests skipped for a newer one (_repo_loop)
         self._ingest_q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._repo_q: queue.Queue[Any] = queue.Queue(maxsize=10_000)
         self._connected = threading.Event()
@@ -253,6 +301,9 @@ class MqttIngest:
         # a row removed by hand comes back.
         self._known_devices: set[str] = set()
         self._known_since = time.monotonic()
+        # Device clock offsets over the tolerance (hub.fleet docstring), by device;
+        # loaded at start, updated by live hellos. Only the ingest worker writes it.
+        self._skews: dict[str, float] = {}
 
         c = self._new_client(self.client_id)
         c.on_connect = self._on_connect
@@ -261,7 +312,7 @@ class MqttIngest:
         self._client = c
 
     def _new_client(self, client_id: str) -> mqtt.Client:
-        c = mqtt.Client(
+        c = (_BufferedClient if _READ_BLOCK > 0 else mqtt.Client)(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=True,
@@ -286,6 +337,14 @@ class MqttIngest:
 
         If the broker is not reachable yet the client keeps retrying in the background.
         """
+        try:
+            with self.db.session() as s:
+                for device_id, offset in s.exec(
+                    select(Device.device_id, Device.clock_offset_s).where(col(Device.clock_offset_s).is_not(None))
+                ).all():
+                    self._note_offset(device_id, offset)
+        except SQLAlchemyError:
+            log.exception("could not load device clock offsets; they are measured again on reconnect")
         for target, name in ((self._ingest_loop, "ingest"), (self._repo_loop, "repo")):
             t = threading.Thread(target=target, name=f"edgefleet-hub-{name}", daemon=True)
             t.start()
@@ -389,7 +448,7 @@ class MqttIngest:
         with self._count_lock:
             self.received[dt.kind] += 1
             self.received_by_client[userdata] += 1
-        item = _Inbound(dt.kind, dt.device_id, msg.payload, datetime.now(UTC))
+        item = _Inbound(dt.kind, dt.device_id, msg.payload, datetime.now(UTC), bool(msg.retain))
         q = self._repo_q if dt.kind == "repo/get" else self._ingest_q
         try:
             # Blocking briefly pushes back on the broker instead of losing QoS 1 messages.
@@ -420,6 +479,40 @@ class MqttIngest:
                 raise BrokerUnavailable(
                     f"broker did not acknowledge {topic} within {self.publish_timeout:.0f}s"
                 )
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
+    ) -> list[BrokerUnavailable | None]:
+        """Publish every ``(topic, payload)``, then wait for the acknowledgements
+        (within ``publish_timeout`` for the lot). Waiting for each before sending the
+        next cost a round trip per device: a 1,000-device wave took seconds to send.
+
+        Returns, in order, None for each message the broker acknowledged and the error
+        for each it did not; raises nothing.
+        """
+        if not self.connected:
+            down = BrokerUnavailable(f"not connected to the MQTT broker {self.address.url}")
+            return [down] * len(messages)
+        sent = [(topic, self._client.publish(topic, payload, qos=qos, retain=retain))
+                for topic, payload in messages]
+        deadline = time.monotonic() + self.publish_timeout
+        out: list[BrokerUnavailable | None] = []
+        for topic, info in sent:
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                out.append(BrokerUnavailable(f"publish to {topic} failed: {mqtt.error_string(info.rc)}"))
+                continue
+            if qos > 0:
+                try:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                except (RuntimeError, ValueError) as e:
+                    out.append(BrokerUnavailable(f"publish to {topic} failed: {e}"))
+                    continue
+                if not info.is_published():
+                    out.append(BrokerUnavailable(
+                        f"broker did not acknowledge {topic} within {self.publish_timeout:.0f}s"))
+                    continue
+            out.append(None)
+        return out
 
     # ------------------------------------------------------------------ ingestion
 
@@ -499,6 +592,14 @@ class MqttIngest:
                 except SQLAlchemyError:
                     log.exception("could not store %s from %s; message dropped", one[0].kind, one[0].device_id)
 
+    def _note_offset(self, device_id: str, offset: float | None) -> None:
+        if offset is not None and abs(offset) > fleet.CLOCK_SKEW_TOLERANCE_S:
+            if device_id not in self._skews:
+                log.warning("device %s clock is off by %.1f s; its timestamps are corrected", device_id, -offset)
+            self._skews[device_id] = offset
+        else:
+            self._skews.pop(device_id, None)
+
     def _store_single(self, item: _Inbound) -> None:
         """Store one label batch or captured sample in its own transaction."""
         try:
@@ -506,11 +607,13 @@ class MqttIngest:
                 fleet.ensure_devices(s, {item.device_id} - self._known_devices, item.received)
                 if item.kind == "feedback":
                     msg = protocol.decode(protocol.Feedback, item.payload)
-                    ingest_feedback(s, device_feedback(item.device_id, msg), item.received.timestamp())
+                    batch = device_feedback(item.device_id, msg, self._skews.get(item.device_id, 0.0))
+                    ingest_feedback(s, batch, item.received.timestamp())
                 elif self.captures is None:
                     raise PayloadError("this hub does not accept captured samples", "not_accepted")
                 else:
-                    self.captures.store(s, item.device_id, bytes(item.payload), item.received)
+                    self.captures.store(s, item.device_id, bytes(item.payload), item.received,
+                                        clock_offset=self._skews.get(item.device_id, 0.0))
         except PayloadError as e:
             self.errors.record(item.kind, item.device_id, e)
         except InvalidFeedback as e:
@@ -529,16 +632,25 @@ class MqttIngest:
         new_ids = {it.device_id for it, _ in decoded} - self._known_devices
         with self.db.session() as s:
             fleet.ensure_devices(s, new_ids, now)
+            rows = fleet.preload(  # noqa: F841 - held so the session keeps the rows
+                s,
+                {it.device_id for it, _ in decoded if it.kind in ("hello", "presence", "status")},
+                {(it.device_id, p.deployment_id) for it, p in decoded
+                 if it.kind == "status" and p.deployment_id},  # type: ignore[attr-defined]
+            )
             # Dispatch on the topic kind (_decode made ``p`` of that kind's class):
             # isinstance on pydantic models goes through a slow metaclass check.
             for it, p in decoded:
                 kind = it.kind
+                skew = self._skews.get(it.device_id, 0.0)
                 if kind == "telemetry":
-                    tele.append(TelemetryIn(it.device_id, p, it.received))  # type: ignore[arg-type]
+                    tele.append(TelemetryIn(it.device_id, to_hub_clock(p, skew), it.received))  # type: ignore[type-var]
                 elif kind == "drift":
-                    sketches.append(DriftIn(it.device_id, p, it.received))  # type: ignore[arg-type]
+                    sketches.append(DriftIn(it.device_id, to_hub_clock(p, skew), it.received))  # type: ignore[type-var]
                 elif kind == "hello":
-                    fleet.apply_hello(s, it.device_id, p, it.received)  # type: ignore[arg-type]
+                    offset = fleet.apply_hello(s, it.device_id, p, it.received, live=not it.retained)  # type: ignore[arg-type]
+                    if offset is not None:
+                        self._note_offset(it.device_id, offset)
                 elif kind == "presence":
                     fleet.apply_presence(s, it.device_id, p, it.received)  # type: ignore[arg-type]
                 elif kind == "status":
@@ -564,23 +676,47 @@ class MqttIngest:
     # ------------------------------------------------------------------ repository
 
     def _repo_loop(self) -> None:
-        while True:
-            item = self._repo_q.get()
-            if item is _STOP:
-                return
-            self._serve(item)
+        """Serve repo/get requests in arrival order, skipping superseded ones.
 
-    def _serve(self, item: _Inbound) -> None:
-        try:
-            req = protocol.decode(protocol.RepoRequest, item.payload)
-        except PayloadError as e:
-            self.errors.record(item.kind, item.device_id, e)
-            return
+        An agent asks again for a range it got no answer to within its transfer
+        timeout, under a new request id, and forgets the old one. When a thousand
+        devices start downloading together the queue can be longer than that timeout,
+        and answering both copies would double the work exactly when the hub is
+        behind. So each pass takes everything queued and serves, per device and
+        range, only the newest request.
+        """
+        while True:
+            items = [self._repo_q.get()]
+            while True:
+                try:
+                    items.append(self._repo_q.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(it is _STOP for it in items)
+            reqs: list[tuple[_Inbound, protocol.RepoRequest]] = []
+            for it in items:
+                if it is _STOP:
+                    continue
+                try:
+                    reqs.append((it, protocol.decode(protocol.RepoRequest, it.payload)))
+                except PayloadError as e:
+                    self.errors.record(it.kind, it.device_id, e)
+            newest = {(it.device_id, r.path, r.offset, r.length): k for k, (it, r) in enumerate(reqs)}
+            for k, (it, r) in enumerate(reqs):
+                if newest[(it.device_id, r.path, r.offset, r.length)] == k:
+                    self._serve(it, r)
+                else:
+                    self.repo_superseded += 1
+            if stopping:
+                return
+
+    def _serve(self, item: _Inbound, req: protocol.RepoRequest) -> None:
         header: protocol.ChunkHeader
         data = b""
         try:
-            total, data = self.repository.read(req.path, req.offset, req.length)
-            header = protocol.ChunkHeader(rid=req.rid, path=req.path, offset=req.offset, total=total)
+            total, data, digest = self.repository.read_chunk(req.path, req.offset, req.length)
+            header = protocol.ChunkHeader(rid=req.rid, path=req.path, offset=req.offset, total=total,
+                                          sha256=digest)
         except RepositoryPathError as e:
             header = protocol.ChunkHeader(rid=req.rid, path=req.path, status="error", error=str(e))
         except FileNotFoundError:

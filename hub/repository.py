@@ -16,11 +16,14 @@ never sees a timestamp that points at metadata not yet written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +52,9 @@ ROLES = ("root", "targets", "snapshot", "timestamp")
 _SERVE_PATH = re.compile(r"^(metadata/(?:\d+\.)?(?:root|targets|snapshot|timestamp)\.json|targets/[0-9a-f]{64}\.efb)$")
 
 
+_CHUNK_CACHE_BYTES = 16 << 20  # Repository.read_chunk
+
+
 class RepositoryPathError(ValueError):
     """A requested repository path is not one the hub serves."""
 
@@ -74,6 +80,9 @@ class Repository:
         self._lock = threading.RLock()
         self._signers: dict[str, CryptoSigner] = {}
         self._serializer = JSONSerializer(compact=True)
+        self._chunks: OrderedDict[tuple[str, int, int], tuple[tuple[int, int, int], int, bytes, str]] = OrderedDict()
+        self._chunk_bytes = 0
+        self._chunks_lock = threading.Lock()
 
     # ------------------------------------------------------------------ keys
 
@@ -277,3 +286,41 @@ class Repository:
             total = os.fstat(fh.fileno()).st_size
             fh.seek(offset)
             return total, fh.read(length)
+
+    def read_chunk(self, path: str, offset: int, length: int) -> tuple[int, bytes, str]:
+        """:meth:`read`, plus the data's sha256, from a small cache of recent chunks.
+
+        A rollout sends the same few chunks to every device; reading and hashing each
+        copy again was a file read and a hash per request on the hub's single
+        repository thread. An entry is used only while the file's inode, size and
+        mtime are unchanged (metadata is replaced with ``os.replace``, so a new
+        version is a new inode); the cache holds at most ``_CHUNK_CACHE_BYTES``.
+
+        Raises:
+            RepositoryPathError, FileNotFoundError, OSError: as :meth:`read`.
+        """
+        if not _SERVE_PATH.match(path):
+            raise RepositoryPathError(f"not a repository path: {path!r}")
+        f = self.root_dir / path
+        st = os.stat(f)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(path)
+        key = (path, offset, length)
+        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._chunks_lock:
+            hit = self._chunks.get(key)
+            if hit is not None and hit[0] == ident:
+                self._chunks.move_to_end(key)
+                return hit[1], hit[2], hit[3]
+        total, data = self.read(path, offset, length)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._chunks_lock:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self._chunk_bytes -= len(old[2])
+            self._chunks[key] = (ident, total, data, digest)
+            self._chunk_bytes += len(data)
+            while self._chunk_bytes > _CHUNK_CACHE_BYTES and self._chunks:
+                _, evicted = self._chunks.popitem(last=False)
+                self._chunk_bytes -= len(evicted[2])
+        return total, data, digest

@@ -24,6 +24,25 @@ from the shipped ones with ``intra_op_threads = 1`` and a latency budget of 1 s
 otherwise exceed a real device's 20 ms budget for reasons no device has. Each process also drives local
 inference on every agent (``Agent.infer`` on random normal inputs) so that telemetry
 and drift sketches carry traffic.
+
+A sim process runs at most ``SimConfig.max_agents_per_process`` agents (25), and
+more processes are started than ``processes`` asks for when the fleet needs them.
+Two reasons. First, the agents of one process share its GIL, and a hundred agents
+deploying at once in one process spend much of their time handing it around (the
+operating system schedules 40 processes better than one interpreter schedules 500
+threads). Second, and a hard limit at about 150 agents, paho's
+network loop watches its socket with ``select()``: a
+socket numbered ``FD_SETSIZE`` (1024) or above makes ``select()`` fail, and paho
+then drops the connection without calling ``on_disconnect``. An agent holds about
+six descriptors (the MQTT socket and paho's wake-up socket pair, the spool's SQLite
+database, WAL and shared-memory files), so 250 agents in one process put the later
+ones' sockets past 1024: they connected, were dropped within a second, and
+reconnected, forever and silently (about 20,000 connections in two minutes for 1,000
+devices in 4 processes, a third of the fleet never seen online, and a reconnect
+storm that drove the load average past 300). Each sim process also lowers its soft
+``RLIMIT_NOFILE`` to ``FD_SETSIZE``, so that should an agent still need a descriptor
+past it, opening fails loudly (``EMFILE``, logged by the agent) rather than leaving a
+socket ``select()`` cannot watch.
 """
 
 from __future__ import annotations
@@ -32,7 +51,9 @@ import logging
 import math
 import multiprocessing as mp
 import re
+import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -43,9 +64,12 @@ from typing import Any
 
 import click
 
-__all__ = ["SimConfig", "SimDevice", "plan_devices", "SimFleet", "sim_command"]
+__all__ = ["SimConfig", "SimDevice", "plan_devices", "process_count", "SimFleet", "sim_command"]
 
 log = logging.getLogger(__name__)
+
+# select()'s limit: paho cannot watch a socket whose descriptor is this or above.
+FD_SETSIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,14 @@ class SimConfig:
     health_window_probe_timeout_s: float = 5.0
     latency_budget_ms: float = 1000.0
     log_level: str = "WARNING"
+    # See the module docstring: less GIL contention than with more, and far below
+    # the ~150 agents at which descriptors would pass FD_SETSIZE (about six each).
+    max_agents_per_process: int = 25
+    # The GIL switch interval of each sim process (Python's default is 0.005 s). Every
+    # thread waiting for the GIL wakes once per interval; with hundreds of agent
+    # threads busy at once (a 1,000-device wave) that was ~180,000 context switches a
+    # second, 80 % of the CPU in the kernel. A device runs one agent and never sees it.
+    switch_interval_s: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -103,7 +135,37 @@ def plan_devices(cfg: SimConfig) -> list[SimDevice]:
     ]
 
 
+def process_count(cfg: SimConfig) -> int:
+    """How many sim processes run ``cfg``'s devices: ``cfg.processes``, or more when
+    that would put over ``cfg.max_agents_per_process`` agents in one."""
+    if cfg.devices <= 0:
+        return 1
+    needed = math.ceil(cfg.devices / max(1, cfg.max_agents_per_process))
+    return max(1, min(cfg.devices, max(cfg.processes, needed)))
+
+
 # --------------------------------------------------------------------------- in a sim process
+
+
+def _preimport() -> None:
+    """Import what the agent imports on first use (TUF, for its first deployment).
+
+    A real device imports it once, alone. A hundred agents of one process starting a
+    deployment together all queued on that one import's module lock, under a heavy
+    load, for minutes. Importing it up front changes no agent's behaviour.
+    """
+    import importlib
+
+    for name in ("agent.trust", "tuf.api.metadata", "tuf.ngclient", "psutil"):
+        importlib.import_module(name)
+
+
+def _cap_descriptors() -> None:
+    """Make descriptors past select()'s limit fail to open instead of failing silently
+    in paho's loop (see the module docstring)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > FD_SETSIZE:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_SETSIZE, hard))
 
 
 def _register_slow_runtime(factor: float) -> None:
@@ -290,6 +352,9 @@ def _worker_main(cfg: SimConfig, devices: list[SimDevice], conn: Connection) -> 
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         filename=str(cfg.data_dir / f"sim-{devices[0].index:04d}.log") if devices else None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _cap_descriptors()
+    _preimport()
+    sys.setswitchinterval(cfg.switch_interval_s)
     if cfg.latency_factor != 1.0:
         _register_slow_runtime(cfg.latency_factor)
     w = _Worker(cfg, devices)
@@ -329,7 +394,10 @@ class SimFleet:
         """
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.devices = plan_devices(self.cfg)
-        k = max(1, min(self.cfg.processes, len(self.devices)))
+        k = process_count(self.cfg)
+        if k > self.cfg.processes:
+            log.info("running %d devices in %d sim processes (at most %d agents each)",
+                     len(self.devices), k, self.cfg.max_agents_per_process)
         ctx = mp.get_context("spawn")
         for p in range(k):
             mine = self.devices[p::k]
@@ -412,7 +480,8 @@ class SimFleet:
               show_default=True)
 @click.option("--trust-root", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The hub's root.json (else trust on first use).")
-@click.option("--processes", type=click.IntRange(1, 256), default=2, show_default=True)
+@click.option("--processes", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="Sim processes; more are started when needed to keep each at 25 agents or fewer.")
 @click.option("--prefix", default="sim", show_default=True, help="Device id prefix.")
 @click.option("--tag", "tags", multiple=True, help="Tag every device (repeatable).")
 @click.option("--telemetry-interval", type=float, default=2.0, show_default=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Text, bindparam, cast, delete, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -28,7 +28,10 @@ from hub.models import (
     TelemetryPublic,
 )
 
+P = TypeVar("P", protocol.Telemetry, DriftSketch)
+
 __all__ = [
+    "to_hub_clock",
     "TelemetryIn",
     "DriftIn",
     "store_drift",
@@ -65,6 +68,23 @@ class PayloadErrorTally:
     count: int
     last_error: str
     last_device_id: str | None
+
+
+def to_hub_clock(msg: P, offset: float) -> P:
+    """``msg`` (a telemetry report or a drift sketch) with its device timestamps moved by
+    ``offset`` seconds onto the hub's clock; the same object when ``offset`` is 0."""
+    if not offset:
+        return msg
+    update: dict[str, Any] = {
+        "window_start": msg.window_start + offset,
+        "window_end": msg.window_end + offset,
+    }
+    if isinstance(msg, DriftSketch):
+        update["features"] = [
+            f.model_copy(update={"kll_since": f.kll_since + offset}) if f.kll_since is not None else f
+            for f in msg.features
+        ]
+    return msg.model_copy(update=update)
 
 
 def store_telemetry(session: Session, batch: Sequence[TelemetryIn]) -> None:

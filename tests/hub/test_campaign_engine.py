@@ -4,7 +4,7 @@ ingest would; time is a controlled clock."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,6 +40,18 @@ class Recorder:
             raise BrokerUnavailable("down")
         device_id = topic.split("/")[3]
         self.sent.append((device_id, protocol.decode(protocol.Deployment, payload)))
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
+    ) -> list[BrokerUnavailable | None]:
+        out: list[BrokerUnavailable | None] = []
+        for topic, payload in messages:
+            try:
+                self.publish(topic, payload, qos=qos, retain=retain)
+                out.append(None)
+            except BrokerUnavailable as e:
+                out.append(e)
+        return out
 
 
 class Clock:
