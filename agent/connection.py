@@ -160,6 +160,11 @@ class Link:
             while not self._stop.is_set():
                 rc = self.client.loop(timeout=0.2)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
+                    # paho skips on_disconnect for some losses (e.g. a socket select()
+                    # cannot watch); say so, or reconnect loops stay silent
+                    if self.connected.is_set():
+                        log.warning("connection to %s:%s lost (%s); reconnecting",
+                                    self.broker.host, self.broker.port, mqtt.error_string(rc))
                     self.connected.clear()
                     break
             if self._stop.is_set():
@@ -186,9 +191,15 @@ class Link:
             raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
         deadline = time.monotonic() + timeout
         while not info.is_published():
-            if time.monotonic() > deadline or not self.connected.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.connected.is_set():
                 raise TransportError("publish not acknowledged")
-            time.sleep(0.005)
+            try:
+                # woken by the network thread on PUBACK; the slice bounds how long a
+                # lost connection goes unnoticed (polling every few ms cost CPU per message)
+                info.wait_for_publish(min(0.5, left))
+            except (RuntimeError, ValueError) as e:
+                raise TransportError(f"publish failed: {e}") from e
 
     def stop(self, *, graceful: bool = True) -> None:
         # Say goodbye while the network loop still runs, then stop it.

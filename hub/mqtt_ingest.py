@@ -31,6 +31,7 @@ these threads.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import queue
@@ -164,6 +165,11 @@ class _BufferedClient(mqtt.Client):
 # to paho (for comparison: benchmarks/hub_ingest.py --read-block 0).
 READ_BLOCK_ENV: Final = "EDGEFLEET_HUB_MQTT_READ_BLOCK"
 _READ_BLOCK: Final = int(os.environ.get(READ_BLOCK_ENV, 65536))
+# Only on the paho release whose private reads _BufferedClient was written against;
+# any other release gets paho's own reading rather than a silent misparse.
+_BUFFERED_OK: Final = importlib.metadata.version("paho-mqtt").startswith("2.2.") and all(
+    callable(getattr(mqtt.Client, m, None)) for m in ("_sock_recv", "_sock_close", "loop_read")
+)
 
 
 @dataclass(frozen=True)
@@ -312,7 +318,7 @@ class MqttIngest:
         self._client = c
 
     def _new_client(self, client_id: str) -> mqtt.Client:
-        c = (_BufferedClient if _READ_BLOCK > 0 else mqtt.Client)(
+        c = (_BufferedClient if _READ_BLOCK > 0 and _BUFFERED_OK else mqtt.Client)(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=True,
