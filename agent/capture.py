@@ -23,9 +23,8 @@ Each sample is one file, exactly the frame that goes over MQTT
 the sha256 of the data, then an ``.npz`` holding every input tensor as ``in/<name>``
 and every output as ``out/<name>``. ``numpy.load(..., allow_pickle=False)`` reads it.
 
-Capture is decided on the request thread with one lock-free check of the token
-bucket; copying the tensors and writing the file happen on the agent's
-sketching thread, off the request path.
+Capture runs on the model server's observers thread, off the request path, on the
+copies of each request the server already makes for the drift sketch.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ _SUFFIX = ".efs"
 class CaptureStore:
     """The device's capture folder: a byte-capped FIFO of sample frames.
 
-    Thread-safe: :meth:`admit` is called from request threads, :meth:`add` from the
-    sketching thread, :meth:`oldest` / :meth:`remove` from the sender thread.
+    Thread-safe: :meth:`admit` and :meth:`add` are called from the observers thread,
+    :meth:`oldest` / :meth:`remove` from the sender thread.
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 
 Threads: the MQTT link, one lifecycle worker (deployments run one at a time), a
 telemetry ticker, a spool sender (which also uploads captured samples when that is
-switched on), a sketching thread (drift sketches and sample capture, off the request
-path), and the optional localhost HTTP server.
+switched on), the server's observers thread (drift sketches and sample capture, off
+the request path), and the optional localhost HTTP server.
 """
 
 from __future__ import annotations
@@ -150,10 +150,9 @@ class Agent:
         self._activated_at = 0.0  # wall clock, for readiness-file mtimes
         self._activated_mono = 0.0  # monotonic, for delays
         self._sketches: dict[str, SketchAccumulator] = {}
-        # Sketching runs on its own thread, off the request path; when it falls behind,
-        # samples are dropped and counted rather than slowing inference.
-        self._drift_q: queue.Queue = queue.Queue(maxsize=1024)
-        self.drift_skipped = 0
+        # Sketching and capture run on the server's observers thread, off the request
+        # path; when they fall behind, requests go unobserved and are counted
+        # (ModelServer.observe_skipped, reported in telemetry).
         self._sketch_lock = threading.Lock()
         self.server.observers.append(self._observe)
         self.capture: CaptureStore | None = None
@@ -243,14 +242,14 @@ class Agent:
     def start(self) -> None:
         self._load_active()
         if self.settings.api_port or self.settings.api_socket:
-            self.api = LocalApi(self.server, self.settings.api_port, socket_path=self.settings.api_socket)
+            self.api = LocalApi(self.server, self.settings.api_port, socket_path=self.settings.api_socket,
+                                feedback=self.feedback)
             self.api.start()
         self.link.start()
         for name, target in (
             ("lifecycle", self._worker),
             ("telemetry", self._telemetry_loop),
             ("spool-sender", self._sender_loop),
-            ("drift", self._drift_loop),
         ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -259,7 +258,6 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self._pending.put(None)
-        self._drift_q.put(None)
         self.spool.available.set()
         if self.api is not None:
             self.api.stop()
@@ -378,35 +376,15 @@ class Agent:
     # ------------------------------------------------------------------ drift
 
     def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
-        """Queue one served request for sketching (copies, so callers may reuse buffers),
-        and, when capture is on and a token is free, for capture."""
+        """Sketch one served request, and capture it when capture is on and a token is
+        free. Runs on the server's observers thread, on copies of the tensors."""
         man = model.bundle.manifest
-        try:
-            x = inputs[man.inputs[0].name]
-            y = outputs[man.outputs[0].name]
-            self._drift_q.put_nowait((np.array(x, copy=True), np.array(y, copy=True), model))
-        except queue.Full:
-            self.drift_skipped += 1
-        except KeyError:
-            pass
+        x = inputs.get(man.inputs[0].name)
+        y = outputs.get(man.outputs[0].name)
+        if x is not None and y is not None:
+            self._sketch_one(x, y, model)
         if self.capture is not None and self.capture.admit():
-            sample = (
-                {k: np.array(v, copy=True) for k, v in inputs.items()},
-                {k: np.array(v, copy=True) for k, v in outputs.items()},
-                model,
-                time.time(),
-            )
-            try:
-                self._drift_q.put_nowait(sample)
-            except queue.Full:
-                self.capture.counts["skipped_busy"] += 1
-
-    def _drift_loop(self) -> None:
-        while (item := self._drift_q.get()) is not None:
-            if len(item) == 4:
-                self._capture_one(*item)
-            else:
-                self._sketch_one(*item)
+            self._capture_one(inputs, outputs, model, time.time())
 
     def _capture_one(
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel, ts: float
@@ -476,6 +454,7 @@ class Agent:
                 candidate=cand.snapshot_and_reset() if cand is not None else None,
                 capture=self.capture.snapshot() if self.capture is not None else None,
                 feedback_dropped=self.feedback_dropped,
+                observe_skipped=self.server.observe_skipped,
             )
             self.spool.push(Priority.METRICS, topics.device_topic(self.settings.device_id, "telemetry"), encode(t))
 
@@ -601,6 +580,9 @@ class Agent:
             rec.state = next_state(rec.state, event)
         if self._stop.is_set() and rec.state not in TERMINAL:
             return
+        if rec.state == State.CANDIDATE and self._candidate is not None:
+            # attach before the outcome is visible: whoever sees "candidate" can use it
+            self.server.set_candidate(self._candidate, rec.mode, rec.ratio)
         rec.outcome = OUTCOME.get(rec.state, "in_progress")
         rec.history.append(rec.state.value)
         self.store.save(rec)
@@ -619,9 +601,7 @@ class Agent:
             raise _Fail(str(e), "hook") from e
 
     def _finish(self, rec: DeploymentRecord) -> None:
-        if rec.state == State.CANDIDATE and self._candidate is not None:
-            self.server.set_candidate(self._candidate, rec.mode, rec.ratio)
-        elif self._candidate is not None and self._candidate is not self.server.active:
+        if rec.state != State.CANDIDATE and self._candidate is not None and self._candidate is not self.server.active:
             self._candidate.retire()
         self._candidate = None
         if rec.target_path:

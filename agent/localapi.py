@@ -3,6 +3,22 @@ and a small client for applications on the device.
 
 Only the standard library is used, so the agent extra stays small. The server binds
 127.0.0.1 only; it is for applications on the device, not for the network.
+
+The server is a small HTTP/1.1 implementation on ``socketserver`` (a thread per
+connection, keep-alive, ``Content-Length`` bodies, ``Expect: 100-continue``) rather
+than ``http.server``: the standard handler parses every request's headers with the
+``email`` package and writes headers and body separately, which together cost more
+than a small model's inference. Each response goes out in one write with TCP_NODELAY
+set. Request lines and header blocks are bounded (64 KiB, 100 fields) and bodies by
+:data:`agent.v2.MAX_REQUEST_BYTES`; chunked request bodies are refused (411).
+
+Infer requests may carry tensors as JSON or as raw bytes with the V2 binary tensor
+extension (``Inference-Header-Content-Length``; see :mod:`agent.v2`), which
+:class:`InferenceClient` uses by default.
+
+One route is an edgefleet extension, not V2: ``POST /v2/models/{name}[/versions/{v}]/feedback``
+with ``{"label", "prediction", "request_id"?, "score"?, "ts"?}`` reports the true label
+of a prediction (``Agent.feedback``); labels go to the hub with the next telemetry.
 """
 
 from __future__ import annotations
@@ -11,11 +27,12 @@ import json
 import logging
 import os
 import re
+import socket
 import socketserver
 import threading
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -24,45 +41,169 @@ import numpy as np
 import agent
 from agent.serving import ModelServer, NoModelError
 from agent.v2 import (
+    HEADER_LENGTH,
     MAX_REQUEST_BYTES,
     V2Error,
     decode_infer_request,
-    encode_infer_response,
+    decode_infer_response,
+    encode_infer_body,
+    encode_infer_request,
     model_metadata,
-    v2_datatype,
 )
 
 __all__ = ["LocalApi", "InferenceClient"]
 
 log = logging.getLogger(__name__)
-_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/feedback)?$")
+_FEEDBACK_KEYS = frozenset({"label", "prediction", "request_id", "score", "ts"})
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required",
+            413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+_SERVER = f"edgefleet-agent/{agent.__version__}"
+_JSON = "application/json"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = f"edgefleet-agent/{agent.__version__}"
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle plus the
-    # client's delayed ACK adds ~40 ms to every keep-alive response.
-    disable_nagle_algorithm = True
+class _BadRequest(Exception):
+    """The request cannot be parsed; answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Date:
+    """The ``Date`` header value, formatted at most once a second."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._value = formatdate(now, usegmt=True)
+            self._second = now
+        return self._value
+
+
+_date = _Date()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """One client connection: requests are answered in order until either side closes."""
+
     models: ModelServer  # set on the subclass
+    feedback: Callable[..., None] | None = None  # Agent.feedback, when the agent serves labels
+    rbufsize = 1 << 16
+    wbufsize = 0  # every response is one write of header + body
 
-    def address_string(self) -> str:
-        # Unix-socket peers have no (host, port) address.
-        return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
+    def setup(self) -> None:
+        super().setup()
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            # Without it, Nagle plus the client's delayed ACK can add ~40 ms to a response.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet by default
-        log.debug("%s " + fmt, self.address_string(), *args)
+    def handle(self) -> None:
+        while True:
+            try:
+                request = self._read_request()
+            except _BadRequest as e:
+                self._respond(e.status, _error_body(str(e)), keep_alive=False)
+                return
+            except (ConnectionError, TimeoutError):
+                return
+            if request is None:
+                return
+            method, target, headers, body, keep_alive = request
+            try:
+                status, payload, extra = self._dispatch(method, target, headers, body)
+            except Exception:  # a bug must answer 500, not drop the connection silently
+                log.exception("local API: %s %s failed", method, target)
+                status, payload, extra = 500, _error_body("internal error"), None
+            try:
+                self._respond(status, payload, keep_alive=keep_alive, extra=extra)
+            except (ConnectionError, TimeoutError):
+                return
+            if not keep_alive:
+                return
 
-    def _send(self, status: int, body: dict[str, Any] | None = None) -> None:
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    # ------------------------------------------------------------------ HTTP/1.1
 
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, {"error": message})
+    def _read_request(self) -> tuple[str, str, dict[str, str], bytes, bool] | None:
+        """(method, target, headers with lower-case names, body, keep-alive), or None at EOF."""
+        rfile = self.rfile
+        line = rfile.readline(_MAX_LINE + 1)
+        while line in (b"\r\n", b"\n"):  # tolerate blank lines between requests
+            line = rfile.readline(_MAX_LINE + 1)
+        if not line:
+            return None
+        if len(line) > _MAX_LINE:
+            raise _BadRequest(414, "request line too long")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3:
+            raise _BadRequest(400, f"bad request line {line[:100]!r}")
+        method, target, version = parts
+        if not version.startswith("HTTP/1."):
+            raise _BadRequest(505, f"unsupported protocol {version[:20]!r}")
+        headers: dict[str, str] = {}
+        while True:
+            line = rfile.readline(_MAX_LINE + 1)
+            if not line:
+                raise ConnectionError("client closed the connection mid-request")
+            if line in (b"\r\n", b"\n"):
+                break
+            if len(line) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
+                raise _BadRequest(431, "request header fields too large")
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not name or name[0] in " \t" or name != name.rstrip():
+                raise _BadRequest(400, f"bad header line {line[:100]!r}")
+            headers[name.lower()] = value.strip()
+        conn = headers.get("connection", "").lower()
+        keep_alive = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
+        if "transfer-encoding" in headers:
+            raise _BadRequest(411, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(headers.get("content-length") or 0)
+        except ValueError as e:
+            raise _BadRequest(400, "bad Content-Length") from e
+        if length < 0:
+            raise _BadRequest(400, "bad Content-Length")
+        if length > MAX_REQUEST_BYTES:
+            raise _BadRequest(413, f"request of {length} bytes exceeds {MAX_REQUEST_BYTES}")
+        body = b""
+        if length:
+            if headers.get("expect", "").lower() == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = rfile.read(length)
+            if len(body) < length:
+                raise ConnectionError("client closed the connection mid-body")
+        return method, target, headers, body, keep_alive
+
+    def _respond(self, status: int, body: bytes, *, keep_alive: bool,
+                 extra: dict[str, str] | None = None) -> None:
+        content_type = _JSON
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}", f"Server: {_SERVER}", f"Date: {_date()}"]
+        if extra:
+            content_type = extra.pop("Content-Type", _JSON)
+            head += [f"{k}: {v}" for k, v in extra.items()]
+        head += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        if not keep_alive:
+            head.append("Connection: close")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+    # ------------------------------------------------------------------ V2 routes
+
+    def _dispatch(self, method: str, target: str, headers: dict[str, str],
+                  body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
+        path = target.split("?", 1)[0]
+        if method == "POST":
+            return self._post(path, headers, body)
+        if method == "GET":
+            return self._get(path)
+        return 501, _error_body(f"unsupported method {method!r}"), None
 
     def _model_for(self, name: str, version: str | None):
         m = self.models.active
@@ -72,58 +213,104 @@ class _Handler(BaseHTTPRequestHandler):
             raise V2Error(f"model {name!r} version {version!r} is not served here", 404)
         return m
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        path = self.path.split("?", 1)[0]
+    def _get(self, path: str) -> tuple[int, bytes, None]:
         try:
             if path == "/v2/health/live":
-                return self._send(200, {"live": True})
+                return 200, _json({"live": True}), None
             if path == "/v2/health/ready":
                 ready = self.models.active is not None
-                return self._send(200 if ready else 503, {"ready": ready})
+                return (200 if ready else 503), _json({"ready": ready}), None
             if path == "/v2":
-                return self._send(200, {"name": "edgefleet-agent", "version": agent.__version__,
-                                        "extensions": []})
+                return 200, _json({"name": "edgefleet-agent", "version": agent.__version__,
+                                   "extensions": ["binary_tensor_data"]}), None
             m = _MODEL_ROUTE.match(path)
-            if m is None or m.group(3) == "/infer":
-                return self._error(404, f"no route {path}")
+            if m is None or m.group(3) in ("/infer", "/feedback"):
+                return 404, _error_body(f"no route {path}"), None
             lm = self._model_for(m.group(1), m.group(2))
             if m.group(3) == "/ready":
-                return self._send(200, {"name": lm.bundle.manifest.name, "ready": True})
+                return 200, _json({"name": lm.bundle.manifest.name, "ready": True}), None
             man = lm.bundle.manifest
-            return self._send(200, model_metadata(
+            return 200, _json(model_metadata(
                 man.name, [man.version], f"{man.runtime}_{man.format}",
-                list(man.inputs), list(man.outputs)))
+                list(man.inputs), list(man.outputs))), None
         except V2Error as e:
-            return self._error(e.status, str(e))
+            return e.status, _error_body(str(e)), None
 
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
+    def _post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
         m = _MODEL_ROUTE.match(path)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return self._error(400, "bad Content-Length")
-        if length > MAX_REQUEST_BYTES:
-            return self._error(413, f"request of {length} bytes exceeds {MAX_REQUEST_BYTES}")
-        body = self.rfile.read(length)
+        if m is not None and m.group(3) == "/feedback" and self.feedback is not None:
+            return self._post_feedback(m.group(1), m.group(2), body)
         if m is None or m.group(3) != "/infer":
-            return self._error(404, f"no route {path}")
+            return 404, _error_body(f"no route {path}"), None
         try:
+            header_length = None
+            if (hl := headers.get("inference-header-content-length")) is not None:
+                try:
+                    header_length = int(hl)
+                except ValueError as e:
+                    raise V2Error(f"bad {HEADER_LENGTH} {hl[:20]!r}") from e
             lm = self._model_for(m.group(1), m.group(2))
-            inputs, rest = decode_infer_request(body, list(lm.bundle.manifest.inputs))
+            inputs, rest = decode_infer_request(body, list(lm.bundle.manifest.inputs), header_length)
             try:
                 outputs, served = self.models.infer(inputs)
             except ValueError as e:
                 raise V2Error(f"inference failed: {e}") from e
             man = served.bundle.manifest
-            return self._send(200, encode_infer_response(man.name, man.version, outputs, rest))
+            data, json_length = encode_infer_body(man.name, man.version, outputs, rest)
+            if json_length is None:
+                return 200, data, None
+            return 200, data, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_length)}
         except NoModelError as e:
-            return self._error(503, str(e))
+            return 503, _error_body(str(e)), None
         except V2Error as e:
-            return self._error(e.status, str(e))
+            return e.status, _error_body(str(e)), None
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    def _post_feedback(self, name: str, version: str | None, body: bytes) -> tuple[int, bytes, None]:
+        """``{"label", "prediction", "request_id"?, "score"?, "ts"?}``: the true label of a
+        prediction of ``name`` (default version: the one active now), sent to the hub
+        with the next telemetry interval (edgefleet extension, not part of V2)."""
+        try:
+            obj = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return 400, _error_body(f"feedback body is not JSON: {e}"), None
+        if not isinstance(obj, dict):
+            return 400, _error_body("feedback body must be a JSON object"), None
+        unknown = sorted(set(obj) - _FEEDBACK_KEYS)
+        if unknown:
+            return 400, _error_body(f"unknown feedback fields {unknown}"), None
+        if "label" not in obj or "prediction" not in obj:
+            return 400, _error_body("feedback needs 'label' and 'prediction'"), None
+        if version is None:
+            active = self.models.active
+            if active is None or active.bundle.manifest.name != name:
+                return 404, _error_body(f"model {name!r} is not served here; give its version"), None
+            version = active.bundle.manifest.version
+        report = self.feedback
+        assert report is not None  # routed here only when set
+        try:
+            report(obj["label"], obj["prediction"], model=f"{name}:{version}",
+                          request_id=obj.get("request_id"), ts=obj.get("ts"), score=obj.get("score"))
+        except ValueError as e:
+            return 400, _error_body(str(e)), None
+        return 200, _json({"accepted": True}), None
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _error_body(message: str) -> bytes:
+    return _json({"error": message})
+
+
+class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
@@ -133,20 +320,19 @@ class LocalApi:
     The Unix socket is created with mode 0660 so that access can be granted by group.
     """
 
-    def __init__(self, models: ModelServer, port: int = 0, *, socket_path: Path | None = None):
-        handler = type("Handler", (_Handler,), {"models": models})
-        unix_handler = type("UnixHandler", (_Handler,), {"models": models, "disable_nagle_algorithm": False})
+    def __init__(self, models: ModelServer, port: int = 0, *, socket_path: Path | None = None,
+                 feedback: Callable[..., None] | None = None):
+        handler = type("Handler", (_Handler,), {"models": models, "feedback": staticmethod(feedback) if feedback else None})
         self._servers: list[socketserver.BaseServer] = []
         self.port = 0
         if port:
-            httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-            httpd.daemon_threads = True
+            httpd = _TcpServer(("127.0.0.1", port), handler)
             self.port = httpd.server_address[1]
             self._servers.append(httpd)
         self.socket_path = socket_path
         if socket_path is not None:
             socket_path.unlink(missing_ok=True)
-            unix = _UnixHTTPServer(str(socket_path), unix_handler)
+            unix = _UnixServer(str(socket_path), handler)
             os.chmod(socket_path, 0o660)
             self._servers.append(unix)
 
@@ -163,32 +349,85 @@ class LocalApi:
 
 
 class InferenceClient:
-    """Client for the localhost V2 endpoint, for applications on the device."""
+    """Client for the localhost V2 endpoint, for applications on the device.
 
-    def __init__(self, base_url: str, timeout: float = 10.0):
+    Keeps one HTTP/1.1 connection per thread. ``binary`` (the default) sends and receives
+    numeric tensors with the V2 binary tensor extension; ``binary=False`` uses plain JSON.
+    Connection failures raise ``OSError`` (e.g. ``ConnectionRefusedError``); HTTP errors
+    raise :class:`~agent.v2.V2Error` with the status.
+    """
+
+    def __init__(self, base_url: str, timeout: float = 10.0, *, binary: bool = True):
+        from urllib.parse import urlsplit
+
         self.base_url = base_url.rstrip("/")
+        url = urlsplit(self.base_url)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"InferenceClient needs an http:// URL, got {base_url!r}")
+        self._host, self._port, self._prefix = url.hostname, url.port or 80, url.path
         self.timeout = timeout
+        self.binary = binary
+        self._local = threading.local()
+
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[bytes, Any]:
+        import http.client
+
+        for attempt in (0, 1):
+            conn = getattr(self._local, "conn", None)
+            fresh = conn is None
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            try:
+                conn.request(method, self._prefix + path, body, headers or {})
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self._local.conn = None
+                if fresh or attempt:  # a new connection failed: the server is gone
+                    raise
+                continue  # the server closed an idle keep-alive connection: reconnect once
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self._local.conn = None
+                raise
+            if resp.status >= 400:
+                raise V2Error(f"{method} {path}: HTTP {resp.status}: {data.decode(errors='replace')}", resp.status)
+            return data, resp
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")
-            raise V2Error(f"{method} {path}: HTTP {e.code}: {detail}", e.code) from e
+        raw, _ = self._request(method, path, data, {"Content-Type": _JSON} if data is not None else None)
+        return json.loads(raw)
 
     def metadata(self, model: str) -> dict[str, Any]:
         return self._call("GET", f"/v2/models/{model}")
 
     def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        body = {"inputs": [
-            {"name": k, "shape": list(v.shape), "datatype": v2_datatype(v.dtype.name),
-             "data": v.ravel().tolist()} for k, v in inputs.items()]}
-        resp = self._call("POST", f"/v2/models/{model}/infer", body)
-        from agent.v2 import DATATYPES
+        """Outputs of ``model`` for ``inputs``. Raises V2Error, OSError."""
+        body, json_length = encode_infer_request(inputs, binary=self.binary)
+        headers = {"Content-Type": _JSON}
+        if json_length is not None:
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_length)}
+        raw, resp = self._request("POST", f"/v2/models/{model}/infer", body, headers)
+        hl = resp.getheader(HEADER_LENGTH)
+        return decode_infer_response(raw, int(hl) if hl is not None else None)
 
-        return {o["name"]: np.asarray(o["data"], dtype=DATATYPES[o["datatype"]]).reshape(o["shape"])
-                for o in resp["outputs"]}
+    def feedback(self, model: str, label: int | str, prediction: int | str, *, request_id: str | None = None,
+                 score: float | dict[str, float] | None = None) -> None:
+        """Report the true label of one prediction of ``model`` (NAME or NAME/versions/V).
+        Raises V2Error (400 with the reason for a bad field), OSError."""
+        body: dict[str, Any] = {"label": label, "prediction": prediction}
+        if request_id is not None:
+            body["request_id"] = request_id
+        if score is not None:
+            body["score"] = score
+        self._call("POST", f"/v2/models/{model}/feedback", body)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

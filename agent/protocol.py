@@ -171,6 +171,9 @@ class Telemetry(Payload):
         None, description="Sample capture counters (captured, evicted, oversized, uploaded, stored), if on."
     )
     feedback_dropped: int = Field(0, ge=0, description="Labels dropped because too many were pending.")
+    observe_skipped: int = Field(
+        0, ge=0, description="Requests served but not sketched, because sketching fell behind (so far)."
+    )
 
 
 class Deployment(Payload):

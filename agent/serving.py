@@ -5,6 +5,13 @@ holds it for the duration of the call; :meth:`ModelServer.swap` replaces the ref
 and retires the old model, which unloads only when its last in-flight request is done.
 So requests in flight finish on the old model and new ones go to the new model, and
 no request fails because of a swap.
+
+Observers (the drift sketch, sample capture) never run on the request path: a served
+request leaves copies of its inputs and outputs in a bounded queue that the
+``observers`` thread drains in batches, so a request costs two small copies and an
+append, never a thread wake-up. When observers fall behind by ``OBSERVE_BACKLOG``
+requests, further requests are not observed and are counted in
+:attr:`ModelServer.observe_skipped`.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import queue
 import random
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,9 +30,21 @@ import numpy as np
 from agent.errors import EdgefleetError
 from agent.runtimes.base import LoadedModel
 
-__all__ = ["NoModelError", "WindowStats", "WindowSnapshot", "ModelServer", "Candidate"]
+__all__ = ["NoModelError", "WindowStats", "WindowSnapshot", "ModelServer", "Candidate", "Observer",
+           "OBSERVE_BACKLOG"]
 
 log = logging.getLogger(__name__)
+
+Observer = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel], None]
+"""``observer(inputs, outputs, model)``: called on the observers thread for each served
+request, with arrays the observer may keep (they are copies)."""
+
+OBSERVE_BACKLOG = 1024
+"""Served requests that may wait for the observers; beyond this they are skipped."""
+
+_OBSERVE_BATCH_S = 0.01  # the observers thread gathers requests this long before it runs
+_perf_counter = time.perf_counter
+_random = random.random
 
 
 class NoModelError(EdgefleetError):
@@ -42,10 +63,14 @@ class WindowSnapshot:
 
 
 class WindowStats:
-    """Counts and a bounded latency reservoir for one telemetry window."""
+    """Counts and a bounded latency reservoir for one telemetry window.
 
-    def __init__(self, reservoir: int = 4096):
-        self._lock = threading.Lock()
+    ``lock`` may be shared between windows that are always recorded together (the
+    serving window and the health window), so that a request takes it once.
+    """
+
+    def __init__(self, reservoir: int = 4096, *, lock: threading.Lock | None = None):
+        self._lock = lock if lock is not None else threading.Lock()
         self._cap = reservoir
         self._reset(time.time())
 
@@ -58,17 +83,23 @@ class WindowStats:
 
     def record(self, latency_ms: float, ok: bool) -> None:
         with self._lock:
-            self.count += 1
-            if not ok:
-                self.errors += 1
-                return
-            self._max = max(self._max, latency_ms)
-            if len(self._lat) < self._cap:
-                self._lat.append(latency_ms)
-            else:
-                j = random.randrange(self.count)
-                if j < self._cap:
-                    self._lat[j] = latency_ms
+            self._add(latency_ms, ok)
+
+    def _add(self, latency_ms: float, ok: bool) -> None:
+        """``record`` for a caller that holds the lock."""
+        self.count += 1
+        if not ok:
+            self.errors += 1
+            return
+        if latency_ms > self._max:
+            self._max = latency_ms
+        lat = self._lat
+        if len(lat) < self._cap:
+            lat.append(latency_ms)
+        else:
+            j = random.randrange(self.count)
+            if j < self._cap:
+                lat[j] = latency_ms
 
     def snapshot_and_reset(self) -> WindowSnapshot:
         now = time.time()
@@ -117,6 +148,10 @@ class Candidate:
         return stats
 
 
+def _copies(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.copy() if type(v) is np.ndarray else np.array(v) for k, v in arrays.items()}
+
+
 class ModelServer:
     def __init__(self) -> None:
         self._active: LoadedModel | None = None
@@ -124,9 +159,16 @@ class ModelServer:
         self._shadow_q: queue.Queue = queue.Queue(maxsize=256)
         self._shadow_thread: threading.Thread | None = None
         self._swap_lock = threading.Lock()
-        self.window = WindowStats()
-        self.health = WindowStats()  # reset by the health check at activation
-        self.observers: list = []  # callables(inputs, outputs) e.g. drift sketches
+        self._stats_lock = threading.Lock()  # one lock for both windows: a request takes it once
+        self.window = WindowStats(lock=self._stats_lock)
+        self.health = WindowStats(lock=self._stats_lock)  # reset by the health check at activation
+        self.observers: list[Observer] = []  # e.g. the drift sketch; run off the request path
+        self.observe_skipped = 0
+        self._observed: deque[tuple[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]] = deque()
+        self._observer_idle = True
+        self._observer_wake = threading.Event()
+        self._observer_thread: threading.Thread | None = None
+        self._observer_lock = threading.Lock()
 
     @property
     def active(self) -> LoadedModel | None:
@@ -136,7 +178,7 @@ class ModelServer:
         """Make ``new`` the active model; retire and return the old one."""
         with self._swap_lock:
             old, self._active = self._active, new
-            self.health = WindowStats()
+            self.health = WindowStats(lock=self._stats_lock)
         if old is not None and old is not new:
             old.retire()
         return old
@@ -226,29 +268,94 @@ class ModelServer:
             ValueError: inputs do not fit the model.
         """
         cand = self._candidate
-        if cand is not None and cand.mode == "split" and random.random() < cand.ratio:
+        if cand is not None and cand.mode == "split" and _random() < cand.ratio:
             out = self._serve_split(cand, inputs)
             if out is not None:
-                for obs in self.observers:
-                    obs(inputs, out, cand.model)
+                if self.observers:
+                    self._observe(inputs, out, cand.model)
                 return out, cand.model
-        m = self._acquire()
-        t0 = time.perf_counter()
-        ok = False
-        health = self.health
+        m = self._active
+        if m is None or not m.acquire():
+            m = self._acquire()
+        t0 = _perf_counter()
         try:
             out = m.runtime.infer(inputs)
-            ok = True
-        finally:
-            ms = (time.perf_counter() - t0) * 1000.0
-            m.release()
-            self.window.record(ms, ok)
-            health.record(ms, ok)
-        for obs in self.observers:
-            obs(inputs, out, m)
-        if cand is not None and cand.mode == "shadow" and random.random() < cand.ratio:
+        except BaseException:
+            self._record(m, (_perf_counter() - t0) * 1000.0, False)
+            raise
+        self._record(m, (_perf_counter() - t0) * 1000.0, True)
+        if self.observers:
+            self._observe(inputs, out, m)
+        if cand is not None and cand.mode == "shadow" and _random() < cand.ratio:
             try:
                 self._shadow_q.put_nowait((cand, inputs, out))
             except queue.Full:
                 cand.skipped += 1
         return out, m
+
+    def _record(self, m: LoadedModel, ms: float, ok: bool) -> None:
+        m.release()
+        lock = self._stats_lock
+        lock.acquire()
+        try:
+            self.window._add(ms, ok)
+            self.health._add(ms, ok)
+        finally:
+            lock.release()
+
+    # ------------------------------------------------------------------ observers
+
+    def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
+        """Queue copies of one served request for the observers (the caller may reuse its buffers)."""
+        q = self._observed
+        if len(q) >= OBSERVE_BACKLOG:
+            self.observe_skipped += 1
+            return
+        q.append((_copies(inputs), _copies(outputs), model))
+        if self._observer_idle:
+            self._observer_idle = False
+            self._start_observers()
+            self._observer_wake.set()
+
+    def _start_observers(self) -> None:
+        if self._observer_thread is None:
+            with self._observer_lock:
+                if self._observer_thread is None:
+                    t = threading.Thread(target=self._observer_loop, name="observers", daemon=True)
+                    t.start()
+                    self._observer_thread = t
+
+    def _observer_loop(self) -> None:
+        q = self._observed
+        while True:
+            self._observer_wake.wait()
+            self._observer_wake.clear()
+            time.sleep(_OBSERVE_BATCH_S)  # gather a batch: one wake-up per batch, not per request
+            while True:
+                n = 0
+                while q:
+                    inputs, outputs, model = q.popleft()
+                    for obs in list(self.observers):
+                        try:
+                            obs(inputs, outputs, model)
+                        except Exception:  # an observer must never stop the others or serving
+                            log.exception("observer %r failed", obs)
+                    n += 1
+                    if n % 8 == 0:
+                        # Hand the GIL over: a request thread back from the runtime must not
+                        # wait for this whole batch (up to the 5 ms switch interval).
+                        time.sleep(0)
+                self._observer_idle = True
+                if not q:
+                    break
+                self._observer_idle = False  # a request arrived between the drain and the flag
+
+    def flush_observers(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued request has been observed (for tests and shutdown).
+        Returns False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._observed or not self._observer_idle:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True

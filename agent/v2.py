@@ -2,18 +2,29 @@
 
 Transport-free, so the agent's localhost endpoint and the hub's cloud endpoint share it.
 Errors are :class:`V2Error` with the HTTP status they map to.
+
+Besides plain JSON, tensors may travel as raw bytes with the binary tensor data
+extension that Triton and MLServer implement: the HTTP body is the JSON request
+(``Inference-Header-Content-Length`` bytes long) followed by the raw little-endian,
+row-major data of every input whose ``parameters`` carry ``binary_data_size`` (in the
+order of ``inputs``). A request with ``"parameters": {"binary_data_output": true}``, or
+an output asking ``"parameters": {"binary_data": true}``, gets its outputs the same way.
+Decoding such a tensor is one ``np.frombuffer`` instead of parsing a JSON number list,
+which is what dominates a JSON request of more than a few hundred values.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
 
 from agent.bundle import TensorSpec
 
-__all__ = ["V2Error", "DATATYPES", "decode_infer_request", "encode_infer_response", "model_metadata"]
+__all__ = ["V2Error", "DATATYPES", "decode_infer_request", "encode_infer_response", "encode_infer_body",
+           "encode_infer_request", "decode_infer_response", "model_metadata", "HEADER_LENGTH"]
 
 DATATYPES: dict[str, str] = {
     "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
@@ -23,6 +34,10 @@ DATATYPES: dict[str, str] = {
 _TO_V2 = {v: k for k, v in DATATYPES.items()}
 _TO_V2["string"] = "BYTES"
 MAX_REQUEST_BYTES = 64 << 20
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""HTTP header of the binary extension: the length of the JSON part of the body."""
+_NP_DTYPES = {k: np.dtype(v) for k, v in DATATYPES.items()}
+_WIRE_DTYPES = {k: d.newbyteorder("<") for k, d in _NP_DTYPES.items() if k != "BYTES"}
 
 
 class V2Error(Exception):
@@ -42,18 +57,29 @@ def _check_shape(shape: Any, where: str) -> list[int]:
 
 
 def decode_infer_request(
-    body: bytes | dict[str, Any], specs: list[TensorSpec]
+    body: bytes | dict[str, Any], specs: list[TensorSpec], header_length: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Parse a V2 infer request into named arrays, checked against the model's inputs.
+
+    ``header_length`` (the ``Inference-Header-Content-Length`` header) says that only the
+    first ``header_length`` bytes of ``body`` are JSON and binary tensor data follows.
 
     Returns (inputs, request fields other than ``inputs``).
 
     Raises:
-        V2Error(400): malformed JSON, unknown/missing inputs, bad datatype, shape or data.
+        V2Error(400): malformed JSON, unknown/missing inputs, bad datatype, shape or data,
+            binary data that does not add up.
+        V2Error(413): the body is over ``MAX_REQUEST_BYTES``.
     """
+    binary = b""
     if isinstance(body, bytes | bytearray):
         if len(body) > MAX_REQUEST_BYTES:
             raise V2Error(f"request of {len(body)} bytes exceeds {MAX_REQUEST_BYTES}", 413)
+        if header_length is not None:
+            if not 0 < header_length <= len(body):
+                raise V2Error(f"{HEADER_LENGTH} {header_length} does not fit a body of {len(body)} bytes")
+            binary = body[header_length:]
+            body = body[:header_length]
         try:
             req = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -64,6 +90,7 @@ def decode_infer_request(
         raise V2Error("request must be an object with a non-empty 'inputs' list")
     by_name = {s.name: s for s in specs}
     out: dict[str, np.ndarray] = {}
+    offset = 0
     for i, t in enumerate(req["inputs"]):
         where = f"inputs[{i}]"
         if not isinstance(t, dict):
@@ -76,15 +103,21 @@ def decode_infer_request(
         if dt not in DATATYPES:
             raise V2Error(f"{where}: unknown datatype {dt!r}")
         shape = _check_shape(t.get("shape"), where)
-        if "data" not in t:
-            raise V2Error(f"{where}: missing 'data'")
-        try:
-            arr = np.asarray(t["data"], dtype=DATATYPES[dt])
-        except (ValueError, TypeError) as e:
-            raise V2Error(f"{where}: data does not match datatype {dt}: {e}") from e
-        if arr.size != int(np.prod(shape)):
-            raise V2Error(f"{where}: {arr.size} values do not fill shape {shape}")
-        arr = arr.reshape(shape)
+        params = t.get("parameters")
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            arr = _binary_tensor(binary, offset, size, dt, shape, where)
+            offset += size
+        else:
+            if "data" not in t:
+                raise V2Error(f"{where}: missing 'data'")
+            try:
+                arr = np.asarray(t["data"], dtype=_NP_DTYPES[dt])
+            except (ValueError, TypeError) as e:
+                raise V2Error(f"{where}: data does not match datatype {dt}: {e}") from e
+            if arr.size != math.prod(shape):
+                raise V2Error(f"{where}: {arr.size} values do not fill shape {shape}")
+            arr = arr.reshape(shape)
         if spec.dtype != "string" and arr.dtype != np.dtype(spec.dtype):
             raise V2Error(f"{where}: datatype {dt} but the model expects {v2_datatype(spec.dtype)}")
         if len(shape) != len(spec.shape) or any(
@@ -92,11 +125,75 @@ def decode_infer_request(
         ):
             raise V2Error(f"{where}: shape {shape} does not match the model's {spec.shape}")
         out[name] = arr
+    if offset != len(binary):
+        raise V2Error(f"{len(binary) - offset} bytes of binary data follow the request that no input claims")
     missing = set(by_name) - set(out)
     if missing:
         raise V2Error(f"missing inputs {sorted(missing)}")
     rest = {k: v for k, v in req.items() if k != "inputs"}
     return out, rest
+
+
+def _binary_tensor(binary: bytes, offset: int, size: Any, dt: str, shape: list[int], where: str) -> np.ndarray:
+    if not isinstance(size, int) or size < 0:
+        raise V2Error(f"{where}: binary_data_size must be a non-negative integer")
+    wire = _WIRE_DTYPES.get(dt)
+    if wire is None:
+        raise V2Error(f"{where}: binary data of datatype {dt} is not supported; send it as JSON")
+    if size != math.prod(shape) * wire.itemsize:
+        raise V2Error(f"{where}: binary_data_size {size} does not fit shape {shape} of {dt}")
+    if offset + size > len(binary):
+        raise V2Error(f"{where}: {size} bytes of binary data announced, {len(binary) - offset} left in the body")
+    arr = np.frombuffer(binary, dtype=wire, count=size // wire.itemsize, offset=offset)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(shape)
+
+
+def _binary_outputs(request: dict[str, Any]) -> tuple[bool, dict[str, bool]]:
+    """(all outputs binary, per-output choice) from a request's parameters."""
+    params = request.get("parameters")
+    default = bool(params.get("binary_data_output")) if isinstance(params, dict) else False
+    per: dict[str, bool] = {}
+    if isinstance(request.get("outputs"), list):
+        for o in request["outputs"]:
+            if isinstance(o, dict) and isinstance(o.get("parameters"), dict) and "binary_data" in o["parameters"]:
+                per[str(o.get("name"))] = bool(o["parameters"]["binary_data"])
+    return default, per
+
+
+def encode_infer_body(
+    model_name: str,
+    model_version: str | None,
+    outputs: dict[str, np.ndarray],
+    request: dict[str, Any],
+) -> tuple[bytes, int | None]:
+    """The HTTP body of an infer response, and the value of ``Inference-Header-Content-Length``
+    (None when every output is JSON)."""
+    default, per = _binary_outputs(request)
+    if not default and not any(per.values()):
+        return json.dumps(encode_infer_response(model_name, model_version, outputs, request)).encode(), None
+    wanted = None
+    if isinstance(request.get("outputs"), list):
+        wanted = {o.get("name") for o in request["outputs"] if isinstance(o, dict)}
+    resp: dict[str, Any] = {"model_name": model_name, "outputs": []}
+    if model_version is not None:
+        resp["model_version"] = model_version
+    if "id" in request:
+        resp["id"] = request["id"]
+    chunks: list[bytes] = []
+    for name, arr in outputs.items():
+        if wanted is not None and name not in wanted:
+            continue
+        datatype = v2_datatype(arr.dtype.name)
+        t: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
+        if per.get(name, default) and datatype in _WIRE_DTYPES:
+            data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
+            t["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            t["data"] = arr.ravel().tolist()
+        resp["outputs"].append(t)
+    header = json.dumps(resp).encode()
+    return b"".join([header, *chunks]), len(header)
 
 
 def encode_infer_response(
@@ -125,6 +222,63 @@ def encode_infer_response(
             }
         )
     return resp
+
+
+def encode_infer_request(
+    inputs: dict[str, np.ndarray], *, binary: bool = True, binary_output: bool | None = None
+) -> tuple[bytes, int | None]:
+    """A client's infer request body and its ``Inference-Header-Content-Length`` (None for
+    plain JSON). ``binary`` sends numeric tensors as raw bytes; ``binary_output`` (default:
+    same as ``binary``) asks for the outputs that way."""
+    binary_output = binary if binary_output is None else binary_output
+    tensors: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, value in inputs.items():
+        arr = np.asarray(value)
+        datatype = v2_datatype(arr.dtype.name)
+        t: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
+        if binary and datatype in _WIRE_DTYPES:
+            data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
+            t["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            t["data"] = arr.ravel().tolist()
+        tensors.append(t)
+    req: dict[str, Any] = {"inputs": tensors}
+    if binary_output:
+        req["parameters"] = {"binary_data_output": True}
+    header = json.dumps(req).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def decode_infer_response(body: bytes, header_length: int | None = None) -> dict[str, np.ndarray]:
+    """Outputs of an infer response (JSON, or JSON followed by binary tensor data).
+
+    Raises:
+        V2Error(502): the response does not parse or its binary data does not add up.
+    """
+    binary = b""
+    if header_length is not None:
+        binary, body = body[header_length:], body[:header_length]
+    try:
+        resp = json.loads(body)
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for o in resp["outputs"]:
+            shape = list(o["shape"])
+            size = (o.get("parameters") or {}).get("binary_data_size")
+            if size is not None:
+                out[o["name"]] = _binary_tensor(binary, offset, size, o["datatype"], shape, o["name"])
+                offset += size
+            else:
+                out[o["name"]] = np.asarray(o["data"], dtype=_NP_DTYPES[o["datatype"]]).reshape(shape)
+    except V2Error as e:
+        raise V2Error(f"bad infer response: {e}", 502) from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise V2Error(f"bad infer response: {e!r}", 502) from e
+    return out
 
 
 def model_metadata(name: str, versions: list[str], platform: str,

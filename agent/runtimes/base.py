@@ -117,6 +117,13 @@ class LoadedModel:
 
     ``acquire``/``release`` bracket each request; :meth:`retire` unloads the model
     once the last in-flight request has finished, so a swap never cuts one short.
+
+    The request path takes no lock: in-flight requests are tokens in a list, and
+    ``list.append``/``list.pop`` are atomic. A request adds its token *before* it looks
+    at the retired flag, and :meth:`retire` sets the flag *before* it counts tokens, so
+    either the request sees the flag (and backs out) or ``retire`` sees the token (and
+    leaves the unload to the request's ``release``). Unloading itself runs once, under
+    a lock.
     """
 
     def __init__(self, bundle: Bundle, runtime: Runtime, slot: str):
@@ -124,7 +131,7 @@ class LoadedModel:
         self.runtime = runtime
         self.slot = slot
         self._lock = threading.Lock()
-        self._inflight = 0
+        self._inflight: list[None] = []
         self._retired = False
         self._unloaded = False
 
@@ -132,25 +139,26 @@ class LoadedModel:
     def ref(self) -> str:
         return self.bundle.manifest.ref
 
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
     def acquire(self) -> bool:
-        with self._lock:
-            if self._retired:
-                return False
-            self._inflight += 1
-            return True
+        self._inflight.append(None)
+        if self._retired:
+            self.release()
+            return False
+        return True
 
     def release(self) -> None:
-        with self._lock:
-            self._inflight -= 1
-            done = self._retired and self._inflight == 0
-        if done:
+        inflight = self._inflight
+        inflight.pop()
+        if self._retired and not inflight:
             self._unload_once()
 
     def retire(self) -> None:
-        with self._lock:
-            self._retired = True
-            done = self._inflight == 0
-        if done:
+        self._retired = True
+        if not self._inflight:
             self._unload_once()
 
     def _unload_once(self) -> None:

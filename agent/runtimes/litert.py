@@ -35,7 +35,8 @@ class LiteRtRuntime:
         self._lock = threading.Lock()  # an Interpreter is not thread-safe
         self._in: list[dict[str, Any]] = []
         self._out: list[dict[str, Any]] = []
-        self._batch: dict[str, int] = {}
+        self._shapes: list[tuple[int, ...]] = []  # current input shapes, so a call need not ask
+        self._in_dtypes: list[np.dtype] = []
 
     @classmethod
     def library_version(cls) -> str:
@@ -51,6 +52,9 @@ class LiteRtRuntime:
             raise RuntimeLoadError(f"LiteRT could not load {model_path}: {e}") from e
         self._in = self._interp.get_input_details()
         self._out = self._interp.get_output_details()
+        self._shapes = [tuple(int(v) for v in d["shape"]) for d in self._in]
+        # An input already of the tensor's dtype needs no conversion (the common case).
+        self._in_dtypes = [np.dtype(d["dtype"]) for d in self._in]
 
     @staticmethod
     def _spec(d: dict[str, Any]) -> TensorSpec:
@@ -85,26 +89,32 @@ class LiteRtRuntime:
         return value
 
     def _run_one(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        current = self._interp.get_input_details()
-        resized = False
-        for d, cur, arr in zip(self._in, current, arrays, strict=True):
-            if tuple(cur["shape"]) != arr.shape:
-                self._interp.resize_tensor_input(d["index"], list(arr.shape))
-                resized = True
-        if resized:
-            self._interp.allocate_tensors()
+        interp = self._interp
+        if any(have != arr.shape for have, arr in zip(self._shapes, arrays, strict=True)):
+            try:
+                for k, (d, arr) in enumerate(zip(self._in, arrays, strict=True)):
+                    interp.resize_tensor_input(d["index"], list(arr.shape))
+                    self._shapes[k] = arr.shape
+                interp.allocate_tensors()
+            except (ValueError, RuntimeError):
+                self._shapes = [()] * len(self._in)  # unknown now: resize and allocate next time
+                raise
         for d, arr in zip(self._in, arrays, strict=True):
-            self._interp.set_tensor(d["index"], arr)
-        self._interp.invoke()
-        return [self._interp.get_tensor(d["index"]).copy() for d in self._out]
+            interp.set_tensor(d["index"], arr)
+        interp.invoke()
+        return [interp.get_tensor(d["index"]).copy() for d in self._out]
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._interp is None:
             raise RuntimeError("model not loaded")
-        try:
-            arrays = [self._to_input(d, inputs[d["name"]]) for d in self._in]
-        except KeyError as e:
-            raise ValueError(f"missing input {e}") from e
+        arrays = []
+        for d, dt in zip(self._in, self._in_dtypes, strict=True):
+            try:
+                value = inputs[d["name"]]
+            except KeyError as e:
+                raise ValueError(f"missing input {e}") from e
+            ok = type(value) is np.ndarray and value.dtype == dt
+            arrays.append(value if ok else self._to_input(d, value))
         with self._lock:
             try:
                 outs = self._run_one(arrays)

@@ -1,8 +1,15 @@
-"""ONNX Runtime."""
+"""ONNX Runtime.
+
+The request path calls the session's C++ ``run`` directly, bound once at load with the
+output names: ``InferenceSession.run`` adds Python-side checks on every call (missing
+inputs, OrtValue ownership, graph capture) that cost more than a small model's
+inference. The one check that matters here (every required input is present) is done
+with a single set comparison; ORT itself rejects unknown names, dtypes and shapes.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +34,10 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(name=arg.name, dtype=dtype, shape=shape)  # type: ignore[arg-type]
 
 
+_InvalidArgument = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+_Fail = ort.capi.onnxruntime_pybind11_state.Fail
+
+
 @register
 class OnnxRuntime:
     key: ClassVar[str] = "onnxruntime"
@@ -36,6 +47,9 @@ class OnnxRuntime:
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
         self._output_names: list[str] = []
+        self._input_names: frozenset[str] = frozenset()
+        self._required: frozenset[str] = frozenset()
+        self._run: Any = None  # run(output_names, feed, run_options), None when unloaded
 
     @classmethod
     def library_version(cls) -> str:
@@ -57,6 +71,14 @@ class OnnxRuntime:
         self._inputs = [_spec(a) for a in self._session.get_inputs()]
         self._outputs = [_spec(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
+        meta = self._session.get_inputs()
+        self._input_names = frozenset(a.name for a in meta)
+        self._required = frozenset(a.name for a in meta if not a.type.startswith("optional"))
+        # Only a CPU-only session may skip InferenceSession.run: with another provider,
+        # run() falls back to CPU when the provider fails, which the raw call does not.
+        raw = getattr(self._session, "_sess", None)
+        cpu_only = providers == ["CPUExecutionProvider"]
+        self._run = raw.run if raw is not None and cpu_only else self._session.run
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -67,14 +89,19 @@ class OnnxRuntime:
         return self._outputs
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._session is None:
+        run = self._run
+        if run is None:
             raise RuntimeError("model not loaded")
+        names = self._output_names
+        if inputs.keys() != self._input_names:
+            missing = self._required - inputs.keys()
+            if missing:
+                raise ValueError(f"missing inputs {sorted(missing)}; model inputs are {sorted(self._input_names)}")
         try:
-            res = self._session.run(self._output_names, inputs)
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.Fail) as e:
+            res = run(names, inputs, None)
+        except (_InvalidArgument, _Fail) as e:
             raise ValueError(str(e)) from e
-        return dict(zip(self._output_names, res, strict=True))
+        return dict(zip(names, res, strict=True))
 
     def warmup(self, inputs: dict[str, np.ndarray] | None = None) -> None:
         if inputs is None:
@@ -84,3 +111,4 @@ class OnnxRuntime:
 
     def unload(self) -> None:
         self._session = None
+        self._run = None

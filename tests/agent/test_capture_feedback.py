@@ -25,6 +25,7 @@ from agent.protocol import (
     decode_capture,
     encode_capture,
 )
+from tests.support import free_port
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 Y = np.ones((2, 3), dtype=np.float32)
@@ -281,3 +282,35 @@ def test_agent_sends_label_feedback_in_batches(bench):
     items = [i for m in got for i in decode(Feedback, m).items]
     assert [i.request_id for i in items] == [f"r{i}" for i in range(25)]
     assert all(i.model == man.ref for i in items)
+
+
+def test_local_http_feedback_route(bench):
+    from agent.localapi import InferenceClient
+    from agent.v2 import V2Error
+
+    got = _collect(bench, "dev4", "feedback")
+    a = bench.agent("dev4", api_port=free_port())
+    tp, man, _w, _b = bench.bundle()
+    bench.deploy("dev4", "d1", tp, man.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    client = InferenceClient(f"http://127.0.0.1:{a.api.port}")
+    try:
+        client.feedback("lin", 2, 1, request_id="req-1", score={"1": 0.6, "2": 0.4})
+        client.feedback(f"lin/versions/{man.version}", 0, 0, request_id="req-2")
+        for model, label, pred, match in [
+            ("lin", True, 1, "boolean"),
+            ("lin", 1, "x", "same type"),
+            ("other", 1, 1, "not served"),
+        ]:
+            with pytest.raises(V2Error, match=match):
+                client.feedback(model, label, pred)
+        with pytest.raises(V2Error, match="unknown feedback fields"):
+            client._call("POST", "/v2/models/lin/feedback", {"label": 1, "prediction": 1, "extra": 1})
+        with pytest.raises(V2Error, match="not JSON"):
+            client._request("POST", "/v2/models/lin/feedback", b"{truncated", {"Content-Type": "application/json"})
+    finally:
+        client.close()
+    _until(lambda: sum(len(decode(Feedback, m).items) for m in got) == 2)
+    items = [i for m in got for i in decode(Feedback, m).items]
+    assert [(i.request_id, i.label, i.prediction, i.model) for i in items] == [
+        ("req-1", 2, 1, man.ref), ("req-2", 0, 0, man.ref)]

@@ -73,3 +73,82 @@ def test_unix_socket_serves_the_same_api(served):
     while chunk := s.recv(4096):
         data += chunk
     assert data.startswith(b"HTTP/1.1 200") and b'"ready": true' in data
+
+
+def _raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server sends until it closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(data)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    return out
+
+
+def test_binary_tensor_extension(served):
+    a, port, w, b, _ = served
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = InferenceClient(f"http://127.0.0.1:{port}").infer("lin", {"input": x})  # binary by default
+    np.testing.assert_allclose(got["logits"], x @ w + b, rtol=1e-5)
+    header = json.dumps({"id": "b1", "inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32",
+                                                  "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request("POST", "/v2/models/lin/infer", header + x.tobytes(),
+              {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+    r = c.getresponse()
+    data = r.read()
+    n = int(r.getheader("Inference-Header-Content-Length"))
+    meta = json.loads(data[:n])
+    assert r.status == 200 and meta["id"] == "b1"
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 3 * 3 * 4 and "data" not in meta["outputs"][0]
+    np.testing.assert_allclose(np.frombuffer(data[n:], "<f4").reshape(3, 3), x @ w + b, rtol=1e-5)
+    # JSON and binary inputs answer the same; a JSON client still works.
+    np.testing.assert_allclose(InferenceClient(f"http://127.0.0.1:{port}", binary=False).infer(
+        "lin", {"input": x})["logits"], x @ w + b, rtol=1e-5)
+    cases = [
+        (x.tobytes() + b"zz", str(len(header)), "no input claims"),
+        (x.tobytes()[:-4], str(len(header)), "left in the body"),
+        (x.tobytes(), "999999", "does not fit"),
+        (x.tobytes(), "nan", "bad Inference-Header-Content-Length"),
+    ]
+    for tail, hl, text in cases:
+        c.request("POST", "/v2/models/lin/infer", header + tail, {"Inference-Header-Content-Length": hl})
+        r = c.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 400 and text in body["error"], (hl, body)
+    wrong = header.replace(str(x.nbytes).encode(), b"40")
+    c.request("POST", "/v2/models/lin/infer", wrong + x.tobytes()[:40], {"Inference-Header-Content-Length": str(len(wrong))})
+    r = c.getresponse()
+    assert r.status == 400 and "does not fit shape" in json.loads(r.read())["error"]
+    c.request("GET", "/v2")
+    assert "binary_tensor_data" in json.loads(c.getresponse().read())["extensions"]
+
+
+def test_http_keep_alive_expect_and_bad_requests(served):
+    _, port, *_ = served
+    x = [1.0, 2.0, 3.0, 4.0]
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": x}]}).encode()
+    # Many requests on one connection, and the answer to Expect: 100-continue.
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for _ in range(20):
+        c.request("POST", "/v2/models/lin/infer", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200 and r.getheader("Date") and r.read()
+    out = _raw(port, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    # HTTP/1.0 without keep-alive: the server closes after the answer.
+    assert _raw(port, b"GET /v2/health/live HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+    for request, status in [
+        (b"NONSENSE\r\n\r\n", b"400"),
+        (b"GET /v2 HTTP/2.0\r\n\r\n", b"505"),
+        (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+        (b"POST /v2/models/lin/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"411"),
+        (b"POST /v2/models/lin/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (1 << 40), b"413"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+        (b"DELETE /v2 HTTP/1.1\r\nConnection: close\r\n\r\n", b"501"),
+    ]:
+        out = _raw(port, request)
+        assert out.startswith(b"HTTP/1.1 " + status), (request[:40], out[:80])

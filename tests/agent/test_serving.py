@@ -19,6 +19,8 @@ from agent import topics
 from agent.bundle import unpack, write_bundle
 from agent.profiles import profiles_dir
 from agent.protocol import Telemetry, decode
+from agent.runtimes.base import LoadedModel
+from agent.serving import ModelServer
 from agent.trust import TargetCustom
 from tests.support import free_port, linear_bundle
 
@@ -205,3 +207,67 @@ def test_two_hours_offline_spool_stays_bounded_and_delivers_in_order(bench):
     lost = produced - len(offline) - min(seqs) + 1
     assert lost <= a.spool.counters().get("dropped.metrics", 0)
     assert received[-1].dropped_records >= dropped.get("dropped.metrics", 0)
+
+
+class _Stub:
+    """A runtime that doubles its input, and counts unloads."""
+
+    def __init__(self) -> None:
+        self.unloads = 0
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"] * 2}
+
+    def unload(self) -> None:
+        self.unloads += 1
+
+
+class _Bundle:
+    class manifest:  # noqa: N801 - mimics Bundle.manifest
+        ref = "stub:1.0.0"
+
+
+def _stub_model() -> LoadedModel:
+    return LoadedModel(_Bundle(), _Stub(), "a")  # type: ignore[arg-type]
+
+
+def test_observers_run_off_the_request_path_on_copies():
+    server = ModelServer()
+    server.swap(_stub_model())
+    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
+    server.observers.append(lambda i, o, m: seen.append((threading.current_thread().name, i["x"], o["y"])))
+    x = np.ones(3, np.float32)
+    for k in range(5):
+        x[:] = k
+        out, _ = server.infer({"x": x})
+        out["y"][:] = -1  # the caller reuses its buffers; observers must not see that
+    assert server.flush_observers()
+    assert [float(i[0]) for _, i, _ in seen] == [0, 1, 2, 3, 4]
+    assert [float(o[0]) for _, _, o in seen] == [0, 2, 4, 6, 8]
+    assert {name for name, _, _ in seen} == {"observers"}
+    assert server.window.peek() == (5, 0) and server.observe_skipped == 0
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("observer bug")
+
+    server.observers.insert(0, broken)  # a failing observer neither fails requests nor starves others
+    server.infer({"x": x})
+    assert server.flush_observers() and len(seen) == 6
+
+
+def test_a_request_in_flight_keeps_a_retired_model_loaded():
+    server = ModelServer()
+    m = _stub_model()
+    server.swap(m)
+    assert m.acquire()  # a request in flight
+    server.swap(_stub_model())  # retires m
+    assert m.runtime.unloads == 0 and not m.acquire()  # type: ignore[attr-defined]
+    m.release()
+    assert m.runtime.unloads == 1 and m.inflight == 0  # type: ignore[attr-defined]
+    m.retire()
+    assert m.runtime.unloads == 1  # type: ignore[attr-defined]
+    out, served = server.infer({"x": np.ones(2, np.float32)})
+    assert served is server.active and out["y"].tolist() == [2.0, 2.0]
+    with pytest.raises(TypeError):
+        server.infer({"x": None})  # type: ignore[dict-item]
+    assert server.window.peek() == (2, 1) and server.health.peek() == (2, 1)
