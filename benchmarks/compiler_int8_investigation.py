@@ -2,7 +2,9 @@
 
 Prints, for the 32x32 digits CNN and MLP: the op types of the int8 graph after ONNX
 Runtime's optimiser (are QDQ pairs fused into QLinearConv/QGemm?), fp32 vs int8 p50 at
-1/2 threads, batch 1/32 and optimisation level ALL/BASIC, and ORT's per-call overhead.
+1/2 threads, batch 1/32 and optimisation level ALL/BASIC, batch-1 session options
+(``session.qdqisint8allowed``: keep s8s8 instead of ORT's s8->u8 rewrite; spinning off),
+and ORT's per-call overhead.
 
 Run:  python benchmarks/compiler_int8_investigation.py
 """
@@ -27,8 +29,11 @@ from compiler.model_source import load_model  # noqa: E402
 from compiler.quantize import StaticQuantSettings, quantize_static_qdq  # noqa: E402
 
 
-def session(model: bytes, threads: int, level: str = "ALL", dump: str | None = None) -> ort.InferenceSession:
+def session(model: bytes, threads: int, level: str = "ALL", dump: str | None = None,
+            config: dict[str, str] | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level}")
@@ -54,6 +59,13 @@ def p50_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray, ru
     return float(np.median(samples[0])), float(np.median(samples[1]))
 
 
+OPTION_SETS: dict[str, dict[str, str]] = {
+    "default": {},
+    "qdqisint8allowed=1": {"session.qdqisint8allowed": "1"},
+    "allow_spinning=0": {"session.intra_op.allow_spinning": "0"},
+}
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp())
     xte = np.zeros((1, 1, 32, 32), np.float32)
@@ -72,6 +84,12 @@ def main() -> None:
                                     xte[:batch], 40 if batch == 1 else 10)
                     print(f"{label} threads={threads} batch={batch} opt={level}: fp32 {a:.4f} ms "
                           f"int8 {b:.4f} ms speed-up {a / b:.2f}x")
+        for threads in (1, 2):
+            for name, cfg in OPTION_SETS.items():
+                a, b = p50_pair(session(fp32, threads, config=cfg), session(int8, threads, config=cfg),
+                                xte[:1], 40)
+                print(f"{label} threads={threads} batch=1 options={name}: fp32 {a:.4f} ms "
+                      f"int8 {b:.4f} ms speed-up {a / b:.2f}x")
     graph = oh.make_graph(
         [oh.make_node("Identity", ["input"], ["y"])], "identity",
         [oh.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 32, 32])],

@@ -2,8 +2,10 @@
 
 Models (trained inside the benchmark, no downloads): a CNN and an MLP on scikit-learn
 digits upscaled to 32x32, and a small transformer encoder on a synthetic sequence task.
-Every latency is batch 1, ONNX Runtime CPU, 2 intra-op threads, timed in interleaved
-rounds against its fp32 baseline (p50 over all runs).
+Every latency is batch 1, 2 intra-op threads (ONNX Runtime CPU, or LiteRT for the
+TFLite rows), timed in interleaved rounds against its fp32 baseline (p50 over all runs).
+TFLite rows are litert-torch conversions (fp32, and pt2e full-integer int8 timed with the
+float quantize/dequantize at the boundary, as a device runs it).
 
 Run:  python benchmarks/compiler_techniques.py [--out docs/compiler-benchmarks-results.md]
 """
@@ -11,7 +13,9 @@ Run:  python benchmarks/compiler_techniques.py [--out docs/compiler-benchmarks-r
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as dt
+import functools
 import sys
 import tempfile
 import time
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.profiles import list_profiles  # noqa: E402
 from compiler import demo_models as dm  # noqa: E402
-from compiler.measure import LatencySettings, measure_latencies, ort_session, run_batched  # noqa: E402
+from compiler.measure import LatencySettings, measure_calls, ort_session, run_batched  # noqa: E402
 from compiler.model_source import OnnxModel, load_model  # noqa: E402
 from compiler.pipeline import CompileOptions, compile_model, host_info  # noqa: E402
 from compiler.pruning import (  # noqa: E402
@@ -33,6 +37,7 @@ from compiler.pruning import (  # noqa: E402
     magnitude_prune,
     parameter_count,
     prune_channels,
+    student_width_for_ratio,
     width_scaled_student,
 )
 from compiler.quantize import (  # noqa: E402
@@ -43,6 +48,12 @@ from compiler.quantize import (  # noqa: E402
 
 THREADS = 2
 TIMING = LatencySettings(warmup=100, rounds=30, runs_per_round=50)
+
+
+@dataclass
+class Variant:
+    data: bytes
+    runtime: str = "onnxruntime"
 
 
 @dataclass
@@ -61,54 +72,110 @@ def to_onnx(module: torch.nn.Module, x: np.ndarray, work: Path, tag: str) -> Onn
     return load_model(path, example=x[:4])
 
 
-def accuracy(model: bytes, name: str, x: np.ndarray, y: np.ndarray) -> float:
-    out = run_batched(ort_session(model, 1), name, x)[0]
+def accuracy(v: Variant, name: str, x: np.ndarray, y: np.ndarray) -> float:
+    if v.runtime == "litert":
+        from compiler.tflite import LiteRtRunner
+
+        out = LiteRtRunner(v.data, 1).run(x)[0]
+    else:
+        out = run_batched(ort_session(v.data, 1), name, x)[0]
     return float((out.argmax(1) == y).mean())
 
 
-def time_models(models: list[bytes], name: str, x1: np.ndarray) -> list[float]:
-    sessions = [ort_session(m, THREADS) for m in models]
-    return [lat.p50_ms for lat in measure_latencies(sessions, name, x1, TIMING)]
+def time_models(models: list[Variant], name: str, x1: np.ndarray) -> list[float]:
+    calls = []
+    x1 = np.ascontiguousarray(x1[:1])
+    for v in models:
+        if v.runtime == "litert":
+            from compiler.tflite import LiteRtRunner
+
+            calls.append(functools.partial(LiteRtRunner(v.data, THREADS).run1, x1))
+        else:
+            calls.append(functools.partial(ort_session(v.data, THREADS).run, None, {name: x1}))
+    return [lat.p50_ms for lat in measure_calls(calls, TIMING)]
+
+
+def byte_breakdown(model: bytes) -> dict[str, int]:
+    """Serialized bytes of a (QDQ) ONNX model by what they hold."""
+    import onnx
+
+    p = onnx.load_model_from_string(model)
+    out: collections.Counter[str] = collections.Counter()
+    for i in p.graph.initializer:
+        n = len(i.SerializeToString())
+        if i.name.endswith("_quantized"):
+            part = "biases (int32)" if "bias" in i.name else "weights"
+        elif i.name.endswith(("_scale", "_zero_point")):
+            if "bias_quantized" in i.name:
+                part = "bias scales"
+            elif len(i.dims):
+                part = "weight scales + zero points (per channel)"
+            else:
+                part = "activation scales + zero points"
+        elif i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2:
+            part = "weights"
+        elif i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 1:
+            part = "biases (fp32)"
+        else:
+            part = "other constants"
+        out[part] += n
+    out["graph (nodes, names, I/O, opsets)"] = len(model) - sum(out.values())
+    return dict(out)
+
+
+BREAKDOWN: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
 
 
 def bench_model(
     label: str, module: torch.nn.Module, data: tuple[np.ndarray, ...], work: Path,
-    structured: bool, teacher_width: bool,
+    structured: bool, teacher_width: bool, tflite: bool = True,
 ) -> list[Row]:
     x_tr, y_tr, x_te, y_te = data
     fp32 = to_onnx(module, x_tr, work, label)
     name = fp32.input.name
     calib = x_tr[np.random.default_rng(0).choice(len(x_tr), 256, replace=False)]
-    variants: dict[str, bytes] = {"fp32": fp32.data}
-    variants["int8 static QDQ per-channel (VNNI: s8s8)"] = quantize_static_qdq(
-        fp32.data, name, calib, StaticQuantSettings("int8"))[0]
-    variants["int8 static QDQ per-channel (u8s8, reduce_range)"] = quantize_static_qdq(
-        fp32.data, name, calib, StaticQuantSettings("uint8", reduce_range=True))[0]
-    variants["int8 dynamic"] = quantize_dynamic_int8(fp32.data)[0]
+    variants: dict[str, Variant] = {"fp32": Variant(fp32.data)}
+    s8 = quantize_static_qdq(fp32.data, name, calib, StaticQuantSettings("int8"))[0]
+    variants["int8 static QDQ per-channel (VNNI: s8s8)"] = Variant(s8)
+    BREAKDOWN[label] = (byte_breakdown(fp32.data), byte_breakdown(s8))
+    variants["int8 static QDQ per-channel (u8s8, reduce_range)"] = Variant(quantize_static_qdq(
+        fp32.data, name, calib, StaticQuantSettings("uint8", reduce_range=True))[0])
+    variants["int8 dynamic"] = Variant(quantize_dynamic_int8(fp32.data)[0])
     ex = torch.from_numpy(x_tr[:2])
     extras: dict[str, str] = {}
     if structured:
         pruned = prune_channels(module, ex, 0.5, x_tr, y_tr, epochs=5, seed=0)
-        variants["50% structured channel pruning + fine-tune (fp32)"] = to_onnx(
-            pruned, x_tr, work, label + "-pruned").data
+        variants["50% structured channel pruning + fine-tune (fp32)"] = Variant(to_onnx(
+            pruned, x_tr, work, label + "-pruned").data)
         extras["50% structured channel pruning + fine-tune (fp32)"] = (
             f"params {parameter_count(module)} -> {parameter_count(pruned)}")
     sparse = magnitude_prune(module, 0.5)
     sparse_onnx = to_onnx(sparse, x_tr, work, label + "-sparse").data
-    variants["50% unstructured magnitude pruning (fp32, no fine-tune)"] = sparse_onnx
+    variants["50% unstructured magnitude pruning (fp32, no fine-tune)"] = Variant(sparse_onnx)
     extras["50% unstructured magnitude pruning (fp32, no fine-tune)"] = (
         f"zlib size {compressed_size(sparse_onnx)} vs fp32 {compressed_size(fp32.data)}")
     if teacher_width:
         t0 = time.perf_counter()
-        student = width_scaled_student(module, ex, 0.5, x_tr, y_tr, epochs=15, seed=0)
-        variants["KD student, width 0.5 (fp32)"] = to_onnx(student, x_tr, work, label + "-kd").data
-        extras["KD student, width 0.5 (fp32)"] = (
-            f"params {parameter_count(module)} -> {parameter_count(student)}; "
-            f"trained in {time.perf_counter() - t0:.0f} s")
+        width, _ = student_width_for_ratio(module, ex, 4.0)
+        student = width_scaled_student(module, ex, width, x_tr, y_tr, epochs=15, seed=0)
+        key = f"KD student, width {width:.2f} (largest with >= 4x fewer params; fp32)"
+        variants[key] = Variant(to_onnx(student, x_tr, work, label + "-kd").data)
+        extras[key] = (
+            f"params {parameter_count(module)} -> {parameter_count(student)} "
+            f"({parameter_count(module) / parameter_count(student):.2f}x fewer); "
+            f"derived + trained in {time.perf_counter() - t0:.0f} s")
+    if tflite:
+        from compiler.tflite import convert_fp32, convert_int8_pt2e
+
+        variants["TFLite fp32 (litert-torch, batch 1)"] = Variant(
+            convert_fp32(module, x_tr)[0], "litert")
+        variants["TFLite int8 full-integer (pt2e, batch 1)"] = Variant(
+            convert_int8_pt2e(module, calib)[0], "litert")
+        extras["TFLite int8 full-integer (pt2e, batch 1)"] = "float I/O quantized at the boundary"
     keys = list(variants)
     lat = time_models([variants[k] for k in keys], name, x_te[:1])
     return [
-        Row(label, k, len(variants[k]), lat[i], accuracy(variants[k], name, x_te, y_te),
+        Row(label, k, len(variants[k].data), lat[i], accuracy(variants[k], name, x_te, y_te),
             extra=extras.get(k, ""))
         for i, k in enumerate(keys)
     ]
@@ -139,7 +206,7 @@ def main() -> None:
         rows += bench_model("MLP digits 32x32", m, tuple(d), work, True, True)
         m, *d = dm.train_sequence_encoder(seed=0)
         rows += bench_model("Transformer encoder (synthetic seq 16x8)", m, tuple(d), work,
-                            False, False)
+                            False, False, tflite=False)
         all_s, selected = profile_all_run(work)
     write_results(args.out, rows, all_s, selected, time.perf_counter() - started)
 
@@ -169,6 +236,21 @@ def write_results(out: Path, rows: list[Row], all_s: float, selected: dict[str, 
             f"{r.p50_ms:.4f} | {b.p50_ms / r.p50_ms:.2f}x | {r.accuracy:.4f} | "
             f"{100 * (b.accuracy - r.accuracy):+.2f} | {r.extra} |"
         )
+    lines += [
+        "",
+        "TFLite rows are not run for the transformer (litert-torch conversion of "
+        "`nn.TransformerEncoder` is outside this benchmark's scope).",
+        "",
+        "Where the static int8 (s8s8) model's bytes go, fp32 -> int8 "
+        "(serialized ONNX bytes; `benchmarks/compiler_techniques.py:byte_breakdown`):",
+        "",
+        "| Model | Part | fp32 bytes | int8 bytes |",
+        "|---|---|---:|---:|",
+    ]
+    for model, (f, q) in BREAKDOWN.items():
+        for part in sorted(set(f) | set(q)):
+            lines.append(f"| {model} | {part} | {f.get(part, 0)} | {q.get(part, 0)} |")
+        lines.append(f"| {model} | **total** | {sum(f.values())} | {sum(q.values())} |")
     lines += [
         "",
         f"`compile --profile all` on the 32x32 CNN (all {len(selected)} shipped profiles, "

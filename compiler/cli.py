@@ -114,6 +114,14 @@ def _profiles(names: tuple[str, ...]) -> list[Profile]:
     type=click.IntRange(1, 1000),
     help="Epochs for pruning fine-tuning (default 5) and distillation (default 15).",
 )
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(0.0, None),
+    default=None,
+    help="Tolerable metric drop vs fp32 (absolute, e.g. 0.01 = 1 point of accuracy) for "
+    "static int8's accuracy-aware fallback and for selection [default: each profile's "
+    "limits.max_accuracy_drop].",
+)
 @click.option("--tflite/--no-tflite", default=True, show_default=True,
               help="Build TFLite candidates for profiles that run LiteRT.")
 def compile_command(
@@ -131,6 +139,7 @@ def compile_command(
     state_dict: Path | None,
     train_path: Path | None,
     train_epochs: int | None,
+    max_accuracy_drop: float | None,
     tflite: bool,
 ) -> None:
     """Compile MODEL (.pt2, .onnx, or package.module:factory with --state-dict) into one
@@ -163,6 +172,7 @@ def compile_command(
         calibrate_method=calibrate_method,  # type: ignore[arg-type]
         metric=chosen_metric,
         tflite=tflite,
+        max_accuracy_drop=max_accuracy_drop,
         state_dict=state_dict,
         train=None
         if train_path is None

@@ -39,6 +39,7 @@ __all__ = [
     "load_factory_model",
     "is_factory_spec",
     "onnx_tensor_infos",
+    "strip_exporter_metadata",
 ]
 
 OPSET = 18
@@ -199,7 +200,22 @@ def pt2_to_onnx(exported: Any, example: np.ndarray) -> onnx.ModelProto:
     _name_batch_dim(model, {"input", *out_names})
     # The exporter stamps no timestamps, but clear free-text fields that could vary.
     model.doc_string = ""
+    strip_exporter_metadata(model)
     return model
+
+
+def strip_exporter_metadata(model: onnx.ModelProto) -> None:
+    """Remove the dynamo exporter's debugging metadata, in place.
+
+    Every node carries ``pkg.torch.onnx.*``/``namespace`` entries (the FX node, the
+    Python stack trace with absolute source paths of the machine that exported it,
+    module class names) and the graph carries the ExportedProgram's signature: 18 KB
+    of a 550 KB CNN (3% of fp32, 11% of its int8 model), and bytes that depend on where
+    the checkout lives. Nothing reads them at inference time.
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    del model.graph.metadata_props[:]
 
 
 def load_model(path: Path, example: np.ndarray | None = None) -> OnnxModel:

@@ -3,7 +3,8 @@
 The flow for one compile:
 
 1. load the data files and the model, and check that they fit each other;
-2. plan candidates per profile (ONNX fp32 / static int8 / dynamic int8 / fp16, TFLite
+2. plan candidates per profile (ONNX fp32 / static int8 with the accuracy-aware
+   fallback of :mod:`compiler.accuracy_tuning` / dynamic int8 / fp16, TFLite
    fp32 / int8 through pt2e, and with ``--train`` structured pruning, a distilled
    student and unstructured pruning), building each distinct model once even when
    several profiles share it;
@@ -37,6 +38,7 @@ import numpy as np
 from agent.bundle import write_bundle
 from agent.features import build_reference
 from agent.profiles import Profile
+from compiler.accuracy_tuning import MAX_TRIALS, TuningTarget, tune_static_qdq
 from compiler.compatibility import onnx_blockers
 from compiler.datasets import Dataset, check_input_shape, load_npz
 from compiler.errors import CompilerInputError, DataFileError, TechniqueError
@@ -54,7 +56,6 @@ from compiler.quantize import (
     StaticQuantSettings,
     convert_fp16,
     quantize_dynamic_int8,
-    quantize_static_qdq,
     static_settings_for,
 )
 from compiler.report import CandidateRecord, CompileReport, ProfileSummary
@@ -98,7 +99,10 @@ class TrainSettings:
     path: Path
     prune_ratio: float = 0.5
     prune_epochs: int = 5
-    student_width: float = 0.5
+    # The student's width multiplier; None derives the largest width whose student has
+    # at most 1/student_size_ratio of the teacher's parameters.
+    student_width: float | None = None
+    student_size_ratio: float = 4.0
     distill_epochs: int = 15
     temperature: float = 4.0
     alpha: float = 0.7
@@ -118,6 +122,10 @@ class CompileOptions:
     fp16: bool = True
     train: TrainSettings | None = None
     state_dict: Path | None = None  # with a ``module:factory`` model
+    # Tolerable metric drop for static int8 (accuracy-aware fallback) and selection;
+    # None: each profile's limits.max_accuracy_drop.
+    max_accuracy_drop: float | None = None
+    tuning_trials: int = MAX_TRIALS
 
 
 @dataclass
@@ -145,6 +153,7 @@ class _Artifact:
     metrics: dict[str, float | None] = field(default_factory=dict)
     agreement: float | None = None
     agreement_onnx_int8: float | None = None
+    excluded_nodes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def sha256(self) -> str:
@@ -282,13 +291,16 @@ class _Planner:
     """Which artifacts each profile gets; distinct artifacts are shared through ``cache``."""
 
     def __init__(
-        self, model: OnnxModel, calib: Dataset, train: Dataset | None, options: CompileOptions
+        self, model: OnnxModel, calib: Dataset, eval_data: Dataset | None,
+        train: Dataset | None, options: CompileOptions,
     ) -> None:
         self.model = model
         self.calib = calib
+        self.eval = eval_data
         self.train = train
         self.options = options
         self.cache: dict[str, _Artifact] = {}
+        self.tflite_reference: _Artifact | None = None
         self._torch_module: Any = None
 
     def _get(self, art: _Artifact) -> _Artifact:
@@ -299,19 +311,42 @@ class _Planner:
             self._torch_module = self.model.torch_module()
         return self._torch_module
 
-    def onnx_static(self, qs: StaticQuantSettings) -> _Artifact:
-        m, calib = self.model, self.calib
-        return self._get(
-            _Artifact(
-                key=_settings_key("onnx-int8-", qs),
-                format="onnx",
-                precision="int8",
-                technique="static-qdq",
-                runtime="onnxruntime",
-                build=functools.partial(quantize_static_qdq, m.data, m.input.name, calib.x, qs),
-                settings={"opset": OPSET, "calibration_rows": calib.rows, **qs.as_dict()},
-            )
+    def target(self, profile: Profile) -> TuningTarget:
+        drop = self.options.max_accuracy_drop
+        return TuningTarget(
+            max_drop=profile.limits.max_accuracy_drop if drop is None else drop,
+            floor=profile.limits.accuracy_floor,
+            max_trials=self.options.tuning_trials,
         )
+
+    def onnx_static(self, qs: StaticQuantSettings, target: TuningTarget) -> _Artifact:
+        """Static QDQ int8 with the accuracy-aware fallback (:mod:`compiler.accuracy_tuning`)."""
+        m, calib, opts = self.model, self.calib, self.options
+        ev = self.eval if self.eval is not None else calib
+        key = _settings_key("onnx-int8-", qs) + f"-{target.max_drop}-{target.floor}"
+        if key in self.cache:
+            return self.cache[key]
+        art = _Artifact(
+            key=key,
+            format="onnx",
+            precision="int8",
+            technique="static-qdq",
+            runtime="onnxruntime",
+            build=lambda: (b"", []),
+            settings={"opset": OPSET, "calibration_rows": calib.rows, **qs.as_dict()},
+        )
+
+        def build() -> tuple[bytes, list[str]]:
+            result, notes = tune_static_qdq(
+                m.data, m.input.name, calib.x, qs, ev.x, ev.y, opts.metric, target
+            )
+            art.excluded_nodes = [e.as_dict() for e in result.excluded]
+            art.settings["exclude_nodes"] = [e.node for e in result.excluded]
+            art.settings["accuracy_tuning"] = result.as_dict(target)
+            return result.model, notes + result.notes(target)
+
+        art.build = build
+        return self._get(art)
 
     def onnx(self, profile: Profile) -> list[_Artifact]:
         m, opts = self.model, self.options
@@ -330,7 +365,8 @@ class _Planner:
         ]
         int8 = bool({"int8", "uint8"} & set(profile.dtypes))
         if int8:
-            out.append(self.onnx_static(static_settings_for(profile, opts.calibrate_method)))
+            out.append(self.onnx_static(static_settings_for(profile, opts.calibrate_method),
+                                        self.target(profile)))
         if opts.dynamic_int8 and int8:
             # Dynamic int8 is a candidate everywhere int8 is; selection keeps it only
             # when it measures faster than fp32 (it is usually slower for convolutions).
@@ -385,16 +421,45 @@ class _Planner:
             note = f"parameters {pruning.parameter_count(teacher)} -> {pruning.parameter_count(small)}"
             return _module_to_onnx(small, example), [note]
 
+        common = {"opset": OPSET, "train_rows": train.rows, "train_sha256": train.sha256}
+        student_art = _Artifact(
+            key="onnx-student", format="onnx", precision="fp32", technique="distillation",
+            runtime="onnxruntime", build=lambda: (b"", []), tag="fp32-student",
+            settings={**common, "width": ts.student_width, "epochs": ts.distill_epochs,
+                      "temperature": ts.temperature, "alpha": ts.alpha},
+        )
+
         def student() -> tuple[bytes, list[str]]:
             import torch
 
             teacher = self.torch_module()
+            ex = torch.from_numpy(example[:2])
+            notes = []
+            width = ts.student_width
+            if width is None:
+                width, _ = pruning.student_width_for_ratio(teacher, ex, ts.student_size_ratio)
+                notes.append(
+                    f"width {width:.2f}: the largest (0.01 steps) with >= "
+                    f"{ts.student_size_ratio:g}x fewer parameters than the teacher"
+                )
             st = pruning.width_scaled_student(
-                teacher, torch.from_numpy(example[:2]), ts.student_width, x_tr, y_tr,
+                teacher, ex, width, x_tr, y_tr,
                 epochs=ts.distill_epochs, seed=seed, temperature=ts.temperature, alpha=ts.alpha,
             )
-            note = f"parameters {pruning.parameter_count(teacher)} -> {pruning.parameter_count(st)}"
-            return _module_to_onnx(st, example), [note]
+            n_t, n_s = pruning.parameter_count(teacher), pruning.parameter_count(st)
+            student_art.settings.update(
+                width=width, size_ratio_goal=ts.student_size_ratio,
+                parameter_ratio=round(n_t / n_s, 4),
+            )
+            student_art.tag = f"fp32-student{int(round(width * 100))}"
+            data = _module_to_onnx(st, example)
+            notes.append(
+                f"parameters {n_t} -> {n_s} ({n_t / n_s:.2f}x fewer); ONNX file "
+                f"{len(self.model.data) / len(data):.2f}x smaller than the fp32 teacher's"
+            )
+            return data, notes
+
+        student_art.build = student
 
         def sparse() -> tuple[bytes, list[str]]:
             data = _module_to_onnx(pruning.magnitude_prune(self.torch_module(), ts.sparsity), example)
@@ -405,7 +470,6 @@ class _Planner:
                 "on the wire); dense runtimes run it exactly like fp32"
             ]
 
-        common = {"opset": OPSET, "train_rows": train.rows, "train_sha256": train.sha256}
         pct = int(round(ts.prune_ratio * 100))
         return [
             self._get(_Artifact(
@@ -414,13 +478,7 @@ class _Planner:
                 settings={**common, "ratio": ts.prune_ratio, "importance": "L2 magnitude",
                           "fine_tune_epochs": ts.prune_epochs},
             )),
-            self._get(_Artifact(
-                key="onnx-student", format="onnx", precision="fp32", technique="distillation",
-                runtime="onnxruntime", build=student,
-                tag=f"fp32-student{int(round(ts.student_width * 100))}",
-                settings={**common, "width": ts.student_width, "epochs": ts.distill_epochs,
-                          "temperature": ts.temperature, "alpha": ts.alpha},
-            )),
+            self._get(student_art),
             self._get(_Artifact(
                 key="onnx-sparse", format="onnx", precision="fp32",
                 technique="unstructured-pruning", runtime="onnxruntime", build=sparse,
@@ -451,7 +509,10 @@ class _Planner:
             )))
             # The ONNX int8 model the TFLite one must agree with (shared when a profile
             # builds the same settings anyway).
-            self.onnx_static(StaticQuantSettings("int8", calibrate_method=self.options.calibrate_method))
+            self.tflite_reference = self.onnx_static(
+                StaticQuantSettings("int8", calibrate_method=self.options.calibrate_method),
+                self.target(profile),
+            )
         return out
 
 
@@ -510,10 +571,8 @@ def _evaluate(
         art.agreement = float((pred == fp32_logits.argmax(axis=-1)).mean())
 
 
-def _check_tflite_int8(arts: Sequence[_Artifact], cache: dict[str, _Artifact],
-                       rows: np.ndarray, calibrate_method: CalibrationMethodName) -> None:
+def _check_tflite_int8(arts: Sequence[_Artifact], ref: _Artifact | None, rows: np.ndarray) -> None:
     """TFLite int8 must predict like ONNX int8 (same argmax) on >= 99% of ``rows``."""
-    ref = cache.get(_settings_key("onnx-int8-", StaticQuantSettings("int8", calibrate_method=calibrate_method)))
     for art in arts:
         if art.key != "tflite-int8" or art.model is None or art.error:
             continue
@@ -593,7 +652,7 @@ def compile_model(
         if train.y.ndim != 1 or train.y.dtype.kind not in "iu":
             raise DataFileError(f"train data {train.path}: 'y' must be 1-D integer class labels")
 
-    planner = _Planner(model, calib, train, options)
+    planner = _Planner(model, calib, eval_data, train, options)
     plans: dict[str, list[_Artifact]] = {}
     notes: dict[str, list[str]] = {p.name: [] for p in profiles}
     skipped: list[str] = []
@@ -671,8 +730,7 @@ def compile_model(
     if fp32.error:
         raise TechniqueError(f"the fp32 model does not run in ONNX Runtime: {fp32.error}")
     _check_tflite_int8(
-        artifacts, planner.cache, eval_data.x if eval_data is not None else calib.x,
-        options.calibrate_method,
+        artifacts, planner.tflite_reference, eval_data.x if eval_data is not None else calib.x
     )
     n_out = model.output.shape[-1] if model.output.shape and isinstance(model.output.shape[-1], int) else 0
     if not n_out and fp32.selftest_out:
@@ -721,6 +779,7 @@ def compile_model(
                 agreement_with_fp32=art.agreement,
                 agreement_with_onnx_int8=art.agreement_onnx_int8,
                 model_bytes=len(art.model) if art.model else None,
+                excluded_nodes=list(art.excluded_nodes),
             )
             records[(p.name, art.key)] = rec
             t = timings.get((art.sha256, th))
@@ -752,7 +811,10 @@ def compile_model(
                     blockers=tuple(blockers),
                 )
             )
-        for art, d in zip(plans[p.name], select(measured, p.limits), strict=True):
+        limits = p.limits
+        if options.max_accuracy_drop is not None:
+            limits = limits.model_copy(update={"max_accuracy_drop": options.max_accuracy_drop})
+        for art, d in zip(plans[p.name], select(measured, limits), strict=True):
             rec = records[(p.name, art.key)]
             rec.selected, rec.passed, rec.reasons = d.selected, d.passed, d.reasons
             rec.metric_drop = d.metric_drop
@@ -814,6 +876,7 @@ def compile_model(
             "seed": options.seed,
             "calibrate_method": options.calibrate_method,
             "metric": options.metric.name,
+            "max_accuracy_drop": options.max_accuracy_drop,
             "latency": {
                 "batch": 1,
                 "warmup": options.latency.warmup,

@@ -22,6 +22,7 @@ from compiler.errors import TechniqueError
 __all__ = [
     "prune_channels",
     "width_scaled_student",
+    "student_width_for_ratio",
     "magnitude_prune",
     "compressed_size",
     "parameter_count",
@@ -80,6 +81,47 @@ def prune_channels(
     """
     model = _pruned_copy(module, example, ratio)
     return train_classifier(model, x_train, y_train, epochs=epochs, seed=seed, lr=lr)
+
+
+def student_width_for_ratio(teacher: nn.Module, example: torch.Tensor, ratio: float) -> tuple[float, int]:
+    """The largest width multiplier (in steps of 0.01) whose student has at most
+    ``1/ratio`` of the teacher's parameters; returns ``(width, student parameters)``.
+
+    Parameter count grows with width (layers shrink on both sides, so roughly with
+    its square), so a bisection over widths 5..99% finds it with ~7 structural prunings
+    (at tiny widths torch-pruning refuses to empty a layer and returns it unpruned, so
+    the search starts at the narrowest width it prunes).
+
+    Raises:
+        TechniqueError: the teacher cannot be traced, or even the narrowest width is too large.
+    """
+    if ratio <= 1.0:
+        raise TechniqueError(f"student size ratio must be > 1, got {ratio}")
+    budget = parameter_count(teacher) / ratio
+    counts: dict[int, int] = {}
+
+    def params(pct: int) -> int:
+        if pct not in counts:
+            counts[pct] = parameter_count(_pruned_copy(teacher, example, 1.0 - pct / 100))
+        return counts[pct]
+
+    full = parameter_count(teacher)
+    # torch-pruning leaves a model unpruned when a ratio would empty a layer; start at
+    # the narrowest width (5% steps) that it actually prunes.
+    lo = next((p for p in range(5, 100, 5) if params(p) < full), 99)
+    hi = 99  # invariant: the answer, if any, is in [lo, hi]
+    if params(lo) > budget:
+        raise TechniqueError(
+            f"no width reaches {ratio}x fewer parameters than the teacher "
+            f"(width {lo / 100:.2f} keeps {params(lo)} of {full})"
+        )
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if params(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo / 100, params(lo)
 
 
 def width_scaled_student(

@@ -36,6 +36,8 @@ __all__ = [
     "NpzCalibrationReader",
     "preprocess_for_quantization",
     "quantize_static_qdq",
+    "quantize_preprocessed",
+    "compact_qdq",
     "quantize_dynamic_int8",
     "convert_fp16",
 ]
@@ -129,31 +131,82 @@ def quantize_static_qdq(
     Raises:
         TechniqueError: ONNX Runtime's quantizer failed on this graph.
     """
-    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-q-") as tmp:
         work = Path(tmp)
         pre, skipped = preprocess_for_quantization(model, work)
-        if skipped:
-            notes.append(skipped)
-        src, dst = work / "fp32.onnx", work / "int8.onnx"
-        src.write_bytes(pre)
-        qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-        try:
-            quantize_static(
-                str(src),
-                str(dst),
-                NpzCalibrationReader(input_name, calib_x),
-                quant_format=QuantFormat.QDQ,
-                per_channel=settings.per_channel,
-                reduce_range=settings.reduce_range,
-                activation_type=qtype[settings.activation_type],
-                weight_type=qtype[settings.weight_type],
-                calibrate_method=_METHODS[settings.calibrate_method],
-                nodes_to_exclude=list(settings.exclude_nodes),
-            )
-        except Exception as e:  # noqa: BLE001 - the quantizer raises many untyped errors
-            raise TechniqueError(f"static quantization failed: {type(e).__name__}: {e}") from e
-        return dst.read_bytes(), notes
+        q = quantize_preprocessed(pre, input_name, calib_x, settings, work)
+        return q, [skipped] if skipped else []
+
+
+def quantize_preprocessed(
+    pre: bytes,
+    input_name: str,
+    calib_x: np.ndarray,
+    settings: StaticQuantSettings,
+    workdir: Path,
+    calibration_cache: Path | None = None,
+) -> bytes:
+    """Static QDQ quantization of an already pre-processed model.
+
+    With ``calibration_cache`` (a path in ``workdir``), ranges computed by the first
+    call are reused by later ones (accuracy-aware tuning quantizes the same model
+    many times with different ``exclude_nodes``; the ranges do not depend on them).
+
+    Raises:
+        TechniqueError: ONNX Runtime's quantizer failed on this graph.
+    """
+    src, dst = workdir / "fp32.onnx", workdir / "int8.onnx"
+    src.write_bytes(pre)
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    try:
+        quantize_static(
+            str(src),
+            str(dst),
+            NpzCalibrationReader(input_name, calib_x),
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            activation_type=qtype[settings.activation_type],
+            weight_type=qtype[settings.weight_type],
+            calibrate_method=_METHODS[settings.calibrate_method],
+            nodes_to_exclude=list(settings.exclude_nodes),
+            calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
+        )
+    except Exception as e:  # noqa: BLE001 - the quantizer raises many untyped errors
+        raise TechniqueError(f"static quantization failed: {type(e).__name__}: {e}") from e
+    return compact_qdq(dst.read_bytes())
+
+
+def compact_qdq(model: bytes) -> bytes:
+    """Drop what a QDQ model carries but does not need (docs/compiler.md, "int8 size").
+
+    * zero-point inputs of int32 bias DequantizeLinear nodes that are all zeros (the
+      input is optional and defaults to 0; ORT fuses the same QLinearConv/QGemm);
+    * ``value_info`` (intermediate shapes from pre-processing; ORT infers them).
+
+    Outputs are bit-identical; only bytes that carry no information go.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model_from_string(model)
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    zero_points: set[str] = set()
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) != 3:
+            continue
+        x, zp = inits.get(n.input[0]), inits.get(n.input[2])
+        if x is None or zp is None or x.data_type != onnx.TensorProto.INT32:
+            continue
+        if not numpy_helper.to_array(zp).any():
+            zero_points.add(n.input[2])
+            del n.input[2]
+    used = {i for n in g.node for i in n.input}
+    for name in zero_points - used:
+        g.initializer.remove(inits[name])
+    del g.value_info[:]
+    return proto.SerializeToString(deterministic=True)
 
 
 def quantize_dynamic_int8(model: bytes) -> tuple[bytes, list[str]]:

@@ -45,6 +45,11 @@ class CandidateRecord(_Model):
     agreement_with_onnx_int8: float | None = Field(
         None, description="TFLite int8 only: share of eval rows whose argmax equals ONNX int8's."
     )
+    excluded_nodes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Static int8 only: nodes kept in fp32 by the accuracy-aware fallback "
+        "(node, op_type, tensor, relative_error, reason).",
+    )
     selected: bool = False
     passed: bool = False
     reasons: list[str] = Field(default_factory=list)
@@ -93,6 +98,7 @@ class CompileReport(_Model):
         t.add_column("size", justify="right")
         t.add_column("p50 ms", justify="right")
         t.add_column("accuracy", justify="right")
+        t.add_column("kept fp32", overflow="fold")
         t.add_column("selected", justify="center")
         t.add_column("verdict", overflow="fold")
         for c in self.candidates:
@@ -104,6 +110,7 @@ class CompileReport(_Model):
                 _size(c.size_bytes),
                 "-" if c.latency_ms_p50 is None else f"{c.latency_ms_p50:.4f}",
                 "-" if c.accuracy is None else f"{c.accuracy:.4f}",
+                _kept(c),
                 "[bold green]yes[/]" if c.selected else "",
                 _verdict(c),
                 style=None if c.passed else "dim",
@@ -126,6 +133,13 @@ def _verdict(c: CandidateRecord) -> str:
     first = c.reasons[0].removeprefix("selected: ")
     more = f" (+{len(c.reasons) - 1} more)" if len(c.reasons) > 1 else ""
     return first + more
+
+
+def _kept(c: CandidateRecord) -> str:
+    """Nodes the accuracy-aware fallback kept in fp32, with the error that chose them."""
+    if not c.excluded_nodes:
+        return ""
+    return ", ".join(f"{e['node']} ({e['relative_error']:.0%})" for e in c.excluded_nodes)
 
 
 def _size(n: int | None) -> str:

@@ -63,6 +63,18 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lvl)
 
 
+def _eval_flags(module: Any) -> None:
+    """Clear the ``training`` flag of ``module`` and every submodule.
+
+    ``eval()`` does not clear it on the graph module of an unlifted ``torch.export``
+    program (a ``.pt2`` input) and raises on a pt2e-converted one, whose
+    ``move_exported_model_to_eval`` rewrites train-only ops but leaves the flags set;
+    litert-torch then warns that the model "is converted in training mode".
+    """
+    for sub in module.modules():
+        sub.training = False
+
+
 def _example(x: np.ndarray) -> tuple[Any, ...]:
     import torch
 
@@ -80,6 +92,7 @@ def convert_fp32(module: Any, example_x: np.ndarray) -> tuple[bytes, list[str]]:
     try:
         with _quiet():
             module.eval()  # (an unlifted export's eval() returns None, so not chained)
+            _eval_flags(module)
             model = litert_torch.convert(module, _example(example_x))
             data = bytes(model.model_content())
     except Exception as e:  # noqa: BLE001 - the converter raises many unrelated types
@@ -119,6 +132,7 @@ def convert_int8_pt2e(
                     prepared(torch.from_numpy(row[None]))
             converted = convert_pt2e(prepared, fold_quantize=False)
             move_exported_model_to_eval(converted)
+            _eval_flags(converted)  # (its eval() raises: move_..._to_eval is the API)
             model = litert_torch.convert(
                 converted, ex, quant_config=QuantConfig(pt2e_quantizer=quantizer)
             )

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from agent.bundle import unpack
 from agent.profiles import load_profile
+from compiler.measure import ort_session
 from compiler.pipeline import CompileOptions, compile_model
 from compiler.report import CompileReport
 
@@ -110,7 +110,7 @@ def test_bundles_unpack_and_pass_their_selftest(
         assert m.lineage.metrics["accuracy"] == pytest.approx(c.accuracy)
         st = b.selftest()
         assert st.inputs["input"].shape == (8, 1, 8, 8)
-        sess = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
+        sess = ort_session(b.model_path.read_bytes(), 1)  # what the compiler and the agent run
         got = sess.run(None, st.inputs)[0]
         assert np.abs(got - st.outputs["logits"]).max() <= st.tolerance
         ref = b.reference()
@@ -127,7 +127,7 @@ def test_int8_predictions_agree_with_fp32(
         if c.profile != "x86-gateway-vnni" or c.format != "onnx":
             continue
         b = unpack(out / (c.bundle or ""), tmp_path / c.precision)
-        sess = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
+        sess = ort_session(b.model_path.read_bytes(), 1)
         preds[c.precision] = sess.run(None, {"input": cnn_workspace.x_test})[0].argmax(1)
     agreement = float((preds["int8"] == preds["fp32"]).mean())
     assert agreement >= 0.97

@@ -134,6 +134,11 @@ def test_train_adds_pruning_and_distillation(
         assert c.accuracy is not None and c.accuracy > 0.6, tech
         assert any("parameters" in n for n in c.notes)
     assert by["structured-pruning"].bundle == "trained-0.1.0-x86-gateway-vnni-onnx-fp32-pruned50.efb"
+    kd = by["distillation"]
+    width = kd.settings["width"]
+    assert 0 < width < 0.5 and kd.settings["parameter_ratio"] >= 4.0
+    assert kd.bundle == f"trained-0.1.0-x86-gateway-vnni-onnx-fp32-student{round(width * 100)}.efb"
+    assert kd.model_bytes is not None and kd.model_bytes * 3.5 < base.model_bytes
     sparse = by["unstructured-pruning"]
     assert sparse.model_bytes == pytest.approx(base.model_bytes, rel=0.01)  # dense: same size
     assert not sparse.selected and not sparse.passed

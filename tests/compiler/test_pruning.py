@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from compiler.demo_models import DigitsCNN, load_digits_split, train_classifier
-from compiler.pruning import magnitude_prune, parameter_count, prune_channels, width_scaled_student
+from compiler.pruning import (
+    magnitude_prune,
+    parameter_count,
+    prune_channels,
+    student_width_for_ratio,
+    width_scaled_student,
+)
 
 
 def test_structured_pruning_removes_channels_and_keeps_outputs() -> None:
@@ -32,3 +38,15 @@ def test_magnitude_pruning_zeroes_but_does_not_shrink() -> None:
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             zero = float((m.weight == 0).float().mean())
             assert 0.49 <= zero <= 0.51
+
+
+def test_student_width_is_the_largest_meeting_the_size_ratio() -> None:
+    from compiler.demo_models import DigitsMLP
+    from compiler.pruning import _pruned_copy
+
+    for teacher in (DigitsCNN(size=8), DigitsMLP(size=8)):
+        ex = torch.zeros(2, 1, 8, 8)
+        width, n = student_width_for_ratio(teacher, ex, 4.0)
+        assert n * 4 <= parameter_count(teacher)
+        wider = parameter_count(_pruned_copy(teacher, ex, 1.0 - (width + 0.01)))
+        assert wider * 4 > parameter_count(teacher)
