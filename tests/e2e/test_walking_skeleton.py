@@ -12,13 +12,13 @@ import sqlite3
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import paho.mqtt.client as mqtt
 import pytest
 
 from agent import topics
 from agent.bundle import file_sha256, open_unpacked, unpack
 from agent.localapi import InferenceClient
+from compiler.measure import ort_session
 from hub.localfleet import AgentProcess, HubProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -48,9 +48,7 @@ def _reference_outputs(bundle_path, x, tmp_path) -> np.ndarray:
     """What the compiler's own bundle computes on ``x``, outside any agent."""
     dest = tmp_path / f"ref-{bundle_path.stem}"
     b = open_unpacked(dest) if dest.exists() else unpack(bundle_path, dest)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(b.model_path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(b.model_path.read_bytes(), 2)  # the compiler's measuring session
     return sess.run(None, {b.manifest.inputs[0].name: x})[0]
 
 
