@@ -160,6 +160,22 @@ def _binary_outputs(request: dict[str, Any]) -> tuple[bool, dict[str, bool]]:
     return default, per
 
 
+def _response_head(
+    model_name: str, model_version: str | None, request: dict[str, Any]
+) -> tuple[dict[str, Any], set[Any] | None]:
+    """An infer response without outputs, and the output names the request asked for
+    (None: all)."""
+    wanted = None
+    if isinstance(request.get("outputs"), list):
+        wanted = {o.get("name") for o in request["outputs"] if isinstance(o, dict)}
+    resp: dict[str, Any] = {"model_name": model_name, "outputs": []}
+    if model_version is not None:
+        resp["model_version"] = model_version
+    if "id" in request:
+        resp["id"] = request["id"]
+    return resp, wanted
+
+
 def encode_infer_body(
     model_name: str,
     model_version: str | None,
@@ -171,14 +187,7 @@ def encode_infer_body(
     default, per = _binary_outputs(request)
     if not default and not any(per.values()):
         return json.dumps(encode_infer_response(model_name, model_version, outputs, request)).encode(), None
-    wanted = None
-    if isinstance(request.get("outputs"), list):
-        wanted = {o.get("name") for o in request["outputs"] if isinstance(o, dict)}
-    resp: dict[str, Any] = {"model_name": model_name, "outputs": []}
-    if model_version is not None:
-        resp["model_version"] = model_version
-    if "id" in request:
-        resp["id"] = request["id"]
+    resp, wanted = _response_head(model_name, model_version, request)
     chunks: list[bytes] = []
     for name, arr in outputs.items():
         if wanted is not None and name not in wanted:
@@ -202,14 +211,7 @@ def encode_infer_response(
     outputs: dict[str, np.ndarray],
     request: dict[str, Any],
 ) -> dict[str, Any]:
-    wanted = None
-    if isinstance(request.get("outputs"), list):
-        wanted = {o.get("name") for o in request["outputs"] if isinstance(o, dict)}
-    resp: dict[str, Any] = {"model_name": model_name, "outputs": []}
-    if model_version is not None:
-        resp["model_version"] = model_version
-    if "id" in request:
-        resp["id"] = request["id"]
+    resp, wanted = _response_head(model_name, model_version, request)
     for name, arr in outputs.items():
         if wanted is not None and name not in wanted:
             continue
