@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from agent.runtimes.ort import x86_without_vnni
+from agent.runtimes.ort import open_session
 from compiler.errors import TechniqueError
 
 __all__ = [
@@ -60,23 +60,22 @@ def ort_session(model: bytes, threads: int) -> ort.InferenceSession:
     """A CPU ONNX Runtime session with ``threads`` intra-op threads.
 
     On an x86 host without VNNI the session uses ONNX Runtime's exact int8 path, as the
-    agent does (:func:`agent.runtimes.ort.x86_without_vnni`), so that an s8s8 model built
+    agent does (:func:`agent.runtimes.ort.open_session`), so that an s8s8 model built
     for a VNNI target is measured as it computes there, and its self-test vectors match
     what the agent computes.
 
     Raises:
         TechniqueError: ONNX Runtime cannot load the model.
     """
-    so = ort.SessionOptions()
-    if x86_without_vnni():
-        so.add_session_config_entry("session.x64quantprecision", "1")
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    def configure(so: ort.SessionOptions) -> None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+
     try:
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return open_session(model, configure, ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own untyped Fail/InvalidGraph
         raise TechniqueError(f"ONNX Runtime cannot load the model: {e}") from e
 

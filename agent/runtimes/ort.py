@@ -10,7 +10,9 @@ with a single set comparison; ORT itself rejects unknown names, dtypes and shape
 from __future__ import annotations
 
 import functools
+import logging
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +38,8 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     dtype = _ORT_TYPES.get(arg.type, "float32")
     return TensorSpec(name=arg.name, dtype=dtype, shape=shape)  # type: ignore[arg-type]
 
+
+log = logging.getLogger(__name__)
 
 _InvalidArgument = ort.capi.onnxruntime_pybind11_state.InvalidArgument
 _Fail = ort.capi.onnxruntime_pybind11_state.Fail
@@ -65,6 +69,35 @@ def x86_without_vnni() -> bool:
     return False
 
 
+def open_session(
+    model: str | bytes, configure: Callable[[ort.SessionOptions], None], providers: list[str]
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` whose options ``configure`` fills in; on an x86 host
+    without VNNI, with ONNX Runtime's exact int8 path (:func:`x86_without_vnni`).
+
+    ONNX Runtime 1.32 cannot build some graphs on that path (an int8 transformer
+    encoder fails with "Attempt to replace the existing tensor"); those are opened
+    again on the default path, with a warning, since a model that loads beats one
+    that does not.
+
+    Raises:
+        Exception: whatever ONNX Runtime raises when the model cannot load at all.
+    """
+    so = ort.SessionOptions()
+    configure(so)
+    if not x86_without_vnni():
+        return ort.InferenceSession(model, so, providers=providers)
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    try:
+        return ort.InferenceSession(model, so, providers=providers)
+    except Exception as e:  # ORT raises its own untyped Fail errors
+        log.warning("onnxruntime cannot use its exact int8 path for this model (%s); "
+                    "using the default path, whose int8 sums may saturate on this CPU", str(e)[:200])
+    so = ort.SessionOptions()
+    configure(so)
+    return ort.InferenceSession(model, so, providers=providers)
+
+
 @register
 class OnnxRuntime:
     key: ClassVar[str] = "onnxruntime"
@@ -83,18 +116,17 @@ class OnnxRuntime:
         return str(ort.__version__)
 
     def load(self, model_path: str, options: RuntimeOptions) -> None:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        if x86_without_vnni():
-            so.add_session_config_entry("session.x64quantprecision", "1")
+        def configure(so: ort.SessionOptions) -> None:
+            so.intra_op_num_threads = options.intra_op_threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+
         available = set(ort.get_available_providers())
         providers = [p for p in options.execution_providers if p in available]
         if "CPUExecutionProvider" not in providers:
             providers.append("CPUExecutionProvider")
         try:
-            self._session = ort.InferenceSession(model_path, so, providers=providers)
+            self._session = open_session(model_path, configure, providers)
         except Exception as e:  # ORT raises its own untyped Fail/InvalidGraph errors
             raise RuntimeLoadError(f"onnxruntime could not load {model_path}: {e}") from e
         self._inputs = [_spec(a) for a in self._session.get_inputs()]
