@@ -295,11 +295,12 @@ def tune_static_qdq(
         TechniqueError: quantization or evaluation failed.
     """
 
-    def evaluate(data: bytes) -> tuple[np.ndarray, float | None]:
+    def evaluate(data: bytes) -> float | None:
         out = run_batched(ort_session(data, threads=1), input_name, eval_x)[0]
-        return out, score(metric, evaluate_metric(metric, out, eval_y, fp32_out))
+        return score(metric, evaluate_metric(metric, out, eval_y, fp32_out))
 
     fp32_out = run_batched(ort_session(model, threads=1), input_name, eval_x)[0]
+    base = score(metric, evaluate_metric(metric, fp32_out, eval_y, fp32_out))
     with tempfile.TemporaryDirectory(prefix="edgefleet-tune-") as tmp:
         work = Path(tmp)
         pre, skipped = preprocess_for_quantization(model, work)
@@ -307,8 +308,7 @@ def tune_static_qdq(
         pre = _name_nodes(pre)
         cache = work / "calibration.json"
         plain = quantize_preprocessed(pre, input_name, calib_x, settings, work, cache)
-        _, base = evaluate(model)
-        _, plain_score = evaluate(plain)
+        plain_score = evaluate(plain)
         result = TuningResult(plain, base, plain_score, plain_score, met=True)
         if base is None or plain_score is None:
             result.skipped = f"metric {metric.name} needs eval labels"
@@ -330,7 +330,7 @@ def tune_static_qdq(
             excluded += new
             qs = replace(settings, exclude_nodes=tuple(e.node for e in excluded))
             data = quantize_preprocessed(pre, input_name, calib_x, qs, work, cache)
-            _, s = evaluate(data)
+            s = evaluate(data)
             assert s is not None
             result.trials.append({
                 "excluded": len(excluded), "tensor": tensor,

@@ -9,7 +9,7 @@ deployment the hub does not know. Devices report progress through status
 messages, which :mod:`hub.fleet` folds into the per-device rows.
 
 Campaigns (waves, gates, rollback; issue #4) build on :func:`choose_bundle` and
-:func:`publish_deployment`.
+:func:`deployment_message` (sent with :meth:`Publisher.publish_many`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ __all__ = [
     "create_deployment",
     "get_deployment",
     "list_deployments",
-    "publish_deployment",
     "deployment_message",
 ]
 
@@ -194,23 +193,6 @@ def needs_downgrade(device: Device, name: str, version: str) -> bool:
 
 def _unique(ids: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(ids))
-
-
-def publish_deployment(
-    publisher: Publisher,
-    device_id: str,
-    deployment_id: str,
-    model: str,
-    target_path: str,
-    health_window_s: float,
-) -> None:
-    """Publish one device's desired state (retained, QoS 1).
-
-    Raises:
-        BrokerUnavailable: the broker did not take it.
-    """
-    topic, payload = deployment_message(device_id, deployment_id, model, target_path, health_window_s)
-    publisher.publish(topic, payload, qos=DEPLOY_QOS, retain=DEPLOY_RETAIN)
 
 
 DEPLOY_QOS = topics.QOS["deploy"]

@@ -471,20 +471,9 @@ class MqttIngest:
         Raises:
             BrokerUnavailable: not connected, or not acknowledged within the timeout.
         """
-        if not self.connected:
-            raise BrokerUnavailable(f"not connected to the MQTT broker {self.address.url}")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise BrokerUnavailable(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        if qos > 0:
-            try:
-                info.wait_for_publish(self.publish_timeout)
-            except (RuntimeError, ValueError) as e:
-                raise BrokerUnavailable(f"publish to {topic} failed: {e}") from e
-            if not info.is_published():
-                raise BrokerUnavailable(
-                    f"broker did not acknowledge {topic} within {self.publish_timeout:.0f}s"
-                )
+        (err,) = self.publish_many([(topic, payload)], qos=qos, retain=retain)
+        if err is not None:
+            raise err
 
     def publish_many(
         self, messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
