@@ -64,7 +64,7 @@ from agent.protocol import (
     encode,
 )
 from agent.runtimes.base import LoadedModel, available_runtimes, load_bundle
-from agent.serving import ModelServer
+from agent.serving import ModelServer, Observed
 from agent.sketch import SketchAccumulator
 from agent.slots import SlotName, Slots, atomic_write
 from agent.spool import Priority, Spool
@@ -375,16 +375,22 @@ class Agent:
 
     # ------------------------------------------------------------------ drift
 
-    def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
-        """Sketch one served request, and capture it when capture is on and a token is
-        free. Runs on the server's observers thread, on copies of the tensors."""
-        man = model.bundle.manifest
-        x = inputs.get(man.inputs[0].name)
-        y = outputs.get(man.outputs[0].name)
-        if x is not None and y is not None:
-            self._sketch_one(x, y, model)
-        if self.capture is not None and self.capture.admit():
-            self._capture_one(inputs, outputs, model, time.time())
+    def _observe(self, batch: list[Observed]) -> None:
+        """Sketch served requests, and capture those a free capture token admits. Runs on
+        the server's observers thread, on copies of the tensors (inputs never leave the
+        device; only sketches do)."""
+        i = 0
+        while i < len(batch):
+            model = batch[i][2]
+            j = i + 1
+            while j < len(batch) and batch[j][2] is model:
+                j += 1
+            self._sketch(batch[i:j], model)
+            i = j
+        if self.capture is not None:
+            for inputs, outputs, model in batch:
+                if self.capture.admit():
+                    self._capture_one(inputs, outputs, model, time.time())
 
     def _capture_one(
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel, ts: float
@@ -396,14 +402,18 @@ class Agent:
             self.capture.counts["write_failed"] += 1
             log.warning("could not store a captured sample: %s", e)
 
-    def _sketch_one(self, x: np.ndarray, y: np.ndarray, model: LoadedModel) -> None:
-        """Sketch one served request (inputs never leave the device; only sketches do)."""
+    def _sketch(self, served: list[Observed], model: LoadedModel) -> None:
+        """Hand one model's served requests to its sketch, without another copy."""
         acc = self._sketches.get(model.ref)
         if acc is None:
             acc = self._new_sketch(model)
             if acc is None:
                 return
-        acc.update(x, y)
+        man = model.bundle.manifest
+        x_name, y_name = man.inputs[0].name, man.outputs[0].name
+        pairs = [(i[x_name], o[y_name]) for i, o, _ in served if x_name in i and y_name in o]
+        if pairs:
+            acc.update_many(pairs)
 
     def _new_sketch(self, model: LoadedModel) -> SketchAccumulator | None:
         with self._sketch_lock:
@@ -466,7 +476,8 @@ class Agent:
             if rec is None:
                 if self._upload_capture():
                     continue
-                self.spool.available.wait(timeout=0.5)
+                # push() and stop() set the event; the timeout is a safety net, not a poll
+                self.spool.available.wait(timeout=5.0)
                 continue
             try:
                 self.link.publish_wait(rec.topic, rec.payload, qos=1, retain=rec.retain)

@@ -71,6 +71,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -489,6 +490,7 @@ class SketchAccumulator:
         self._fill = 0
         self._bytes = 0
         self._lat: list[float] = []
+        self.rejected_batches = 0  # update_many pairs whose rows did not match
         self._reset_window(time.time() if start is None else start)
 
     # ---- window state
@@ -532,6 +534,26 @@ class SketchAccumulator:
             self._bytes += x_batch.nbytes
             if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
                 self._flush()
+
+    def update_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """:meth:`update` for many ``(x_batch, predictions)`` pairs at once, taking the
+        arrays over instead of copying them: the caller must not change them afterwards
+        (the agent's observers thread hands over its private copies). A pair whose row
+        counts differ is skipped and counted in :attr:`rejected_batches`.
+        """
+        xs, ps = self._xs, self._ps
+        with self._lock:
+            for x, p in batches:
+                if p is not None and len(p) != len(x):
+                    self.rejected_batches += 1
+                    continue
+                xs.append(x)
+                ps.append(p)
+                self._fill += len(x)
+                self._bytes += x.nbytes
+                if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
+                    self._flush()
+                    xs, ps = self._xs, self._ps
 
     def observe_latency(self, ms: float | np.ndarray) -> None:
         """Record one or more inference latencies in milliseconds (NaN/negative ignored)."""

@@ -156,13 +156,17 @@ def reference_models(cache: Path, epochs: int) -> tuple[dict[int, RefModel], flo
 Path_ = Callable[[], object] | tuple[Callable[[], object], Callable[[], object], bool]
 
 
-def interleaved(paths: dict[str, Path_], rounds: int, calls: int) -> dict[str, list[float]]:
+def interleaved(paths: dict[str, Path_], rounds: int, calls: int,
+                clocks: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each path, one value per round; the order flips every round.
 
     A path may be ``(fn, settle, timed)``: ``settle`` runs after each block of calls
     (e.g. waits for work the calls deferred to other threads), inside the timing when
     ``timed``, outside it otherwise, so that deferred work never lands on the next path.
+    ``clocks`` gives a path another clock than ``time.perf_counter`` (e.g.
+    ``time.process_time``: the CPU of every thread of this process, sleeps excluded).
     """
+    clocks = clocks or {}
     names = list(paths)
     per: dict[str, list[float]] = {n: [] for n in names}
     split = {n: p if isinstance(p, tuple) else (p, None, False) for n, p in paths.items()}
@@ -175,12 +179,13 @@ def interleaved(paths: dict[str, Path_], rounds: int, calls: int) -> dict[str, l
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
             fn, settle, timed = split[n]
-            t = time.perf_counter()
+            clock = clocks.get(n, time.perf_counter)
+            t = clock()
             for _ in range(calls):
                 fn()
             if settle is not None and timed:
                 settle()
-            per[n].append((time.perf_counter() - t) / calls)
+            per[n].append((clock() - t) / calls)
             if settle is not None and not timed:
                 settle()
     return per
@@ -376,19 +381,27 @@ def bench_python_api(res: Results, models: dict[int, RefModel], broker_url: str,
             "OnnxRuntime.infer": lambda r=lm.runtime, f=feed: r.infer(f),
             "ModelServer.infer": lambda s=bare, f=feed: s.infer(f),
             "Agent.infer": (lambda a=a, f=feed: a.infer(f), settle, False),
-            "Agent.infer incl. its deferred drift-sketch work": (lambda a=a, f=feed: a.infer(f), settle, True),
-        }, rounds=60, calls=calls)
-        raw = med(per["session.run"])
+            "session.run, process CPU": lambda s=sess, o=out_names, f=feed: s.run(o, f),
+            "Agent.infer incl. its deferred drift-sketch work, process CPU":
+                (lambda a=a, f=feed: a.infer(f), settle, True),
+        }, rounds=60, calls=calls, clocks={"session.run, process CPU": time.process_time,
+                                           "Agent.infer incl. its deferred drift-sketch work, process CPU":
+                                               time.process_time})
+        cpu_base = "session.run, process CPU"
         for path, vals in per.items():
+            base = cpu_base if path.endswith("process CPU") else "session.run"
             rows.append([m.label, path, f"{med(vals) * 1e6:.1f}",
-                         "-" if path == "session.run" else f"{med(vals) / raw - 1:+.1%}",
-                         "-" if path == "session.run" else f"{paired_overhead(vals, per['session.run']):+.1%}"])
-        for path in ("Agent.infer", "ModelServer.infer", "Agent.infer incl. its deferred drift-sketch work"):
+                         "-" if path == base else f"{med(vals) / med(per[base]) - 1:+.1%}",
+                         "-" if path == base else f"{paired_overhead(vals, per[base]):+.1%}"])
+        for path in ("Agent.infer", "ModelServer.infer", "Agent.infer incl. its deferred drift-sketch work, process CPU"):
+            base = cpu_base if path.endswith("process CPU") else "session.run"
+            raw = med(per[base])
             ov = med(per[path]) / raw - 1
             goal = {"Agent.infer": "≤ 5%", "ModelServer.infer": "≤ 5% (no drift sketch)"}.get(
-                path, "≤ 5% (CPU cost, not latency)")
-            res.add(f"Python API overhead, {path} vs session.run, {m.label}", goal,
-                    f"{ov:+.1%} ({med(per[path]) * 1e6:.1f} vs {raw * 1e6:.1f} µs)", ov <= GOALS["overhead"])
+                path, "report (CPU, not latency)")
+            res.add(f"Python API overhead, {path} vs {base}, {m.label}", goal,
+                    f"{ov:+.1%} ({med(per[path]) * 1e6:.1f} vs {raw * 1e6:.1f} µs)",
+                    None if goal.startswith("report") else ov <= GOALS["overhead"])
         rows += python_cost(a, lm, feed, m.label)
     res.details["Python API, batch 1, µs per call (medians of 60 interleaved blocks)"] = (
         [["model", "path", "µs/call", "overhead (ratio of medians)", "overhead (median of paired ratios)"]] + rows)
@@ -942,7 +955,9 @@ def main() -> int:
         "`ModelServer.infer` is the same path without observers. The drift sketch runs on other threads "
         "(`SketchAccumulator.update`), so after each block of `Agent.infer` calls the benchmark waits until that "
         "work is done: outside the timing for the `Agent.infer` row (the latency a caller sees), inside it for the "
-        "'incl. its deferred drift-sketch work' row (the CPU the agent spends per request on a 2-CPU machine), "
+        "'incl. its deferred drift-sketch work, process CPU' row, which is the CPU time of every thread of the process "
+        "(sleeps excluded) per request, compared with `session.run`'s own process CPU (ONNX Runtime's pool threads "
+        "included in both), "
         "and in both cases before the next path's block, so that it never lands on another row. "
         "`OnnxRuntime.infer` calls the session's C++ `run` directly (bound at load, CPU provider only), skipping "
         "the per-call Python checks of `InferenceSession.run`; that is why it can be faster than `session.run`.",

@@ -20,7 +20,7 @@ from agent.bundle import unpack, write_bundle
 from agent.profiles import profiles_dir
 from agent.protocol import Telemetry, decode
 from agent.runtimes.base import LoadedModel
-from agent.serving import ModelServer
+from agent.serving import OBSERVE_CHUNK, ModelServer
 from agent.trust import TargetCustom
 from tests.support import free_port, linear_bundle
 
@@ -235,7 +235,13 @@ def test_observers_run_off_the_request_path_on_copies():
     server = ModelServer()
     server.swap(_stub_model())
     seen: list[tuple[str, np.ndarray, np.ndarray]] = []
-    server.observers.append(lambda i, o, m: seen.append((threading.current_thread().name, i["x"], o["y"])))
+    batches: list[int] = []
+
+    def observer(batch: list) -> None:
+        batches.append(len(batch))
+        seen.extend((threading.current_thread().name, i["x"], o["y"]) for i, o, _ in batch)
+
+    server.observers.append(observer)
     x = np.ones(3, np.float32)
     for k in range(5):
         x[:] = k
@@ -246,6 +252,7 @@ def test_observers_run_off_the_request_path_on_copies():
     assert [float(o[0]) for _, _, o in seen] == [0, 2, 4, 6, 8]
     assert {name for name, _, _ in seen} == {"observers"}
     assert server.window.peek() == (5, 0) and server.observe_skipped == 0
+    assert sum(batches) == 5 and max(batches) <= OBSERVE_CHUNK
 
     def broken(*_args: object) -> None:
         raise RuntimeError("observer bug")

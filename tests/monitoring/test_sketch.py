@@ -63,6 +63,23 @@ def test_counts_match_bin_counts(reference: Reference, rng: np.random.Generator)
     assert s2.rows == 0 and s2.window_start == 60.0 and s2.latency_ms is None
 
 
+def test_update_many_equals_update_per_batch(reference: Reference, rng: np.random.Generator) -> None:
+    x = mixed_rows(rng, 900)
+    preds = rng.normal(size=(900, 2))
+    one = SketchAccumulator(reference, "m:1.0.0", start=0.0, flush_rows=64)
+    many = SketchAccumulator(reference, "m:1.0.0", start=0.0, flush_rows=64)
+    _feed(one, x, preds, [1, 7, 90])
+    pairs = [(x[i : i + 3].copy(), preds[i : i + 3].copy()) for i in range(0, 900, 3)]
+    pairs.insert(5, (x[:4].copy(), preds[:3].copy()))  # rows disagree: skipped and counted
+    many.update_many(pairs[:100])
+    many.update_many(pairs[100:])
+    a, b = one.snapshot_and_reset(60.0), many.snapshot_and_reset(60.0)
+    assert many.rejected_batches == 1 and a.rows == b.rows == 900
+    assert [f.counts for f in a.features] == [f.counts for f in b.features]
+    assert a.predictions is not None and b.predictions is not None
+    assert a.predictions.counts == b.predictions.counts
+
+
 def test_image_summary_features(rng: np.random.Generator) -> None:
     imgs = rng.normal(size=(500, 3, 8, 8))
     ref = build_reference(imgs, rng.integers(0, 10, 500), classes=[str(i) for i in range(10)])
