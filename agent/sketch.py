@@ -593,7 +593,11 @@ class SketchAccumulator:
             return None
         if len(have) == 1:
             return have[0]
-        return np.concatenate([np.asarray(p, dtype=np.float64).reshape(len(p), -1) for p in have])
+        try:  # the usual case: every batch has the same trailing shape
+            joined = np.concatenate(have)
+            return joined.reshape(len(joined), -1)
+        except ValueError:
+            return np.concatenate([np.asarray(p, dtype=np.float64).reshape(len(p), -1) for p in have])
 
     def _process(self, x: np.ndarray, p: np.ndarray | None) -> None:
         lay = self._lay
