@@ -21,11 +21,15 @@ Threads, and why:
 - the *repository server* answers ``repo/get`` requests with chunk frames read from
   the TUF repository.
 
-Every payload goes through :func:`agent.protocol.decode` (drift sketches through
-:meth:`agent.sketch.DriftSketch.decode`). A malformed one is logged at
-warning level with its device and topic, counted by kind (:class:`PayloadErrorLog`,
-persisted in ``payload_error_count``), and dropped; nothing a device sends can stop
-these threads.
+Every payload is validated against its ``agent.protocol`` schema: first straight from
+the bytes by pydantic (strict mode for telemetry), and anything that fails that goes
+through :func:`agent.protocol.decode` (drift sketches through
+:meth:`agent.sketch.DriftSketch.decode`), whose verdict stands. A malformed one is
+logged at warning level with its device and topic, counted by kind
+(:class:`PayloadErrorLog`, persisted in ``payload_error_count``), and dropped; nothing a
+device sends can stop these threads. A telemetry payload that strict validation shows
+to be exactly the validated document is stored as received rather than re-serialised
+(:func:`_telemetry_as_received`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -106,6 +110,37 @@ _STOP: Final = object()
 _KNOWN_DEVICES_TTL_S: Final = 300.0
 
 
+def _telemetry_as_received(data: bytes) -> tuple[protocol.Telemetry, str | None] | None:
+    """A telemetry payload validated in pydantic's strict mode, with the payload text
+    to store as is when it is provably the same document as the validated model; None
+    to let :func:`_fast_decode` and ``protocol.decode`` decide (every malformed payload
+    goes that way, so its error kind is unchanged).
+
+    Strict mode converts nothing (no ``"5"`` for a number, no ``1.0`` for an integer),
+    so the received values are the model's. The text is kept, saving a
+    re-serialisation per message, only when, further, every field was sent (no
+    defaults filled in) and it has no ``NaN``/``Infinity`` token (pydantic takes them,
+    PostgreSQL's JSON type does not; the re-serialisation writes null). Fields the
+    schema does not know are ignored by the model and kept in the stored text; it is
+    bounded by ``MAX_JSON_PAYLOAD`` either way.
+    """
+    if len(data) > protocol.MAX_JSON_PAYLOAD:
+        return None
+    try:
+        p = protocol.Telemetry.model_validate_json(data, strict=True)
+    except ValueError:  # pydantic.ValidationError, including JSON syntax errors
+        return None
+    if len(p.model_fields_set) != _TELEMETRY_FIELDS or b"NaN" in data or b"Infinity" in data:
+        return p, None
+    try:
+        return p, data.decode()
+    except UnicodeDecodeError:  # not reached: pydantic's JSON parser requires UTF-8
+        return p, None
+
+
+_TELEMETRY_FIELDS: Final = len(protocol.Telemetry.model_fields)
+
+
 def _fast_decode(cls: type[BaseModel], data: bytes) -> BaseModel | None:
     """``cls`` parsed straight from JSON bytes (pydantic-core, about 3x cheaper than
     :func:`agent.protocol.decode`), or None to let ``protocol.decode`` decide.
@@ -125,19 +160,32 @@ def _fast_decode(cls: type[BaseModel], data: bytes) -> BaseModel | None:
     return p if "v" in p.model_fields_set else None
 
 
+# An MQTT 3.1.1 PUBACK: command byte, remaining length 2, then the message id.
+_PUBACK: Final = 0x40
+_PUBACK_HEAD: Final = bytes((_PUBACK, 2))
+
+
 class _BufferedClient(mqtt.Client):
-    """A paho client that reads the socket in blocks of ``_READ_BLOCK`` bytes.
+    """A paho client that reads the socket in blocks of ``_READ_BLOCK`` bytes and
+    acknowledges what one read brought in with one write.
 
     paho reads each packet with three ``recv`` calls (command byte, length bytes one
-    by one, body) and one ``select`` per packet; at thousands of telemetry messages a
-    second those system calls were most of the hub's receive cost. This serves
-    paho's reads from one block read and keeps parsing while the block holds data.
-    It overrides two private methods of paho-mqtt 2.2 (``_sock_recv``,
-    ``_sock_close``), pinned in constraints.txt; TLS sockets are left to paho.
+    by one, body) and one ``select`` per packet, and sends each PUBACK on its own
+    (two system calls: a wake-up byte to its loop, then the 4-byte ``send``); at
+    thousands of telemetry messages a second those system calls were most of the
+    hub's receive cost. This serves paho's reads from one block read, keeps parsing
+    while the block holds data, and queues the PUBACKs of the messages parsed
+    meanwhile as one write, in the order the messages came (as MQTT requires), once
+    their ``on_message`` calls have returned; a PUBACK is never sent earlier than
+    paho would send it. It overrides private methods of paho-mqtt 2.2
+    (``_sock_recv``, ``_sock_close``, ``_send_puback``), pinned in constraints.txt;
+    TLS sockets keep paho's reads.
     """
 
     _rbuf: bytes = b""
     _rpos: int = 0
+    _reading: bool = False
+    _acks: list[bytes] | None = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
@@ -151,10 +199,25 @@ class _BufferedClient(mqtt.Client):
         return out
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
-            rc = super().loop_read(1)
+        self._reading, self._acks = True, []
+        try:
+            rc = super().loop_read(max_packets)
+            while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
+                rc = super().loop_read(1)
+        finally:
+            self._reading = False
+            acks, self._acks = self._acks, None
+            if acks and self._sock is not None:
+                # One queued "packet" holding every PUBACK: paho writes its bytes as
+                # they are, and does nothing after writing a PUBACK.
+                self._packet_queue(_PUBACK, b"".join(acks), 0, 1)
         return rc
+
+    def _send_puback(self, mid: int) -> mqtt.MQTTErrorCode:
+        if self._reading and self._acks is not None and self._protocol != mqtt.MQTTv5:
+            self._acks.append(_PUBACK_HEAD + mid.to_bytes(2, "big"))
+            return mqtt.MQTT_ERR_SUCCESS
+        return super()._send_puback(mid)
 
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0
@@ -162,13 +225,14 @@ class _BufferedClient(mqtt.Client):
 
 
 # Bytes per socket read of the hub's MQTT clients (_BufferedClient); 0 leaves reading
-# to paho (for comparison: benchmarks/hub_ingest.py --read-block 0).
+# and acknowledging to paho (for comparison: benchmarks/hub_ingest.py --read-block 0).
 READ_BLOCK_ENV: Final = "EDGEFLEET_HUB_MQTT_READ_BLOCK"
 _READ_BLOCK: Final = int(os.environ.get(READ_BLOCK_ENV, 65536))
 # Only on the paho release whose private reads _BufferedClient was written against;
 # any other release gets paho's own reading rather than a silent misparse.
 _BUFFERED_OK: Final = importlib.metadata.version("paho-mqtt").startswith("2.2.") and all(
-    callable(getattr(mqtt.Client, m, None)) for m in ("_sock_recv", "_sock_close", "loop_read")
+    callable(getattr(mqtt.Client, m, None))
+    for m in ("_sock_recv", "_sock_close", "loop_read", "_send_puback", "_packet_queue")
 )
 
 
@@ -243,13 +307,21 @@ class PayloadErrorLog:
                     cur.count += t.count
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Inbound:
     kind: str
     device_id: str
     payload: bytes
     received: datetime
     retained: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    item: _Inbound
+    msg: BaseModel
+    # Telemetry only: the payload text to store as received (_telemetry_as_received).
+    text: str | None = None
 
 
 class MqttIngest:
@@ -454,7 +526,8 @@ class MqttIngest:
         with self._count_lock:
             self.received[dt.kind] += 1
             self.received_by_client[userdata] += 1
-        item = _Inbound(dt.kind, dt.device_id, msg.payload, datetime.now(UTC), bool(msg.retain))
+        # bytes() of paho's bytes is the same object; the type says bytes | bytearray.
+        item = _Inbound(dt.kind, dt.device_id, bytes(msg.payload), datetime.now(UTC), bool(msg.retain))
         q = self._repo_q if dt.kind == "repo/get" else self._ingest_q
         try:
             # Blocking briefly pushes back on the broker instead of losing QoS 1 messages.
@@ -544,10 +617,12 @@ class MqttIngest:
                     self._in_flight -= len(items)
                     self._idle.notify_all()
 
-    def _decode(self, item: _Inbound) -> BaseModel | None:
+    def _decode(self, item: _Inbound) -> _Decoded | None:
         try:
+            if item.kind == "telemetry" and (t := _telemetry_as_received(item.payload)) is not None:
+                return _Decoded(item, t[0], t[1])
             if item.kind == "drift":
-                return DriftSketch.decode(item.payload)
+                return _Decoded(item, DriftSketch.decode(item.payload))
             cls = _DECODERS[item.kind]
             payload = _fast_decode(cls, item.payload) or protocol.decode(cls, item.payload)
         except PayloadError as e:
@@ -562,7 +637,7 @@ class MqttIngest:
                 ),
             )
             return None
-        return payload
+        return _Decoded(item, payload)
 
     def _apply(self, batch: list[_Inbound]) -> None:
         if any(it.kind in _SINGLE_KINDS for it in batch):
@@ -570,14 +645,14 @@ class MqttIngest:
                 if it.kind in _SINGLE_KINDS:
                     self._store_single(it)
             batch = [it for it in batch if it.kind not in _SINGLE_KINDS]
-        decoded = [(it, p) for it in batch if (p := self._decode(it)) is not None]
+        decoded = [d for it in batch if (d := self._decode(it)) is not None]
         if not decoded:
             return
         try:
             self._write(decoded)
         except SQLAlchemyError:
             if len(decoded) == 1:
-                it = decoded[0][0]
+                it = decoded[0].item
                 log.exception("could not store %s from %s; message dropped", it.kind, it.device_id)
                 return
             log.exception("could not store a batch of %d messages; retrying one by one", len(decoded))
@@ -585,7 +660,7 @@ class MqttIngest:
                 try:
                     self._write([one])
                 except SQLAlchemyError:
-                    log.exception("could not store %s from %s; message dropped", one[0].kind, one[0].device_id)
+                    log.exception("could not store %s from %s; message dropped", one.item.kind, one.item.device_id)
 
     def _note_offset(self, device_id: str, offset: float | None) -> None:
         if offset is not None and abs(offset) > fleet.CLOCK_SKEW_TOLERANCE_S:
@@ -618,30 +693,36 @@ class MqttIngest:
         else:
             self._known_devices.add(item.device_id)
 
-    def _write(self, decoded: list[tuple[_Inbound, BaseModel]]) -> None:
+    def _write(self, decoded: list[_Decoded]) -> None:
         now = datetime.now(UTC)
         tele: list[TelemetryIn] = []
         sketches: list[DriftIn] = []
         if time.monotonic() - self._known_since > _KNOWN_DEVICES_TTL_S:
             self._known_devices, self._known_since = set(), time.monotonic()
-        new_ids = {it.device_id for it, _ in decoded} - self._known_devices
+        new_ids = {d.item.device_id for d in decoded} - self._known_devices
+        stateful = [d for d in decoded if d.item.kind in ("hello", "presence", "status")]
         with self.db.session() as s:
             fleet.ensure_devices(s, new_ids, now)
             rows = fleet.preload(  # noqa: F841 - held so the session keeps the rows
                 s,
-                {it.device_id for it, _ in decoded if it.kind in ("hello", "presence", "status")},
-                {(it.device_id, p.deployment_id) for it, p in decoded
-                 if it.kind == "status" and p.deployment_id},  # type: ignore[attr-defined]
+                {d.item.device_id for d in stateful},
+                {(d.item.device_id, d.msg.deployment_id) for d in stateful  # type: ignore[attr-defined]
+                 if d.item.kind == "status" and d.msg.deployment_id},  # type: ignore[attr-defined]
             )
-            # Dispatch on the topic kind (_decode made ``p`` of that kind's class):
+            # Dispatch on the topic kind (_decode made ``msg`` of that kind's class):
             # isinstance on pydantic models goes through a slow metaclass check.
-            for it, p in decoded:
-                kind = it.kind
-                skew = self._skews.get(it.device_id, 0.0)
+            skews = self._skews
+            for d in decoded:
+                it, p, kind = d.item, d.msg, d.item.kind
+                skew = skews.get(it.device_id, 0.0) if skews else 0.0
                 if kind == "telemetry":
-                    tele.append(TelemetryIn(it.device_id, to_hub_clock(p, skew), it.received))  # type: ignore[type-var]
+                    t = cast(protocol.Telemetry, p)
+                    if skew:  # timestamps corrected: store the corrected document
+                        tele.append(TelemetryIn(it.device_id, to_hub_clock(t, skew), it.received))
+                    else:
+                        tele.append(TelemetryIn(it.device_id, t, it.received, d.text))
                 elif kind == "drift":
-                    sketches.append(DriftIn(it.device_id, to_hub_clock(p, skew), it.received))  # type: ignore[type-var]
+                    sketches.append(DriftIn(it.device_id, to_hub_clock(cast(DriftSketch, p), skew), it.received))
                 elif kind == "hello":
                     offset = fleet.apply_hello(s, it.device_id, p, it.received, live=not it.retained)  # type: ignore[arg-type]
                     if offset is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import protocol
+from agent.errors import PayloadError
 from hub.models import Telemetry
 from hub.mqtt_ingest import INGEST_CLIENTS_ENV
 from tests.hub.bundles import make_bundle
@@ -133,6 +134,68 @@ def test_repo_get_serves_chunk_frames(
     assert frames["c"][1] == (hub.hub.repository.metadata_dir / "timestamp.json").read_bytes()
     assert frames["d"][0].status == "not_found"
     assert frames["e"][0].status == "error" and frames["e"][0].error
+
+
+_EXACT = protocol.encode(_telemetry(1))
+_DOC = json.loads(_EXACT)
+
+
+@pytest.mark.parametrize(
+    ("payload", "kept"),
+    [
+        (_EXACT, True),  # what agents send: stored as received
+        (json.dumps({**_DOC, "future_field": 1}).encode(), True),  # unknown field: ignored, kept in the text
+        (json.dumps({**_DOC, "cpu_percent": "5"}).encode(), False),  # lax: pydantic converts, so re-serialised
+        (json.dumps({**_DOC, "seq": 1.0}).encode(), False),
+        (json.dumps({k: v for k, v in _DOC.items() if k != "dropped_records"}).encode(), False),  # default filled
+        (json.dumps({**_DOC, "ts": float("nan")}).encode(), False),  # NaN: not JSON for PostgreSQL
+        (json.dumps({**_DOC, "ts": float("inf")}).encode(), False),
+    ],
+)
+def test_telemetry_text_is_kept_only_when_it_is_the_validated_document(payload: bytes, kept: bool) -> None:
+    from hub.mqtt_ingest import _telemetry_as_received
+
+    got = _telemetry_as_received(payload)
+    if kept:
+        assert got is not None and got[1] == payload.decode()
+    else:
+        # Either validated (strictly) but re-serialised, or left to protocol.decode.
+        assert got is None or got[1] is None
+
+
+@pytest.mark.parametrize("payload", [
+    b"\xff\xfe not json", _EXACT[:40], b"[1]", json.dumps({**_DOC, "v": 2}).encode(),
+    json.dumps({**_DOC, "seq": -1}).encode(), b" " * (protocol.MAX_JSON_PAYLOAD + 1),
+])
+def test_malformed_telemetry_is_left_to_protocol_decode(payload: bytes) -> None:
+    from hub.mqtt_ingest import _telemetry_as_received
+
+    assert _telemetry_as_received(payload) is None
+    with pytest.raises(PayloadError):
+        protocol.decode(protocol.Telemetry, payload)
+
+
+def test_stored_telemetry_payloads(hub: HubHarness, device_factory: DeviceFactory, session_mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """As received when that is the validated document, else the model re-serialised:
+    values pydantic converted, defaults filled in, NaN written as null (PostgreSQL's
+    JSON type rejects NaN)."""
+    dev = device_factory(session_mosquitto.url)
+    doc = json.loads(protocol.encode(_telemetry(1)))
+    dev.publish("telemetry", json.dumps({**doc, "future_field": [1, 2]}).encode())
+    dev.publish("telemetry", json.dumps({**doc, "seq": 2, "cpu_percent": "5"}).encode())
+    dev.publish("telemetry", json.dumps({k: v for k, v in {**doc, "seq": 3}.items() if k != "latency"}).encode())
+    dev.publish("telemetry", json.dumps({**doc, "seq": 4, "ts": float("nan")}).encode())
+    time.sleep(0.3)
+    hub.settle()
+    rows = {r["seq"]: r for r in hub.client.get("/api/v1/telemetry", params={"device_id": dev.device_id}).json()}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[1]["payload"] == {**doc, "future_field": [1, 2]}
+    assert rows[2]["payload"]["cpu_percent"] == 5.0
+    assert rows[3]["payload"]["latency"] == {"p50_ms": None, "p95_ms": None, "max_ms": None}
+    assert rows[3]["p50_ms"] is None
+    assert rows[4]["payload"]["ts"] is None and rows[4]["payload"]["seq"] == 4
+    assert rows[1]["inference_count"] == 101 and rows[1]["received"]
+    assert hub.client.get("/api/v1/stats/payload-errors").json()["total"] == 0
 
 
 def test_ingest_batches_many_telemetry_messages(
@@ -285,3 +348,56 @@ def test_fast_decode_agrees_with_protocol_decode() -> None:
         if fast is not None:
             assert fast == slow, data[:80]
     assert _fast_decode(protocol.Telemetry, cases[0]) is not None
+
+
+# --------------------------------------------------------------------------- the hub's paho client
+
+
+def test_buffered_client_acknowledges_each_read_with_one_write(session_mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """Every QoS 1 message is acknowledged (3,000 is more than the broker sends before
+    it has PUBACKs back: max_inflight_messages 1000), in far fewer socket writes than
+    messages: the PUBACKs of one socket read go out together."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent import topics
+    from hub.mqtt_ingest import _BufferedClient
+
+    writes: list[bytes] = []
+
+    class Counting(_BufferedClient):
+        def _sock_send(self, buf: bytes) -> int:
+            writes.append(bytes(buf))
+            return super()._sock_send(buf)  # type: ignore[no-any-return]
+
+    got: list[bytes] = []
+    sub = Counting(CallbackAPIVersion.VERSION2, client_id=f"buffered-{uuid.uuid4().hex[:8]}",
+                   clean_session=False, protocol=mqtt.MQTTv311)
+    sub.max_inflight_messages_set(1000)
+    sub.on_message = lambda _c, _u, m: got.append(m.payload)
+    topic = topics.device_topic(f"acks-{uuid.uuid4().hex[:8]}", "telemetry")
+    sub.connect("127.0.0.1", session_mosquitto.port)
+    sub.subscribe(topic, 1)
+    for _ in range(20):  # CONNACK and SUBACK, without the network thread yet
+        sub.loop(0.05)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+    pub.max_inflight_messages_set(1000)
+    pub.connect("127.0.0.1", session_mosquitto.port)
+    pub.loop_start()
+    try:
+        infos = [pub.publish(topic, b"%d" % i, qos=1) for i in range(3000)]
+        for info in infos:
+            info.wait_for_publish(10)
+        writes.clear()
+        sub.loop_start()  # the broker has a window's worth queued for us: large reads
+        wait_until(lambda: len(got) == 3000, timeout=30)
+        assert got == [b"%d" % i for i in range(3000)]
+        time.sleep(0.3)
+        pubacks = b"".join(w for w in writes if w[:1] == b"\x40")
+        assert len(pubacks) == 4 * 3000  # each message acknowledged once...
+        assert len(writes) < 3000 / 10  # ...in a few writes
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        sub.loop_stop()
+        sub.disconnect()
