@@ -10,7 +10,7 @@ import pytest
 
 from agent import protocol, topics
 from hub.db import Database
-from hub.mqtt_ingest import _STOP, MqttIngest, _Inbound
+from hub.mqtt_ingest import _STOP, REPO_SEND_BUFFER, MqttIngest, _Inbound
 from hub.repository import Repository
 from hub.sim import SimConfig, process_count
 
@@ -52,7 +52,7 @@ def test_repo_loop_answers_only_the_newest_request_per_range(tmp_path: Path) -> 
     f.write_bytes(b"0123456789")
     ing = MqttIngest("mqtt://127.0.0.1:1", db, repo)
     sent: list[tuple[str, protocol.ChunkHeader, bytes]] = []
-    ing.publish = lambda topic, payload, **_: sent.append((topic, *protocol.decode_frame(payload)))  # type: ignore[method-assign]
+    ing._publish_chunk = lambda topic, frame: sent.append((topic, *protocol.decode_frame(frame)))  # type: ignore[method-assign]
 
     def req(device: str, rid: str, offset: int) -> _Inbound:
         body = protocol.encode(protocol.RepoRequest(rid=rid, path="metadata/timestamp.json", offset=offset, length=4))
@@ -66,3 +66,32 @@ def test_repo_loop_answers_only_the_newest_request_per_range(tmp_path: Path) -> 
     assert got == [("d2", "other", 0, b"0123"), ("d1", "d1-second", 4, b"4567"), ("d1", "new", 0, b"0123")]
     assert ing.repo_superseded == 1
     assert all(t == topics.device_topic(t.split("/")[3], "repo/data") for t, _, _ in sent)
+
+
+class _QueuedFrame:
+    """paho's MQTTMessageInfo as _make_room uses it: written to the socket or not."""
+
+    def __init__(self, log: list[str], name: str, written: bool = False):
+        self.log, self.name, self.written = log, name, written
+
+    def is_published(self) -> bool:
+        return self.written
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        self.log.append(f"wait {self.name}")
+        self.written = True
+
+
+def test_chunk_frames_queued_in_paho_stay_within_the_send_buffer(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    ing = MqttIngest("mqtt://127.0.0.1:1", db, Repository(tmp_path / "repo", b"pw"))
+    waits: list[str] = []
+    quarter = REPO_SEND_BUFFER // 4
+    for name, written in (("a", True), ("b", False), ("c", False)):
+        ing._chunks_out.append((_QueuedFrame(waits, name, written), quarter))  # type: ignore[arg-type]
+        ing._chunk_bytes_out += quarter
+    ing._make_room(quarter)  # fits beside a, b and c: nothing waits
+    assert waits == [] and len(ing._chunks_out) == 3
+    ing._make_room(3 * quarter)  # a is written already; b must be written first
+    assert waits == ["wait b"] and [f.name for f, _ in ing._chunks_out] == ["c"]  # type: ignore[attr-defined]
+    assert ing._chunk_bytes_out == quarter
