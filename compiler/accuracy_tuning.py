@@ -37,6 +37,7 @@ from compiler.measure import ort_session, run_batched
 from compiler.metrics import Metric, evaluate_metric, score
 from compiler.quantize import (
     StaticQuantSettings,
+    compact_qdq,
     preprocess_for_quantization,
     quantize_preprocessed,
 )
@@ -289,12 +290,28 @@ def tune_static_qdq(
     """Static QDQ int8 of ``model`` whose metric on (eval_x, eval_y) stays within
     ``target`` of fp32, excluding sensitive nodes if needed (module docstring).
 
-    Returns the result (its ``model`` is the one to ship) and the pre-processing notes.
+    Returns the result (its ``model`` is the one to ship, compacted with
+    :func:`compiler.quantize.compact_qdq`; tuning itself works on the quantizer's
+    names) and the pre-processing notes.
 
     Raises:
         TechniqueError: quantization or evaluation failed.
     """
+    result, notes = _tune(model, input_name, calib_x, settings, eval_x, eval_y, metric, target)
+    result.model = compact_qdq(result.model)
+    return result, notes
 
+
+def _tune(
+    model: bytes,
+    input_name: str,
+    calib_x: np.ndarray,
+    settings: StaticQuantSettings,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray | None,
+    metric: Metric,
+    target: TuningTarget,
+) -> tuple[TuningResult, list[str]]:
     def evaluate(data: bytes) -> float | None:
         out = run_batched(ort_session(data, threads=1), input_name, eval_x)[0]
         return score(metric, evaluate_metric(metric, out, eval_y, fp32_out))
@@ -307,7 +324,7 @@ def tune_static_qdq(
         notes = [skipped] if skipped else []
         pre = _name_nodes(pre)
         cache = work / "calibration.json"
-        plain = quantize_preprocessed(pre, input_name, calib_x, settings, work, cache)
+        plain = quantize_preprocessed(pre, input_name, calib_x, settings, work, cache, compact=False)
         plain_score = evaluate(plain)
         result = TuningResult(plain, base, plain_score, plain_score, met=True)
         if base is None or plain_score is None:
@@ -329,7 +346,7 @@ def tune_static_qdq(
                 continue
             excluded += new
             qs = replace(settings, exclude_nodes=tuple(e.node for e in excluded))
-            data = quantize_preprocessed(pre, input_name, calib_x, qs, work, cache)
+            data = quantize_preprocessed(pre, input_name, calib_x, qs, work, cache, compact=False)
             s = evaluate(data)
             assert s is not None
             result.trials.append({

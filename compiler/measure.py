@@ -38,6 +38,15 @@ class LatencySettings:
     warmup: int = 50
     rounds: int = 15
     runs_per_round: int = 40
+    # Before each timed block: a pause, so that the worker threads of the model timed
+    # just before stop spinning and park, then a few untimed calls. ONNX Runtime's idle
+    # workers spin before they park; with several multi-threaded sessions alive, the
+    # previous session's spinning workers compete for the cores the next one needs (on
+    # a 2-vCPU host the 2-thread fp32 CNN measured 72 µs instead of 48 µs in some runs
+    # without the pause). The second core must still be free: on a busy shared host a
+    # 2-thread model is timed as if it had one thread either way.
+    pause_s: float = 0.01
+    block_warmup: int = 5
 
     @property
     def total_runs(self) -> int:
@@ -111,8 +120,9 @@ def measure_latencies(
 def measure_calls(calls: Sequence[Callable[[], object]], settings: LatencySettings) -> list[Latency]:
     """Latency of each zero-argument call (one batch-1 inference), timed in interleaved rounds.
 
-    Each round runs every call ``runs_per_round`` times (per-call timings kept); the
-    order rotates between rounds. Returns p50/p95 per call. Calls may belong to
+    Each round runs every call ``runs_per_round`` times (per-call timings kept), each
+    block after a pause and ``block_warmup`` untimed calls (:class:`LatencySettings`);
+    the order rotates between rounds. Returns p50/p95 per call. Calls may belong to
     different runtimes (ONNX Runtime sessions, LiteRT interpreters).
     """
     for call in calls:
@@ -126,6 +136,9 @@ def measure_calls(calls: Sequence[Callable[[], object]], settings: LatencySettin
             i = (k + r) % n
             call = calls[i]
             out = samples[i]
+            time.sleep(settings.pause_s)
+            for _ in range(settings.block_warmup):
+                call()
             for _ in range(settings.runs_per_round):
                 t0 = clock()
                 call()

@@ -7,6 +7,10 @@ Settings follow the target profile:
   weights), because the AVX2 u8s8 kernels saturate their 16-bit intermediate sums
   with full-range weights, which costs accuracy (REFERENCE.md).
 * ARM: uint8 activations when the profile lists uint8, else int8; full range.
+
+Per-channel weights by default; the pipeline also builds per-tensor weights and lets
+measured selection choose. Graph outputs stay float (``float_output``), and every
+model is compacted (:func:`compact_qdq`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ class StaticQuantSettings:
     reduce_range: bool = False
     calibrate_method: CalibrationMethodName = "minmax"
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    # The graph's outputs stay float when a Conv/Gemm/MatMul computes them: ORT's
+    # QLinearConv/QGemm then write float directly instead of int8 followed by a
+    # QuantizeLinear/DequantizeLinear pair (less work per call, no rounding of the
+    # outputs). Inputs and weights of those nodes are still int8.
+    float_output: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -145,12 +154,15 @@ def quantize_preprocessed(
     settings: StaticQuantSettings,
     workdir: Path,
     calibration_cache: Path | None = None,
+    compact: bool = True,
 ) -> bytes:
     """Static QDQ quantization of an already pre-processed model.
 
     With ``calibration_cache`` (a path in ``workdir``), ranges computed by the first
     call are reused by later ones (accuracy-aware tuning quantizes the same model
     many times with different ``exclude_nodes``; the ranges do not depend on them).
+    ``compact=False`` returns the quantizer's model with its own names (accuracy
+    tuning reads them); :func:`compact_qdq` gives the same outputs in fewer bytes.
 
     Raises:
         TechniqueError: ONNX Runtime's quantizer failed on this graph.
@@ -158,6 +170,11 @@ def quantize_preprocessed(
     src, dst = workdir / "fp32.onnx", workdir / "int8.onnx"
     src.write_bytes(pre)
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    extra: dict[str, Any] = {}
+    if settings.float_output and (ops := _output_op_types(pre)):
+        # Per op type: for hidden nodes of these types the consumer quantizes the same
+        # tensor at its input, so only graph outputs end up float.
+        extra["OpTypesToExcludeOutputQuantization"] = ops
     try:
         quantize_static(
             str(src),
@@ -171,20 +188,77 @@ def quantize_preprocessed(
             calibrate_method=_METHODS[settings.calibrate_method],
             nodes_to_exclude=list(settings.exclude_nodes),
             calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
+            extra_options=extra,
         )
     except Exception as e:  # noqa: BLE001 - the quantizer raises many untyped errors
         raise TechniqueError(f"static quantization failed: {type(e).__name__}: {e}") from e
-    return compact_qdq(dst.read_bytes())
+    return compact_qdq(dst.read_bytes()) if compact else dst.read_bytes()
+
+
+def _output_op_types(model: bytes) -> list[str]:
+    """Op types among Conv/Gemm/MatMul of the nodes that compute a graph output."""
+    import onnx
+
+    g = onnx.load_model_from_string(model).graph
+    outputs = {o.name for o in g.output}
+    return sorted({n.op_type for n in g.node if outputs & set(n.output)} & {"Conv", "Gemm", "MatMul"})
+
+
+# ONNX Runtime's quantizer names every tensor it adds after the float tensor, with a
+# long suffix (``relu_1_DequantizeLinear_Output``); each name is stored once per use.
+# Longest first: ``_quantized_scale`` before ``_quantized`` and ``_scale``.
+_TENSOR_SUFFIXES = (
+    ("_DequantizeLinear_Output", "_dq"),
+    ("_QuantizeLinear_Output", "_q"),
+    ("_QuantizeLinear_Input", "_f"),
+    ("_quantized_zero_point", "_z"),
+    ("_quantized_scale", "_s"),
+    ("_zero_point", "_z"),
+    ("_quantized", "_q"),
+    ("_scale", "_s"),
+)
+_NODE_SUFFIXES = (("_DequantizeLinear", "_dq"), ("_QuantizeLinear", "_q"))
+
+
+def _short(name: str, suffixes: tuple[tuple[str, str], ...]) -> str:
+    for long, short in suffixes:
+        if name.endswith(long):
+            return name[: -len(long)] + short
+    return name
+
+
+def _renames(names: list[str], suffixes: tuple[tuple[str, str], ...], keep: set[str]) -> dict[str, str]:
+    """Short names for ``names`` (sorted, so the result does not depend on graph order);
+    a name whose short form is taken keeps its long one."""
+    taken = set(names) | keep
+    out: dict[str, str] = {}
+    for name in sorted(set(names) - keep):
+        new = _short(name, suffixes)
+        if new != name and new not in taken:
+            out[name] = new
+            taken.add(new)
+    return out
 
 
 def compact_qdq(model: bytes) -> bytes:
-    """Drop what a QDQ model carries but does not need (docs/compiler.md, "int8 size").
+    """Drop or shorten what a QDQ model carries but does not need (docs/compiler.md,
+    "Where the int8 bytes go"); outputs are bit-identical, ORT fuses the same ops.
 
     * zero-point inputs of int32 bias DequantizeLinear nodes that are all zeros (the
       input is optional and defaults to 0; ORT fuses the same QLinearConv/QGemm);
-    * ``value_info`` (intermediate shapes from pre-processing; ORT infers them).
+    * ``value_info`` (intermediate shapes from pre-processing; ORT infers them);
+    * opset imports of domains no node uses (the quantizer declares nine);
+    * duplicate zero points: Q/DQ zero-point initializers holding one repeated value
+      (every ReLU output's -128, every per-channel weight's zeros of one length) become
+      one shared initializer per (type, shape, value), named after its content;
+    * the quantizer's long suffixes, shortened in tensor and Q/DQ node names
+      (``relu_1_DequantizeLinear_Output`` -> ``relu_1_dq``, ``head.1.weight_quantized``
+      -> ``head.1.weight_q``, ``_scale`` -> ``_s``, ``_zero_point`` -> ``_z``). The
+      float tensor and the graph's input and output names stay, so the model still reads
+      like the fp32 graph; the names compute nodes had (``nodes_to_exclude`` matches
+      them) are kept.
 
-    Outputs are bit-identical; only bytes that carry no information go.
+    Deterministic: the same model gives the same bytes.
     """
     import onnx
     from onnx import numpy_helper
@@ -206,7 +280,75 @@ def compact_qdq(model: bytes) -> bytes:
     for name in zero_points - used:
         g.initializer.remove(inits[name])
     del g.value_info[:]
+    # Names inside control-flow subgraphs (If/Loop bodies) may refer to outer tensors;
+    # this pass does not follow them, so such graphs keep their names.
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in g.node for a in n.attribute):
+        _share_zero_points(g)
+        _shorten_names(g)
+    domains = {n.domain for n in g.node} | {""}
+    kept = [o for o in proto.opset_import if o.domain in domains]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
     return proto.SerializeToString(deterministic=True)
+
+
+def _share_zero_points(g: Any) -> None:
+    """One initializer per distinct uniform Q/DQ zero point (see :func:`compact_qdq`)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    uses: dict[str, list[tuple[Any, int]]] = {}
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) == 3:
+            if n.input[2] in inits:
+                uses.setdefault(n.input[2], []).append((n, 2))
+    groups: dict[tuple[int, tuple[int, ...], int], list[str]] = {}
+    for name in sorted(uses):
+        init = inits[name]
+        values = numpy_helper.to_array(init)
+        if values.size == 0 or (values != values.flat[0]).any():
+            continue
+        key = (init.data_type, tuple(init.dims), int(values.flat[0]))
+        groups.setdefault(key, []).append(name)
+    taken = set(inits) | {t for n in g.node for t in n.output} | {i.name for i in g.input}
+    for (dtype, dims, value), names in sorted(groups.items()):
+        if len(names) < 2:
+            continue
+        type_name = helper.tensor_dtype_to_np_dtype(dtype).name
+        shape = "".join(f"_{d}" for d in dims)
+        shared = f"zp_{type_name}{shape}_{value}".replace("-", "m")
+        if shared in taken:
+            continue
+        taken.add(shared)
+        g.initializer.append(inits[names[0]])
+        g.initializer[-1].name = shared
+        for name in names:
+            g.initializer.remove(inits[name])
+            for n, k in uses[name]:
+                n.input[k] = shared
+
+
+def _shorten_names(g: Any) -> None:
+    """Shorten the quantizer's tensor and Q/DQ node names (see :func:`compact_qdq`)."""
+    qdq_ops = ("QuantizeLinear", "DequantizeLinear")
+    # Only what Q/DQ nodes read or write: a model's own tensor ending in "_scale" stays.
+    tensors = [t for n in g.node if n.op_type in qdq_ops for t in (*n.input, *n.output) if t]
+    everything = {i.name for i in g.initializer} | {t for n in g.node for t in (*n.input, *n.output)}
+    keep = {v.name for v in (*g.input, *g.output)} | (everything - set(tensors))
+    rename = _renames(tensors, _TENSOR_SUFFIXES, keep)
+    for init in g.initializer:
+        init.name = rename.get(init.name, init.name)
+    for n in g.node:
+        for k, t in enumerate(n.input):
+            n.input[k] = rename.get(t, t)
+        for k, t in enumerate(n.output):
+            n.output[k] = rename.get(t, t)
+    qdq = [n.name for n in g.node if n.op_type in qdq_ops]
+    node_rename = _renames(qdq, _NODE_SUFFIXES, {n.name for n in g.node} - set(qdq))
+    for n in g.node:
+        if n.op_type in qdq_ops:
+            n.name = node_rename.get(n.name, n.name)
 
 
 def quantize_dynamic_int8(model: bytes) -> tuple[bytes, list[str]]:

@@ -27,7 +27,7 @@ class CandidateRecord(_Model):
     profile: str
     format: str
     precision: str
-    technique: str = Field(description="How it was made: baseline, static-qdq, ...")
+    technique: str = Field(description="How it was made: baseline, static-qdq, static-qdq-per-tensor, ...")
     runtime: str
     bundle: str | None = Field(None, description="Bundle file name in the output folder.")
     bundle_sha256: str | None = None

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,14 +19,24 @@ from compiler.report import CompileReport
 
 from .conftest import FAST_LATENCY, PROFILES, Workspace
 
+# (profile, format, bundle label): the label is the precision, except for static int8
+# with per-tensor weights ("int8-pertensor", precision "int8").
 EXPECTED = {
     ("x86-gateway-vnni", "onnx", "fp32"), ("x86-gateway-vnni", "onnx", "int8"),
+    ("x86-gateway-vnni", "onnx", "int8-pertensor"),
     ("x86-gateway-vnni", "onnx", "int8-dynamic"), ("x86-gateway-vnni", "tflite", "fp32"),
     ("x86-gateway-vnni", "tflite", "int8"),
     ("x86-box-avx2", "onnx", "fp32"), ("x86-box-avx2", "onnx", "int8"),
-    ("x86-box-avx2", "onnx", "int8-dynamic"),
+    ("x86-box-avx2", "onnx", "int8-pertensor"), ("x86-box-avx2", "onnx", "int8-dynamic"),
     ("mobile-litert", "tflite", "fp32"), ("mobile-litert", "tflite", "int8"),
 }
+
+
+def _label(c: dict[str, Any]) -> str:
+    """The bundle-name suffix of a report.json candidate."""
+    prefix = f"digits-cnn-1.2.3-{c['profile']}-{c['format']}-"
+    assert c["bundle"].startswith(prefix) and c["bundle"].endswith(".efb")
+    return str(c["bundle"])[len(prefix) : -len(".efb")]
 
 
 def test_report_lists_every_candidate(cnn_compiled: tuple[Path, CompileReport]) -> None:
@@ -34,12 +45,13 @@ def test_report_lists_every_candidate(cnn_compiled: tuple[Path, CompileReport]) 
     assert on_disk == report.model_dump(mode="json")
     onnx_profiles = ["x86-gateway-vnni", "x86-box-avx2"]
     cands = on_disk["candidates"]
-    assert sorted((c["profile"], c["format"], c["precision"]) for c in cands) == sorted(EXPECTED)
+    assert sorted((c["profile"], c["format"], _label(c)) for c in cands) == sorted(EXPECTED)
     for c in cands:
         for key in ("profile", "format", "precision", "bundle", "size_bytes", "latency_ms_p50",
                     "accuracy", "selected", "reasons"):
             assert key in c
-        assert c["bundle"] == f"digits-cnn-1.2.3-{c['profile']}-{c['format']}-{c['precision']}.efb"
+        per_tensor = c["format"] == "onnx" and c["settings"].get("per_channel") is False
+        assert _label(c) == c["precision"] + ("-pertensor" if per_tensor else "")
         assert c["size_bytes"] == (out / c["bundle"]).stat().st_size
         assert c["latency_ms_p50"] > 0
         assert 0.8 < c["accuracy"] <= 1.0
@@ -50,11 +62,12 @@ def test_report_lists_every_candidate(cnn_compiled: tuple[Path, CompileReport]) 
         assert on_disk["profiles"][p]["selected"] == (chosen[0]["bundle"] if chosen else None)
     # int8 is smaller; whether it is faster is measured, not assumed.
     for p in onnx_profiles:
-        by = {c["precision"]: c for c in cands if c["profile"] == p and c["format"] == "onnx"}
-        assert by["int8"]["model_bytes"] * 2.5 < by["fp32"]["model_bytes"]
-        if by["int8"]["latency_ms_p50"] >= by["fp32"]["latency_ms_p50"]:
-            assert not by["int8"]["selected"]
-            assert any("slower than fp32" in r for r in by["int8"]["reasons"])
+        by = {_label(c): c for c in cands if c["profile"] == p and c["format"] == "onnx"}
+        for label in ("int8", "int8-pertensor"):
+            assert by[label]["model_bytes"] * 2.5 < by["fp32"]["model_bytes"]
+            if by[label]["latency_ms_p50"] >= by["fp32"]["latency_ms_p50"]:
+                assert not by[label]["selected"]
+                assert any("slower than fp32" in r for r in by[label]["reasons"])
     # Dynamic int8 of a CNN is slower than fp32 on x86 (ConvInteger); it must be
     # measured and rejected, never selected.
     for p in onnx_profiles:
@@ -72,16 +85,16 @@ def test_report_lists_every_candidate(cnn_compiled: tuple[Path, CompileReport]) 
 
 def test_quantization_settings_follow_vnni(cnn_compiled: tuple[Path, CompileReport]) -> None:
     _, report = cnn_compiled
-    s = {
-        c.profile: c.settings for c in report.candidates
-        if c.precision == "int8" and c.format == "onnx"
-    }
-    assert len(s) == 2
-    assert s["x86-gateway-vnni"]["activation_type"] == "int8"
-    assert s["x86-gateway-vnni"]["reduce_range"] is False
-    assert s["x86-box-avx2"]["activation_type"] == "uint8"
-    assert s["x86-box-avx2"]["reduce_range"] is True
-    assert all(v["per_channel"] and v["format"] == "QDQ" for v in s.values())
+    static = [c for c in report.candidates if c.precision == "int8" and c.format == "onnx"]
+    for per_channel in (True, False):
+        s = {c.profile: c.settings for c in static if c.settings["per_channel"] is per_channel}
+        assert len(s) == 2
+        assert s["x86-gateway-vnni"]["activation_type"] == "int8"
+        assert s["x86-gateway-vnni"]["reduce_range"] is False
+        assert s["x86-box-avx2"]["activation_type"] == "uint8"
+        assert s["x86-box-avx2"]["reduce_range"] is True
+        assert all(v["format"] == "QDQ" for v in s.values())
+    assert len(static) == 4
 
 
 def test_bundles_unpack_and_pass_their_selftest(
@@ -123,19 +136,18 @@ def test_int8_predictions_agree_with_fp32(
 ) -> None:
     out, report = cnn_compiled
     preds = {}
-    for c in report.candidates:
-        if c.profile != "x86-gateway-vnni" or c.format != "onnx":
-            continue
-        b = unpack(out / (c.bundle or ""), tmp_path / c.precision)
+    onnx_cands = [c for c in report.candidates if c.profile == "x86-gateway-vnni" and c.format == "onnx"]
+    for c in onnx_cands:
+        b = unpack(out / (c.bundle or ""), tmp_path / (c.bundle or ""))
         sess = ort_session(b.model_path.read_bytes(), 1)
-        preds[c.precision] = sess.run(None, {"input": cnn_workspace.x_test})[0].argmax(1)
-    agreement = float((preds["int8"] == preds["fp32"]).mean())
-    assert agreement >= 0.97
-    int8 = next(
-        c for c in report.candidates
-        if c.profile == "x86-gateway-vnni" and c.precision == "int8" and c.format == "onnx"
-    )
-    assert int8.agreement_with_fp32 == pytest.approx(agreement)
+        preds[c.bundle] = sess.run(None, {"input": cnn_workspace.x_test})[0].argmax(1)
+    fp32 = next(c for c in onnx_cands if c.precision == "fp32")
+    static = [c for c in onnx_cands if c.precision == "int8"]
+    assert len(static) == 2
+    for int8 in static:
+        agreement = float((preds[int8.bundle] == preds[fp32.bundle]).mean())
+        assert agreement >= 0.97
+        assert int8.agreement_with_fp32 == pytest.approx(agreement)
 
 
 def test_over_budget_profile_selects_nothing(cnn_workspace: Workspace, tmp_path: Path) -> None:

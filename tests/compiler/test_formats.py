@@ -161,7 +161,7 @@ def test_pt2_with_train_skips_training_with_a_reason(cnn_workspace, tmp_path: Pa
                        train=TrainSettings(train)),
     )
     assert any("module:factory" in s for s in report.skipped)
-    assert {c.technique for c in report.candidates} == {"baseline", "static-qdq"}
+    assert {c.technique for c in report.candidates} == {"baseline", "static-qdq", "static-qdq-per-tensor"}
 
 
 def test_factory_errors(factory_workspace: FactoryWorkspace, tmp_path: Path) -> None:
