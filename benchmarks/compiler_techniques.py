@@ -16,6 +16,7 @@ import argparse
 import collections
 import datetime as dt
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -96,29 +97,40 @@ def time_models(models: list[Variant], name: str, x1: np.ndarray) -> list[float]
 
 
 def byte_breakdown(model: bytes) -> dict[str, int]:
-    """Serialized bytes of a (QDQ) ONNX model by what they hold."""
+    """Serialized bytes of a (QDQ) ONNX model by what they hold, told apart by where each
+    initializer is used (not by name: ``compact_qdq`` shortens the quantizer's names)."""
     import onnx
 
     p = onnx.load_model_from_string(model)
-    out: collections.Counter[str] = collections.Counter()
-    for i in p.graph.initializer:
-        n = len(i.SerializeToString())
-        if i.name.endswith("_quantized"):
-            part = "biases (int32)" if "bias" in i.name else "weights"
-        elif i.name.endswith(("_scale", "_zero_point")):
-            if "bias_quantized" in i.name:
-                part = "bias scales"
-            elif len(i.dims):
-                part = "weight scales + zero points (per channel)"
-            else:
+    g = p.graph
+    inits = {i.name: i for i in g.initializer}
+    role: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        x = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if x is not None:
+            role.setdefault(n.input[0], "biases (int32)" if x.data_type == onnx.TensorProto.INT32
+                            else "weights")
+        for name in n.input[1:]:
+            if x is None:
                 part = "activation scales + zero points"
+            elif x.data_type == onnx.TensorProto.INT32:
+                part = "bias scales"
+            else:
+                part = "weight scales + zero points"
+            role.setdefault(name, part)
+    out: collections.Counter[str] = collections.Counter()
+    for i in g.initializer:
+        if i.name in role:
+            part = role[i.name]
         elif i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2:
             part = "weights"
         elif i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 1:
             part = "biases (fp32)"
         else:
             part = "other constants"
-        out[part] += n
+        out[part] += len(i.SerializeToString())
     out["graph (nodes, names, I/O, opsets)"] = len(model) - sum(out.values())
     return dict(out)
 
@@ -138,6 +150,8 @@ def bench_model(
     s8 = quantize_static_qdq(fp32.data, name, calib, StaticQuantSettings("int8"))[0]
     variants["int8 static QDQ per-channel (VNNI: s8s8)"] = Variant(s8)
     BREAKDOWN[label] = (byte_breakdown(fp32.data), byte_breakdown(s8))
+    variants["int8 static QDQ per-tensor (VNNI: s8s8)"] = Variant(quantize_static_qdq(
+        fp32.data, name, calib, StaticQuantSettings("int8", per_channel=False))[0])
     variants["int8 static QDQ per-channel (u8s8, reduce_range)"] = Variant(quantize_static_qdq(
         fp32.data, name, calib, StaticQuantSettings("uint8", reduce_range=True))[0])
     variants["int8 dynamic"] = Variant(quantize_dynamic_int8(fp32.data)[0])
@@ -197,6 +211,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -208,22 +223,36 @@ def main() -> None:
         rows += bench_model("Transformer encoder (synthetic seq 16x8)", m, tuple(d), work,
                             False, False, tflite=False)
         all_s, selected = profile_all_run(work)
-    write_results(args.out, rows, all_s, selected, time.perf_counter() - started)
+    load = (load_before, os.getloadavg()[0])
+    write_results(args.out, rows, all_s, selected, time.perf_counter() - started, load)
 
 
 def write_results(out: Path, rows: list[Row], all_s: float, selected: dict[str, str | None],
-                  total_s: float) -> None:
+                  total_s: float, load: tuple[float, float]) -> None:
     host = host_info()
+    if host["vnni"]:
+        path_note = ("- This host has VNNI (AVX-512 VNNI or AVX-VNNI): ONNX Runtime's default "
+                     "int8 path, as the agent runs it here; ORT runs s8s8 QDQ as u8s8 internally.")
+    else:
+        path_note = ("- This host has no VNNI, so ONNX models run on ONNX Runtime's exact int8 path "
+                     "(`session.x64quantprecision=1`, docs/compiler.md); the s8s8 rows are what a "
+                     "VNNI profile's model computes, timed on a CPU that is not its target.")
     lines = [
         "# Compiler benchmark results (issue #5)",
         "",
         f"- Command: `python benchmarks/compiler_techniques.py --out {out}`",
         f"- Machine: {host['cpu']}, {host['cores']} cores, VNNI: {host['vnni']}; "
         f"onnxruntime {host['onnxruntime']}, torch {torch.__version__}",
-        f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; whole run {total_s:.0f} s",
+        f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; whole run {total_s:.0f} s; "
+        f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end",
+        path_note,
         f"- Latency: batch 1, {THREADS} threads, p50 of {TIMING.total_runs} runs per variant, "
         f"interleaved in {TIMING.rounds} rounds with its fp32 baseline.",
         "- Ratios are fp32 / variant (size and speed: >1 is better); accuracy drop in points.",
+        "- Static int8 rows are built as the compiler builds them (`compiler.quantize`): QDQ, "
+        "graph output left in float for the last Conv/Gemm (`float_output`), compacted "
+        "(`compact_qdq`). The compiler builds both per-channel and per-tensor and selection "
+        "keeps the faster one within the accuracy limits.",
         "",
         "| Model | Variant | Model bytes | Size ratio | p50 ms | Speed-up | Accuracy | Drop (pts) | Notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -241,8 +270,9 @@ def write_results(out: Path, rows: list[Row], all_s: float, selected: dict[str, 
         "TFLite rows are not run for the transformer (litert-torch conversion of "
         "`nn.TransformerEncoder` is outside this benchmark's scope).",
         "",
-        "Where the static int8 (s8s8) model's bytes go, fp32 -> int8 "
-        "(serialized ONNX bytes; `benchmarks/compiler_techniques.py:byte_breakdown`):",
+        "Where the static int8 (s8s8, per-channel) model's bytes go, fp32 -> int8 "
+        "(serialized ONNX bytes, after `compiler.quantize.compact_qdq`; "
+        "`benchmarks/compiler_techniques.py:byte_breakdown`):",
         "",
         "| Model | Part | fp32 bytes | int8 bytes |",
         "|---|---|---:|---:|",
