@@ -17,9 +17,10 @@ class Compiled:
     eval_x: object
     eval_y: object
 
-    def bundles(self, precision: str, fmt: str = "onnx") -> list[Path]:
+    def bundles(self, precision: str, fmt: str = "onnx", technique: str | None = None) -> list[Path]:
         return [self.out / c.bundle for c in self.report.candidates
-                if c.precision == precision and c.format == fmt and c.bundle]
+                if c.precision == precision and c.format == fmt and c.bundle
+                and (technique is None or c.technique == technique)]
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,7 @@ def test_int8_deploys_to_three_agents_and_serves_compiler_predictions(
     hub = HubProcess(tmp_path / "hub", broker_url=broker_url)
     procs.append(hub.start())
     client = httpx.Client(base_url=hub.url, timeout=30)
-    int8 = compiled.bundles("int8")
+    int8 = compiled.bundles("int8", technique="static-qdq")  # per-channel, one per profile
     assert len(int8) == 2
     _upload(client, int8)
 
