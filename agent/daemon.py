@@ -411,9 +411,14 @@ class Agent:
                 return
         man = model.bundle.manifest
         x_name, y_name = man.inputs[0].name, man.outputs[0].name
-        pairs = [(i[x_name], o[y_name]) for i, o, _ in served if x_name in i and y_name in o]
-        if pairs:
-            acc.update_many(pairs)
+        try:  # a served request has every input and output of its model
+            xs = [i[x_name] for i, _, _ in served]
+            ys = [o[y_name] for _, o, _ in served]
+        except KeyError:
+            kept = [(i[x_name], o[y_name]) for i, o, _ in served if x_name in i and y_name in o]
+            xs, ys = [x for x, _ in kept], [y for _, y in kept]
+        if xs:
+            acc.update_many(xs, ys)
 
     def _new_sketch(self, model: LoadedModel) -> SketchAccumulator | None:
         with self._sketch_lock:

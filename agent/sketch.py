@@ -535,25 +535,28 @@ class SketchAccumulator:
             if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
                 self._flush()
 
-    def update_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> None:
-        """:meth:`update` for many ``(x_batch, predictions)`` pairs at once, taking the
-        arrays over instead of copying them: the caller must not change them afterwards
-        (the agent's observers thread hands over its private copies). A pair whose row
-        counts differ is skipped and counted in :attr:`rejected_batches`.
+    def update_many(self, xs: Sequence[np.ndarray], ps: Sequence[np.ndarray | None]) -> None:
+        """:meth:`update` for many batches at once (``xs[k]`` with predictions ``ps[k]``),
+        taking the arrays over instead of copying them: the caller must not change them
+        afterwards (the agent's observers thread hands over its private copies). A batch
+        whose predictions have another row count is skipped and counted in
+        :attr:`rejected_batches`. No per-batch Python work beyond a length check: the
+        observers thread calls this for every served request.
         """
-        xs, ps = self._xs, self._ps
+        rows = list(map(len, xs))
+        rejected = 0
+        if any(p is not None and len(p) != r for p, r in zip(ps, rows, strict=True)):
+            keep = [k for k, (p, r) in enumerate(zip(ps, rows, strict=True)) if p is None or len(p) == r]
+            rejected = len(rows) - len(keep)
+            xs, ps, rows = [xs[k] for k in keep], [ps[k] for k in keep], [rows[k] for k in keep]
         with self._lock:
-            for x, p in batches:
-                if p is not None and len(p) != len(x):
-                    self.rejected_batches += 1
-                    continue
-                xs.append(x)
-                ps.append(p)
-                self._fill += len(x)
-                self._bytes += x.nbytes
-                if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
-                    self._flush()
-                    xs, ps = self._xs, self._ps
+            self.rejected_batches += rejected
+            self._xs.extend(xs)
+            self._ps.extend(ps)
+            self._fill += sum(rows)
+            self._bytes += sum(x.nbytes for x in xs)
+            if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
+                self._flush()
 
     def observe_latency(self, ms: float | np.ndarray) -> None:
         """Record one or more inference latencies in milliseconds (NaN/negative ignored)."""

@@ -71,8 +71,8 @@ def test_update_many_equals_update_per_batch(reference: Reference, rng: np.rando
     _feed(one, x, preds, [1, 7, 90])
     pairs = [(x[i : i + 3].copy(), preds[i : i + 3].copy()) for i in range(0, 900, 3)]
     pairs.insert(5, (x[:4].copy(), preds[:3].copy()))  # rows disagree: skipped and counted
-    many.update_many(pairs[:100])
-    many.update_many(pairs[100:])
+    many.update_many([x for x, _ in pairs[:100]], [p for _, p in pairs[:100]])
+    many.update_many([x for x, _ in pairs[100:]], [p for _, p in pairs[100:]])
     a, b = one.snapshot_and_reset(60.0), many.snapshot_and_reset(60.0)
     assert many.rejected_batches == 1 and a.rows == b.rows == 900
     assert [f.counts for f in a.features] == [f.counts for f in b.features]
