@@ -410,6 +410,7 @@ def observer_cpu_per_request(a: Any, feed: dict[str, np.ndarray], n: int = 20_00
     """µs of CPU the observers thread (drift sketch) spends per served request: its
     schedstat run time over ``n`` ``Agent.infer`` calls, the work drained. None where the
     thread or /proc is missing."""
+    a.infer(feed)  # the observers thread starts with the first observed request
     drain(a)
     t = getattr(a.server, "_observer_thread", None)
     if t is None or t.native_id is None:
