@@ -297,21 +297,7 @@ def tune_static_qdq(
     Raises:
         TechniqueError: quantization or evaluation failed.
     """
-    result, notes = _tune(model, input_name, calib_x, settings, eval_x, eval_y, metric, target)
-    result.model = compact_qdq(result.model)
-    return result, notes
 
-
-def _tune(
-    model: bytes,
-    input_name: str,
-    calib_x: np.ndarray,
-    settings: StaticQuantSettings,
-    eval_x: np.ndarray,
-    eval_y: np.ndarray | None,
-    metric: Metric,
-    target: TuningTarget,
-) -> tuple[TuningResult, list[str]]:
     def evaluate(data: bytes) -> float | None:
         out = run_batched(ort_session(data, threads=1), input_name, eval_x)[0]
         return score(metric, evaluate_metric(metric, out, eval_y, fp32_out))
@@ -329,9 +315,9 @@ def _tune(
         result = TuningResult(plain, base, plain_score, plain_score, met=True)
         if base is None or plain_score is None:
             result.skipped = f"metric {metric.name} needs eval labels"
-            return result, notes
+            return _shipped(result), notes
         if target.met(base, plain_score):
-            return result, notes
+            return _shipped(result), notes
         result.met = False
         errors = tensor_errors(plain, input_name, calib_x)
         groups = _groups(pre, _quantized_nodes(plain), errors)
@@ -359,4 +345,10 @@ def _tune(
                 break
         result.final, _, result.model, result.excluded = best
         result.met = target.met(base, result.final)
-        return result, notes
+        return _shipped(result), notes
+
+
+def _shipped(result: TuningResult) -> TuningResult:
+    """``result`` with its model compacted for shipping (:func:`compiler.quantize.compact_qdq`)."""
+    result.model = compact_qdq(result.model)
+    return result
