@@ -786,7 +786,10 @@ class MqttIngest:
             newest = {(it.device_id, r.path, r.offset, r.length): k for k, (it, r) in enumerate(reqs)}
             for k, (it, r) in enumerate(reqs):
                 if newest[(it.device_id, r.path, r.offset, r.length)] == k:
-                    self._serve(it, r)
+                    try:
+                        self._serve(it, r)
+                    except Exception:  # one bad answer must not stop every download
+                        log.exception("could not answer %s's request for %s", it.device_id, r.path)
                 else:
                     self.repo_superseded += 1
             if stopping:
@@ -844,10 +847,10 @@ class MqttIngest:
         out = self._chunks_out
         while out and self._chunk_bytes_out + size > REPO_SEND_BUFFER:
             info, n = out[0]
-            if not info.is_published():
-                try:
+            try:
+                if not info.is_published():
                     info.wait_for_publish(self.publish_timeout)
-                except (RuntimeError, ValueError):
-                    pass
+            except (RuntimeError, ValueError):
+                pass  # paho dropped it (connection lost, queue reset): no longer queued
             out.popleft()
             self._chunk_bytes_out -= n

@@ -82,6 +82,13 @@ class _QueuedFrame:
         self.written = True
 
 
+class _LostFrame(_QueuedFrame):
+    """A frame paho dropped when its connection was lost: it raises, as paho 2.2 does."""
+
+    def is_published(self) -> bool:
+        raise RuntimeError("Message publish failed: The connection was lost.")
+
+
 def test_chunk_frames_queued_in_paho_stay_within_the_send_buffer(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
     ing = MqttIngest("mqtt://127.0.0.1:1", db, Repository(tmp_path / "repo", b"pw"))
@@ -95,3 +102,13 @@ def test_chunk_frames_queued_in_paho_stay_within_the_send_buffer(tmp_path: Path)
     ing._make_room(3 * quarter)  # a is written already; b must be written first
     assert waits == ["wait b"] and [f.name for f, _ in ing._chunks_out] == ["c"]  # type: ignore[attr-defined]
     assert ing._chunk_bytes_out == quarter
+
+
+def test_frames_lost_with_a_connection_are_dropped_from_the_send_buffer(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    ing = MqttIngest("mqtt://127.0.0.1:1", db, Repository(tmp_path / "repo", b"pw"))
+    half = REPO_SEND_BUFFER // 2
+    ing._chunks_out.append((_LostFrame([], "lost"), half))  # type: ignore[arg-type]
+    ing._chunk_bytes_out = half
+    ing._make_room(REPO_SEND_BUFFER)  # the repository thread must survive this
+    assert not ing._chunks_out and ing._chunk_bytes_out == 0
