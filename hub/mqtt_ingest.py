@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
@@ -113,27 +113,44 @@ _KNOWN_DEVICES_TTL_S: Final = 300.0
 REPO_SEND_BUFFER: Final = 8 << 20
 
 
+class _SentTelemetry(protocol.Telemetry):
+    """``protocol.Telemetry`` that refuses fields it does not know: only a payload with
+    none may be stored as received (:func:`_telemetry_as_received`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# Longest telemetry payload stored as received (an agent's is 300-1,500 bytes); a
+# longer one is stored re-serialised, so nothing a device pads into fields inside
+# nested objects is kept beyond this.
+_RAW_TELEMETRY_MAX: Final = 4096
+
+
 def _telemetry_as_received(data: bytes) -> tuple[protocol.Telemetry, str | None] | None:
     """A telemetry payload validated in pydantic's strict mode, with the payload text
-    to store as is when it is provably the same document as the validated model; None
-    to let :func:`_fast_decode` and ``protocol.decode`` decide (every malformed payload
-    goes that way, so its error kind is unchanged).
+    to store as is when it says what the validated model says; None to let
+    :func:`_fast_decode` and ``protocol.decode`` decide (every malformed payload goes
+    that way, so its error kind is unchanged; so does one with an unknown top-level
+    field, which is then stored re-serialised, without it).
 
     Strict mode converts nothing (no ``"5"`` for a number, no ``1.0`` for an integer),
     so the received values are the model's. The text is kept, saving a
-    re-serialisation per message, only when, further, every field was sent (no
-    defaults filled in) and it has no ``NaN``/``Infinity`` token (pydantic takes them,
-    PostgreSQL's JSON type does not; the re-serialisation writes null). Fields the
-    schema does not know are ignored by the model and kept in the stored text; it is
-    bounded by ``MAX_JSON_PAYLOAD`` either way.
+    re-serialisation per message, only when, further, every top-level field was sent,
+    it has no ``NaN``/``Infinity`` token (pydantic takes them, PostgreSQL's JSON type
+    does not; the re-serialisation writes null) and it is at most
+    ``_RAW_TELEMETRY_MAX`` bytes. Nested objects may leave out fields that have
+    defaults or carry fields the schema ignores; readers parse the stored text with
+    the same models, so they see the same values (a duplicated key: the last one, as
+    here).
     """
     if len(data) > protocol.MAX_JSON_PAYLOAD:
         return None
     try:
-        p = protocol.Telemetry.model_validate_json(data, strict=True)
+        p = _SentTelemetry.model_validate_json(data, strict=True)
     except ValueError:  # pydantic.ValidationError, including JSON syntax errors
         return None
-    if len(p.model_fields_set) != _TELEMETRY_FIELDS or b"NaN" in data or b"Infinity" in data:
+    if (len(data) > _RAW_TELEMETRY_MAX or len(p.model_fields_set) != _TELEMETRY_FIELDS
+            or b"NaN" in data or b"Infinity" in data):
         return p, None
     try:
         return p, data.decode()

@@ -144,7 +144,8 @@ _DOC = json.loads(_EXACT)
     ("payload", "kept"),
     [
         (_EXACT, True),  # what agents send: stored as received
-        (json.dumps({**_DOC, "future_field": 1}).encode(), True),  # unknown field: ignored, kept in the text
+        (json.dumps({**_DOC, "future_field": 1}).encode(), False),  # unknown field: re-serialised without it
+        (json.dumps({**_DOC, "latency": {**_DOC["latency"], "pad": "x" * 8000}}).encode(), False),  # too long
         (json.dumps({**_DOC, "cpu_percent": "5"}).encode(), False),  # lax: pydantic converts, so re-serialised
         (json.dumps({**_DOC, "seq": 1.0}).encode(), False),
         (json.dumps({k: v for k, v in _DOC.items() if k != "dropped_records"}).encode(), False),  # default filled
@@ -177,8 +178,8 @@ def test_malformed_telemetry_is_left_to_protocol_decode(payload: bytes) -> None:
 
 def test_stored_telemetry_payloads(hub: HubHarness, device_factory: DeviceFactory, session_mosquitto) -> None:  # type: ignore[no-untyped-def]
     """As received when that is the validated document, else the model re-serialised:
-    values pydantic converted, defaults filled in, NaN written as null (PostgreSQL's
-    JSON type rejects NaN)."""
+    unknown fields dropped, values pydantic converted, defaults filled in, NaN written as
+    null (PostgreSQL's JSON type rejects NaN)."""
     dev = device_factory(session_mosquitto.url)
     doc = json.loads(protocol.encode(_telemetry(1)))
     dev.publish("telemetry", json.dumps({**doc, "future_field": [1, 2]}).encode())
@@ -189,7 +190,7 @@ def test_stored_telemetry_payloads(hub: HubHarness, device_factory: DeviceFactor
     hub.settle()
     rows = {r["seq"]: r for r in hub.client.get("/api/v1/telemetry", params={"device_id": dev.device_id}).json()}
     assert sorted(rows) == [1, 2, 3, 4]
-    assert rows[1]["payload"] == {**doc, "future_field": [1, 2]}
+    assert rows[1]["payload"] == doc  # the unknown field is not stored
     assert rows[2]["payload"]["cpu_percent"] == 5.0
     assert rows[3]["payload"]["latency"] == {"p50_ms": None, "p95_ms": None, "max_ms": None}
     assert rows[3]["p50_ms"] is None
