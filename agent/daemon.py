@@ -385,12 +385,19 @@ class Agent:
             j = i + 1
             while j < len(batch) and batch[j][2] is model:
                 j += 1
-            self._sketch(batch[i:j], model)
+            try:
+                self._sketch(batch[i:j], model)
+            except Exception:  # one model's sketch failing must not cost the others or capture
+                log.exception("drift sketch of %s failed for %d requests", model.ref, j - i)
             i = j
         if self.capture is not None:
+            added = False
             for inputs, outputs, model in batch:
                 if self.capture.admit():
                     self._capture_one(inputs, outputs, model, time.time())
+                    added = True
+            if added and self.settings.capture_upload:
+                self.spool.available.set()  # wake the sender: it uploads captures when idle
 
     def _capture_one(
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel, ts: float
@@ -481,7 +488,8 @@ class Agent:
             if rec is None:
                 if self._upload_capture():
                     continue
-                # push() and stop() set the event; the timeout is a safety net, not a poll
+                # push(), stop() and a new capture to upload set the event; the timeout
+                # is a safety net, not a poll
                 self.spool.available.wait(timeout=5.0)
                 continue
             try:

@@ -67,6 +67,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 import struct
 import threading
@@ -83,6 +84,8 @@ from pydantic_core import PydanticCustomError
 from agent.bundle import Reference
 from agent.errors import PayloadError
 from agent.features import summary_features
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SKETCH_VERSION",
@@ -538,25 +541,40 @@ class SketchAccumulator:
     def update_many(self, xs: Sequence[np.ndarray], ps: Sequence[np.ndarray | None]) -> None:
         """:meth:`update` for many batches at once (``xs[k]`` with predictions ``ps[k]``),
         taking the arrays over instead of copying them: the caller must not change them
-        afterwards (the agent's observers thread hands over its private copies). A batch
-        whose predictions have another row count is skipped and counted in
-        :attr:`rejected_batches`. No per-batch Python work beyond a length check: the
-        observers thread calls this for every served request.
+        afterwards (the agent's observers thread hands over its private copies).
+
+        Predictions with another row count than their batch are dropped (the batch
+        itself is still sketched) and counted in :attr:`rejected_batches`. Beyond a
+        length check per batch, no per-batch Python work unless the buffer would pass
+        its byte bound, in which case it is flushed as often as :meth:`update` would.
         """
         rows = list(map(len, xs))
         rejected = 0
         if any(p is not None and len(p) != r for p, r in zip(ps, rows, strict=True)):
-            keep = [k for k, (p, r) in enumerate(zip(ps, rows, strict=True)) if p is None or len(p) == r]
-            rejected = len(rows) - len(keep)
-            xs, ps, rows = [xs[k] for k in keep], [ps[k] for k in keep], [rows[k] for k in keep]
+            kept = [p if p is None or len(p) == r else None for p, r in zip(ps, rows, strict=True)]
+            rejected = sum(1 for p, k in zip(ps, kept, strict=True) if p is not None and k is None)
+            ps = kept
+            if not self.rejected_batches:
+                log.warning("%s: predictions with another row count than their inputs are not "
+                            "sketched (counted in rejected_batches)", self._model)
+        nbytes = sum(x.nbytes for x in xs)
         with self._lock:
             self.rejected_batches += rejected
-            self._xs.extend(xs)
-            self._ps.extend(ps)
-            self._fill += sum(rows)
-            self._bytes += sum(x.nbytes for x in xs)
-            if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
-                self._flush()
+            if self._bytes + nbytes < _MAX_BUFFER_BYTES:
+                self._xs.extend(xs)
+                self._ps.extend(ps)
+                self._fill += sum(rows)
+                self._bytes += nbytes
+                if self._fill >= self._flush_rows:
+                    self._flush()
+                return
+            for x, p, r in zip(xs, ps, rows, strict=True):  # large inputs: keep the bound
+                self._xs.append(x)
+                self._ps.append(p)
+                self._fill += r
+                self._bytes += x.nbytes
+                if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
+                    self._flush()
 
     def observe_latency(self, ms: float | np.ndarray) -> None:
         """Record one or more inference latencies in milliseconds (NaN/negative ignored)."""

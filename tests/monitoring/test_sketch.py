@@ -69,15 +69,32 @@ def test_update_many_equals_update_per_batch(reference: Reference, rng: np.rando
     one = SketchAccumulator(reference, "m:1.0.0", start=0.0, flush_rows=64)
     many = SketchAccumulator(reference, "m:1.0.0", start=0.0, flush_rows=64)
     _feed(one, x, preds, [1, 7, 90])
+    one.update(x[:4])
     pairs = [(x[i : i + 3].copy(), preds[i : i + 3].copy()) for i in range(0, 900, 3)]
-    pairs.insert(5, (x[:4].copy(), preds[:3].copy()))  # rows disagree: skipped and counted
+    pairs.insert(5, (x[:4].copy(), preds[:3].copy()))  # rows disagree: inputs kept, predictions counted out
     many.update_many([x for x, _ in pairs[:100]], [p for _, p in pairs[:100]])
     many.update_many([x for x, _ in pairs[100:]], [p for _, p in pairs[100:]])
     a, b = one.snapshot_and_reset(60.0), many.snapshot_and_reset(60.0)
-    assert many.rejected_batches == 1 and a.rows == b.rows == 900
+    assert many.rejected_batches == 1 and a.rows == b.rows == 904
     assert [f.counts for f in a.features] == [f.counts for f in b.features]
     assert a.predictions is not None and b.predictions is not None
     assert a.predictions.counts == b.predictions.counts
+
+
+def test_update_many_keeps_the_byte_bound(reference: Reference, rng: np.random.Generator) -> None:
+    import agent.sketch as sketch
+
+    acc = SketchAccumulator(reference, "m:1.0.0", start=0.0, flush_rows=10**6)
+    x = mixed_rows(rng, 64)
+    big = [x.copy() for _ in range(64)]  # one chunk of the observers thread, over the bound below
+    bound = sketch._MAX_BUFFER_BYTES
+    try:
+        sketch._MAX_BUFFER_BYTES = 8 * x.nbytes
+        acc.update_many(big, [None] * 64)
+        assert acc._bytes < sketch._MAX_BUFFER_BYTES  # flushed as it went, not after the chunk
+    finally:
+        sketch._MAX_BUFFER_BYTES = bound
+    assert acc.snapshot_and_reset(60.0).rows == 64 * 64
 
 
 def test_image_summary_features(rng: np.random.Generator) -> None:
