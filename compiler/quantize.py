@@ -65,10 +65,11 @@ class StaticQuantSettings:
     reduce_range: bool = False
     calibrate_method: CalibrationMethodName = "minmax"
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
-    # The graph's outputs stay float when a Conv/Gemm/MatMul computes them: ORT's
-    # QLinearConv/QGemm then write float directly instead of int8 followed by a
+    # The graph's outputs stay float when a Gemm/MatMul computes them: ORT's QGemm
+    # (MatMulIntegerToFloat) then writes float directly instead of int8 followed by a
     # QuantizeLinear/DequantizeLinear pair (less work per call, no rounding of the
-    # outputs). Inputs and weights of those nodes are still int8.
+    # outputs); its inputs and weights are still int8. Not for Conv: ORT has no
+    # float-output QLinearConv, so a last Conv would run in float.
     float_output: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -196,12 +197,12 @@ def quantize_preprocessed(
 
 
 def _output_op_types(model: bytes) -> list[str]:
-    """Op types among Conv/Gemm/MatMul of the nodes that compute a graph output."""
+    """Op types among Gemm/MatMul of the nodes that compute a graph output."""
     import onnx
 
     g = onnx.load_model_from_string(model).graph
     outputs = {o.name for o in g.output}
-    return sorted({n.op_type for n in g.node if outputs & set(n.output)} & {"Conv", "Gemm", "MatMul"})
+    return sorted({n.op_type for n in g.node if outputs & set(n.output)} & {"Gemm", "MatMul"})
 
 
 # ONNX Runtime's quantizer names every tensor it adds after the float tensor, with a
@@ -280,16 +281,18 @@ def compact_qdq(model: bytes) -> bytes:
     for name in zero_points - used:
         g.initializer.remove(inits[name])
     del g.value_info[:]
-    # Names inside control-flow subgraphs (If/Loop bodies) may refer to outer tensors;
-    # this pass does not follow them, so such graphs keep their names.
+    # Names inside control-flow subgraphs (If/Loop bodies) may refer to outer tensors,
+    # and their nodes and model-local functions use opsets too; this pass does not
+    # follow them, so such models keep their names and opset imports.
     if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for n in g.node for a in n.attribute):
         _share_zero_points(g)
         _shorten_names(g)
-    domains = {n.domain for n in g.node} | {""}
-    kept = [o for o in proto.opset_import if o.domain in domains]
-    del proto.opset_import[:]
-    proto.opset_import.extend(kept)
+        if not proto.functions:
+            domains = {n.domain for n in g.node} | {""}
+            kept = [o for o in proto.opset_import if o.domain in domains]
+            del proto.opset_import[:]
+            proto.opset_import.extend(kept)
     return proto.SerializeToString(deterministic=True)
 
 
@@ -299,10 +302,15 @@ def _share_zero_points(g: Any) -> None:
 
     inits = {i.name: i for i in g.initializer}
     uses: dict[str, list[tuple[Any, int]]] = {}
+    elsewhere = {o.name for o in g.output}  # read other than as a Q/DQ zero point: left alone
     for n in g.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) == 3:
-            if n.input[2] in inits:
-                uses.setdefault(n.input[2], []).append((n, 2))
+        for k, name in enumerate(n.input):
+            if k == 2 and n.op_type in ("QuantizeLinear", "DequantizeLinear") and name in inits:
+                uses.setdefault(name, []).append((n, 2))
+            else:
+                elsewhere.add(name)
+    for name in elsewhere & uses.keys():
+        del uses[name]
     groups: dict[tuple[int, tuple[int, ...], int], list[str]] = {}
     for name in sorted(uses):
         init = inits[name]

@@ -204,7 +204,7 @@ class _BufferedClient(mqtt.Client):
 
     _rbuf: bytes = b""
     _rpos: int = 0
-    _reading: bool = False
+    _reading: int | None = None  # thread id of the loop_read in progress
     _acks: list[bytes] | None = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
@@ -219,13 +219,13 @@ class _BufferedClient(mqtt.Client):
         return out
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        self._reading, self._acks = True, []
+        self._reading, self._acks = threading.get_ident(), []
         try:
             rc = super().loop_read(max_packets)
             while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
                 rc = super().loop_read(1)
         finally:
-            self._reading = False
+            self._reading = None
             acks, self._acks = self._acks, None
             if acks and self._sock is not None:
                 # One queued "packet" holding every PUBACK: paho writes its bytes as
@@ -234,7 +234,10 @@ class _BufferedClient(mqtt.Client):
         return rc
 
     def _send_puback(self, mid: int) -> mqtt.MQTTErrorCode:
-        if self._reading and self._acks is not None and self._protocol != mqtt.MQTTv5:
+        # Only acks of the reading thread itself are batched (another thread's, e.g. a
+        # manual ack, goes out on its own as paho sends it).
+        if (self._reading == threading.get_ident() and self._acks is not None
+                and self._protocol != mqtt.MQTTv5):
             self._acks.append(_PUBACK_HEAD + mid.to_bytes(2, "big"))
             return mqtt.MQTT_ERR_SUCCESS
         return super()._send_puback(mid)

@@ -77,3 +77,32 @@ def test_compact_qdq_keeps_outputs_and_fusions(
     zp_inputs = [n.input[2] for n in g.graph.node
                  if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) == 3]
     assert len(set(zp_inputs)) < len(zp_inputs)
+
+
+def test_compact_qdq_leaves_a_zero_point_that_another_node_reads() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    zp = [numpy_helper.from_array(np.array(0, np.int8), f"zp{k}") for k in range(2)]
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "zp0"], ["q0"], name="q0"),
+        helper.make_node("DequantizeLinear", ["q0", "s", "zp0"], ["d0"], name="d0"),
+        helper.make_node("QuantizeLinear", ["d0", "s", "zp1"], ["q1"], name="q1"),
+        helper.make_node("DequantizeLinear", ["q1", "s", "zp1"], ["out"], name="d1"),
+        helper.make_node("Cast", ["zp1"], ["zp_as_float"], to=TensorProto.FLOAT, name="cast"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("zp_as_float", TensorProto.FLOAT, [])],
+        initializer=[scale, *zp],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    small = onnx.load_model_from_string(compact_qdq(model.SerializeToString()))
+    cast = next(n for n in small.graph.node if n.op_type == "Cast")
+    # zp1 is also read by the Cast: it is not merged with zp0 into a shared initializer
+    assert cast.input[0] in {i.name for i in small.graph.initializer}
+    onnx.checker.check_model(small, full_check=True)
+    x = np.array([0.25, -1.0], np.float32)
+    sess = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.allclose(sess.run(["out"], {"input": x})[0], [0.2, -1.0], atol=0.11)
