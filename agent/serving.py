@@ -51,6 +51,7 @@ OBSERVE_CHUNK = 64
 """Requests per observer call: large enough to vectorise, small enough that the observers
 thread hands the GIL back to request threads often."""
 
+_OBSERVE_YIELD_EVERY = 8 * OBSERVE_CHUNK  # requests observed between GIL hand-overs
 _OBSERVE_BATCH_S = 0.01  # the observers thread gathers requests this long before it runs
 _perf_counter = time.perf_counter
 _random = random.random
@@ -341,6 +342,7 @@ class ModelServer:
             self._observer_wake.clear()
             time.sleep(_OBSERVE_BATCH_S)  # gather a batch: one wake-up per batch, not per request
             while True:
+                done = 0
                 while q:
                     popleft = q.popleft
                     batch = [popleft() for _ in range(min(len(q), OBSERVE_CHUNK))]
@@ -349,9 +351,15 @@ class ModelServer:
                             obs(batch)
                         except Exception:  # an observer must never stop the others or serving
                             log.exception("observer %r failed", obs)
-                    # Hand the GIL over: a request thread back from the runtime must not
-                    # wait for the whole backlog (up to the 5 ms switch interval).
-                    time.sleep(0)
+                    done += len(batch)
+                    if done >= _OBSERVE_YIELD_EVERY:
+                        # Hand the GIL over: a request thread back from the runtime must
+                        # not wait for the whole backlog (up to the 5 ms switch interval).
+                        # Not after every chunk: while this thread waits for the GIL,
+                        # every runtime call hands it over, and those hand-offs cost more
+                        # CPU than the sketch (measured: benchmarks/agent_bench.py).
+                        done = 0
+                        time.sleep(0)
                 self._observer_idle = True
                 if not q:
                     break
