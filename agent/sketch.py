@@ -493,7 +493,7 @@ class SketchAccumulator:
         self._fill = 0
         self._bytes = 0
         self._lat: list[float] = []
-        self.rejected_batches = 0  # update_many pairs whose rows did not match
+        self.rejected_batches = 0  # update_many batches whose predictions had other row counts
         self._reset_window(time.time() if start is None else start)
 
     # ---- window state
@@ -531,12 +531,16 @@ class SketchAccumulator:
         if predictions is not None and len(predictions) != len(x_batch):
             raise ValueError("predictions and x_batch have different row counts")
         with self._lock:
-            self._xs.append(x_batch.copy())
-            self._ps.append(None if predictions is None else predictions.copy())
-            self._fill += len(x_batch)
-            self._bytes += x_batch.nbytes
-            if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
-                self._flush()
+            self._buffer(x_batch.copy(), None if predictions is None else predictions.copy(), len(x_batch))
+
+    def _buffer(self, x: np.ndarray, p: np.ndarray | None, rows: int) -> None:
+        """Buffer one batch, flushing at ``flush_rows`` rows or the byte bound (lock held)."""
+        self._xs.append(x)
+        self._ps.append(p)
+        self._fill += rows
+        self._bytes += x.nbytes
+        if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
+            self._flush()
 
     def update_many(self, xs: Sequence[np.ndarray], ps: Sequence[np.ndarray | None]) -> None:
         """:meth:`update` for many batches at once (``xs[k]`` with predictions ``ps[k]``),
@@ -569,12 +573,7 @@ class SketchAccumulator:
                     self._flush()
                 return
             for x, p, r in zip(xs, ps, rows, strict=True):  # large inputs: keep the bound
-                self._xs.append(x)
-                self._ps.append(p)
-                self._fill += r
-                self._bytes += x.nbytes
-                if self._fill >= self._flush_rows or self._bytes >= _MAX_BUFFER_BYTES:
-                    self._flush()
+                self._buffer(x, p, r)
 
     def observe_latency(self, ms: float | np.ndarray) -> None:
         """Record one or more inference latencies in milliseconds (NaN/negative ignored)."""

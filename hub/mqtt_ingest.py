@@ -47,7 +47,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -108,6 +108,7 @@ INGEST_CLIENTS_ENV: Final = "EDGEFLEET_HUB_INGEST_CLIENTS"
 DEFAULT_INGEST_CLIENTS: Final = 1  # see docs/hub-benchmarks-results.md: no gain on 2 cores
 _STOP: Final = object()
 _KNOWN_DEVICES_TTL_S: Final = 300.0
+M = TypeVar("M", bound=BaseModel)
 # Chunk frame bytes the repository server may have queued in paho and not yet written
 # to the socket (MqttIngest._make_room).
 REPO_SEND_BUFFER: Final = 8 << 20
@@ -143,11 +144,8 @@ def _telemetry_as_received(data: bytes) -> tuple[protocol.Telemetry, str | None]
     the same models, so they see the same values (a duplicated key: the last one, as
     here).
     """
-    if len(data) > protocol.MAX_JSON_PAYLOAD:
-        return None
-    try:
-        p = _SentTelemetry.model_validate_json(data, strict=True)
-    except ValueError:  # pydantic.ValidationError, including JSON syntax errors
+    p = _fast_decode(_SentTelemetry, data, strict=True)
+    if p is None:
         return None
     if (len(data) > _RAW_TELEMETRY_MAX or len(p.model_fields_set) != _TELEMETRY_FIELDS
             or b"NaN" in data or b"Infinity" in data):
@@ -161,7 +159,7 @@ def _telemetry_as_received(data: bytes) -> tuple[protocol.Telemetry, str | None]
 _TELEMETRY_FIELDS: Final = len(protocol.Telemetry.model_fields)
 
 
-def _fast_decode(cls: type[BaseModel], data: bytes) -> BaseModel | None:
+def _fast_decode(cls: type[M], data: bytes, *, strict: bool = False) -> M | None:
     """``cls`` parsed straight from JSON bytes (pydantic-core, about 3x cheaper than
     :func:`agent.protocol.decode`), or None to let ``protocol.decode`` decide.
 
@@ -169,12 +167,13 @@ def _fast_decode(cls: type[BaseModel], data: bytes) -> BaseModel | None:
     the size limit that validates and carries an explicit ``v`` (the schema's ``v`` is
     ``Literal[1]``, and pydantic would otherwise fill it in from the default). Anything
     else, every malformed payload included, goes the slow way so that the error kinds
-    stay exactly those of ``protocol.decode``.
+    stay exactly those of ``protocol.decode``. ``strict``: pydantic's strict mode
+    (nothing converted).
     """
     if len(data) > protocol.MAX_JSON_PAYLOAD:
         return None
     try:
-        p = cls.model_validate_json(data)
+        p = cls.model_validate_json(data, strict=strict)
     except ValueError:  # pydantic.ValidationError, including JSON syntax errors
         return None
     return p if "v" in p.model_fields_set else None
