@@ -187,8 +187,10 @@ class ModelServer:
     def swap(self, new: LoadedModel | None) -> LoadedModel | None:
         """Make ``new`` the active model; retire and return the old one."""
         with self._swap_lock:
-            old, self._active = self._active, new
+            # The new health window first: a request that finds ``new`` active records
+            # into it (and one still running on ``old`` does not: see _record).
             self.health = WindowStats(lock=self._stats_lock)
+            old, self._active = self._active, new
         if old is not None and old is not new:
             old.retire()
         return old
@@ -304,12 +306,16 @@ class ModelServer:
         return out, m
 
     def _record(self, m: LoadedModel, ms: float, ok: bool) -> None:
+        """Count a finished request in the serving window, and in the health window when
+        its model is still the active one: a request that ran on a model swapped out
+        meanwhile says nothing about the health of its successor."""
         m.release()
         lock = self._stats_lock
         lock.acquire()
         try:
             self.window._add(ms, ok)
-            self.health._add(ms, ok)
+            if m is self._active:
+                self.health._add(ms, ok)
         finally:
             lock.release()
 
@@ -366,7 +372,7 @@ class ModelServer:
                 self._observer_idle = False  # a request arrived between the drain and the flag
 
     def flush_observers(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued request has been observed (for tests and shutdown).
+        """Wait until every queued request has been observed (for tests and benchmarks).
         Returns False on timeout."""
         deadline = time.monotonic() + timeout
         while self._observed or not self._observer_idle:

@@ -278,3 +278,41 @@ def test_a_request_in_flight_keeps_a_retired_model_loaded():
     with pytest.raises(TypeError):
         server.infer({"x": None})  # type: ignore[dict-item]
     assert server.window.peek() == (2, 1) and server.health.peek() == (2, 1)
+
+
+class _Failing(_Stub):
+    """A runtime whose request fails once ``release`` is set (a retiring model's last request)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.release.wait(5)
+        raise RuntimeError("the old model failed")
+
+
+def test_a_request_on_a_swapped_out_model_does_not_count_against_the_new_models_health():
+    server = ModelServer()
+    old = LoadedModel(_Bundle(), _Failing(), "a")  # type: ignore[arg-type]
+    server.swap(old)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            server.infer({"x": np.ones(2, np.float32)})
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert old.runtime.entered.wait(5)  # type: ignore[attr-defined]
+    server.swap(_stub_model())  # the health check of the new model starts now
+    old.runtime.release.set()  # type: ignore[attr-defined]
+    t.join(5)
+    assert len(errors) == 1
+    assert server.window.peek() == (1, 1)  # telemetry still counts the failed request
+    assert server.health.peek() == (0, 0)  # the new model's health window does not
+    server.infer({"x": np.ones(2, np.float32)})
+    assert server.health.peek() == (1, 0)
