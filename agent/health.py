@@ -73,7 +73,7 @@ def _attempt(p: ProbeConfig, activated_at: float) -> str | None:
     return None if mtime >= activated_at else f"{p.path} predates the activation"
 
 
-def run_probe(p: ProbeConfig, activated_at: float, stop: Event, activated_mono: float | None = None) -> None:
+def run_probe(p: ProbeConfig, activated_at: float, stop: Event, activated_mono: float) -> None:
     """Run one probe to pass or failure.
 
     ``activated_at`` is the wall-clock activation time (readiness files are judged by
@@ -83,8 +83,7 @@ def run_probe(p: ProbeConfig, activated_at: float, stop: Event, activated_mono: 
     Raises:
         ProbeFailed: every attempt failed (the message holds the last reason).
     """
-    since = time.monotonic() - activated_mono if activated_mono is not None else time.time() - activated_at
-    if stop.wait(min(p.initial_delay_s, max(0.0, p.initial_delay_s - since))):
+    if stop.wait(max(0.0, p.initial_delay_s - (time.monotonic() - activated_mono))):
         raise ProbeFailed("stopped")
     why = "no attempt made"
     for i in range(p.attempts):

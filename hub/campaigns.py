@@ -51,6 +51,7 @@ from hub.db import Database
 from hub.deployments import (
     DEPLOY_QOS,
     DEPLOY_RETAIN,
+    TERMINAL_OUTCOMES,
     Publisher,
     choose_bundle,
     create_deployment,
@@ -120,7 +121,6 @@ _STARTABLE = frozenset({CampaignState.RUNNING, CampaignState.SOAKING,
 _IN_FLIGHT = frozenset({D.DEPLOYING, D.REVERTING})
 _BEFORE_WINDOW = timedelta(minutes=10)  # old-version baseline looked at before a device's start
 _MIN_PSI_ROWS = 50
-_OUTCOMES = ("installed", "failed", "rejected", "rolled_back", "skipped")  # what _sync folds
 _PUBLISH_BATCH = 500  # deploy messages sent before waiting for their acknowledgements
 
 
@@ -716,7 +716,7 @@ class CampaignEngine:
                  & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.deployment_id)))
                 | ((col(CampaignDevice.state) == D.REVERTING)
                    & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))))
-            .where(CampaignDevice.campaign_id == c.id, col(DeploymentDevice.outcome).in_(_OUTCOMES))
+            .where(CampaignDevice.campaign_id == c.id, col(DeploymentDevice.outcome).in_(TERMINAL_OUTCOMES))
         ).all()
         for cd, dd in rows:
             new: DeviceState | None = None

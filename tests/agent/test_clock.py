@@ -24,11 +24,13 @@ def test_probe_initial_delay_ignores_a_wall_clock_step():
     assert 0.25 <= waited < 5.0
 
 
-def test_probe_delay_after_restart_counts_from_restart():
-    probe = ProbeConfig(kind="exec", command=[sys.executable, "-c", "pass"], initial_delay_s=0.2, attempts=1)
+def test_probe_delay_already_over_is_not_waited_again():
+    # Activated 10 s ago with an 8 s initial delay: the probe runs at once (waiting the
+    # delay in full would take 8 s).
+    probe = ProbeConfig(kind="exec", command=[sys.executable, "-c", "pass"], initial_delay_s=8.0, attempts=1)
     t0 = time.monotonic()
-    run_probe(probe, time.time() - 7200, threading.Event(), time.monotonic() - 10)  # delay long over
-    assert time.monotonic() - t0 < 5.0
+    run_probe(probe, time.time() - 7200, threading.Event(), time.monotonic() - 10)
+    assert time.monotonic() - t0 < 4.0
 
 
 def _reference() -> Reference:
