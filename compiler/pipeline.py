@@ -38,7 +38,7 @@ import numpy as np
 from agent.bundle import write_bundle
 from agent.features import build_reference
 from agent.profiles import Profile
-from compiler.accuracy_tuning import MAX_TRIALS, TuningTarget, tune_static_qdq
+from compiler.accuracy_tuning import TuningTarget, tune_static_qdq
 from compiler.compatibility import onnx_blockers
 from compiler.datasets import Dataset, check_input_shape, load_npz
 from compiler.errors import CompilerInputError, DataFileError, TechniqueError
@@ -125,7 +125,6 @@ class CompileOptions:
     # Tolerable metric drop for static int8 (accuracy-aware fallback) and selection;
     # None: each profile's limits.max_accuracy_drop.
     max_accuracy_drop: float | None = None
-    tuning_trials: int = MAX_TRIALS
 
 
 @dataclass
@@ -316,7 +315,6 @@ class _Planner:
         return TuningTarget(
             max_drop=profile.limits.max_accuracy_drop if drop is None else drop,
             floor=profile.limits.accuracy_floor,
-            max_trials=self.options.tuning_trials,
         )
 
     def onnx_static(self, qs: StaticQuantSettings, target: TuningTarget) -> _Artifact:

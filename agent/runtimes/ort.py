@@ -55,7 +55,8 @@ def x86_without_vnni() -> bool:
     something other than it does on the VNNI target it was built for (on the 8x8 digits
     CNN: 98.4% instead of 99.3% agreement with fp32). Sessions on such hosts use ORT's
     exact path, ``session.x64quantprecision=1``: the same speed for the 8x8 digits CNN,
-    27% slower for the 32x32 one (measured 2026-11-27 on an AMD EPYC with AVX2). It does
+    27% slower for the 32x32 one (measured once by hand, 2026-11-27, on an AMD EPYC with
+    AVX2; no committed benchmark repeats it, and this session's hosts have VNNI). It does
     not touch float kernels.
     """
     if platform.machine() not in ("x86_64", "AMD64"):
