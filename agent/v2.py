@@ -176,6 +176,21 @@ def _response_head(
     return resp, wanted
 
 
+def _tensor_entry(name: str, arr: np.ndarray, binary: bool, chunks: list[bytes]) -> dict[str, Any]:
+    """One V2 tensor object: its data as raw little-endian bytes appended to ``chunks``
+    (binary tensor extension) when ``binary`` and the type has a fixed width, else as a
+    JSON ``data`` list."""
+    datatype = v2_datatype(arr.dtype.name)
+    t: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
+    if binary and datatype in _WIRE_DTYPES:
+        data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
+        t["parameters"] = {"binary_data_size": len(data)}
+        chunks.append(data)
+    else:
+        t["data"] = arr.ravel().tolist()
+    return t
+
+
 def encode_infer_body(
     model_name: str,
     model_version: str | None,
@@ -190,17 +205,8 @@ def encode_infer_body(
     resp, wanted = _response_head(model_name, model_version, request)
     chunks: list[bytes] = []
     for name, arr in outputs.items():
-        if wanted is not None and name not in wanted:
-            continue
-        datatype = v2_datatype(arr.dtype.name)
-        t: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
-        if per.get(name, default) and datatype in _WIRE_DTYPES:
-            data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
-            t["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-        else:
-            t["data"] = arr.ravel().tolist()
-        resp["outputs"].append(t)
+        if wanted is None or name in wanted:
+            resp["outputs"].append(_tensor_entry(name, arr, per.get(name, default), chunks))
     header = json.dumps(resp).encode()
     return b"".join([header, *chunks]), len(header)
 
@@ -212,17 +218,8 @@ def encode_infer_response(
     request: dict[str, Any],
 ) -> dict[str, Any]:
     resp, wanted = _response_head(model_name, model_version, request)
-    for name, arr in outputs.items():
-        if wanted is not None and name not in wanted:
-            continue
-        resp["outputs"].append(
-            {
-                "name": name,
-                "shape": list(arr.shape),
-                "datatype": v2_datatype(arr.dtype.name),
-                "data": arr.ravel().tolist(),
-            }
-        )
+    resp["outputs"] = [_tensor_entry(name, arr, False, []) for name, arr in outputs.items()
+                       if wanted is None or name in wanted]
     return resp
 
 
@@ -236,16 +233,7 @@ def encode_infer_request(
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, value in inputs.items():
-        arr = np.asarray(value)
-        datatype = v2_datatype(arr.dtype.name)
-        t: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
-        if binary and datatype in _WIRE_DTYPES:
-            data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
-            t["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-        else:
-            t["data"] = arr.ravel().tolist()
-        tensors.append(t)
+        tensors.append(_tensor_entry(name, np.asarray(value), binary, chunks))
     req: dict[str, Any] = {"inputs": tensors}
     if binary_output:
         req["parameters"] = {"binary_data_output": True}
