@@ -272,17 +272,24 @@ class Repository:
             RepositoryPathError: the path is not one the repository serves.
             FileNotFoundError: it would be, but does not exist.
         """
-        if not _SERVE_PATH.match(path):
-            raise RepositoryPathError(f"not a repository path: {path!r}")
-        f = self.root_dir / path
+        f = self._served(path)
         if not f.is_file():
             raise FileNotFoundError(path)
         return f
 
+    def _served(self, path: str) -> Path:
+        """Where a served path would be (not checked to exist).
+
+        Raises:
+            RepositoryPathError: the path is not one the repository serves.
+        """
+        if not _SERVE_PATH.match(path):
+            raise RepositoryPathError(f"not a repository path: {path!r}")
+        return self.root_dir / path
+
     def read(self, path: str, offset: int, length: int) -> tuple[int, bytes]:
         """Read ``length`` bytes at ``offset`` of a served file; returns (total size, data)."""
-        f = self.resolve(path)
-        with open(f, "rb") as fh:
+        with open(self.resolve(path), "rb") as fh:
             total = os.fstat(fh.fileno()).st_size
             fh.seek(offset)
             return total, fh.read(length)
@@ -299,20 +306,21 @@ class Repository:
         Raises:
             RepositoryPathError, FileNotFoundError, OSError: as :meth:`read`.
         """
-        if not _SERVE_PATH.match(path):
-            raise RepositoryPathError(f"not a repository path: {path!r}")
-        f = self.root_dir / path
+        f = self._served(path)
         st = os.stat(f)
         if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(path)
         key = (path, offset, length)
-        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._chunks_lock:
             hit = self._chunks.get(key)
-            if hit is not None and hit[0] == ident:
+            if hit is not None and hit[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
                 self._chunks.move_to_end(key)
                 return hit[1], hit[2], hit[3]
-        total, data = self.read(path, offset, length)
+        with open(f, "rb") as fh:  # what is read is cached under the opened file's identity
+            st = os.fstat(fh.fileno())
+            fh.seek(offset)
+            data = fh.read(length)
+        total, ident = st.st_size, (st.st_ino, st.st_size, st.st_mtime_ns)
         digest = hashlib.sha256(data).hexdigest()
         with self._chunks_lock:
             old = self._chunks.pop(key, None)
