@@ -286,9 +286,12 @@ def tune_static_qdq(
     eval_y: np.ndarray | None,
     metric: Metric,
     target: TuningTarget,
+    fp32_out: np.ndarray | None = None,
 ) -> tuple[TuningResult, list[str]]:
     """Static QDQ int8 of ``model`` whose metric on (eval_x, eval_y) stays within
     ``target`` of fp32, excluding sensitive nodes if needed (module docstring).
+    ``fp32_out``: ``model``'s first output on ``eval_x`` when the caller has it already
+    (1-thread ONNX Runtime, as here); otherwise it is computed.
 
     Returns the result (its ``model`` is the one to ship, compacted with
     :func:`compiler.quantize.compact_qdq`; tuning itself works on the quantizer's
@@ -302,7 +305,8 @@ def tune_static_qdq(
         out = run_batched(ort_session(data, threads=1), input_name, eval_x)[0]
         return score(metric, evaluate_metric(metric, out, eval_y, fp32_out))
 
-    fp32_out = run_batched(ort_session(model, threads=1), input_name, eval_x)[0]
+    if fp32_out is None:
+        fp32_out = run_batched(ort_session(model, threads=1), input_name, eval_x)[0]
     base = score(metric, evaluate_metric(metric, fp32_out, eval_y, fp32_out))
     with tempfile.TemporaryDirectory(prefix="edgefleet-tune-") as tmp:
         work = Path(tmp)

@@ -345,7 +345,11 @@ class _Planner:
         m, calib, opts = self.model, self.calib, self.options
         ev = self.eval if self.eval is not None else calib
         art = self.cache[key]
-        result, notes = tune_static_qdq(m.data, m.input.name, calib.x, qs, ev.x, ev.y, opts.metric, target)
+        # The fp32 artifact is built and evaluated on the eval set before any other.
+        fp32 = self.cache.get("onnx-fp32")
+        known = fp32.eval_logits if fp32 is not None and self.eval is not None else None
+        result, notes = tune_static_qdq(m.data, m.input.name, calib.x, qs, ev.x, ev.y, opts.metric, target,
+                                        fp32_out=known)
         art.excluded_nodes = [e.as_dict() for e in result.excluded]
         art.settings["exclude_nodes"] = [e.node for e in result.excluded]
         art.settings["accuracy_tuning"] = result.as_dict(target)
