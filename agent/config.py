@@ -62,6 +62,10 @@ class AgentSettings(BaseSettings):
     )
     reconnect_max_delay: float = Field(30.0, gt=0, description="Cap of the reconnect backoff, seconds.")
     hook_timeout: float = Field(60.0, gt=0, description="Seconds before a state hook is killed.")
+    drift_max_rows_per_s: float = Field(
+        200.0, ge=0, description="Above this many requests per second, drift sketches and capture see a "
+        "uniform random sample of about this many per second; 0 sketches every request."
+    )
     capture_per_minute: float = Field(
         0.0, ge=0, le=6000, description="Raw samples captured per minute (agent.capture); 0 keeps capture off."
     )

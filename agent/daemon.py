@@ -125,7 +125,7 @@ class Agent:
         self.slots = Slots(self.data_dir / "slots", BundleLimits(max_model_bytes=self.profile.limits.max_model_bytes))
         self.store = StateStore(self.data_dir / "state.json")
         self.spool = Spool(self.data_dir / "spool.sqlite", settings.spool_max_bytes)
-        self.server = ModelServer()
+        self.server = ModelServer(observe_limit_per_s=settings.drift_max_rows_per_s)
         self.payload_errors = PayloadCounters()
         self.runtimes, self.unavailable_runtimes = available_runtimes()
         self.link = Link(settings.device_id, parse_broker_url(settings.broker_url), on_connect=self._on_connect,
@@ -477,6 +477,7 @@ class Agent:
                 capture=self.capture.snapshot() if self.capture is not None else None,
                 feedback_dropped=self.feedback_dropped,
                 observe_skipped=self.server.observe_skipped,
+                observe_unsampled=self.server.observe_unsampled,
             )
             self.spool.push(Priority.METRICS, topics.device_topic(self.settings.device_id, "telemetry"), encode(t))
 

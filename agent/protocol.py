@@ -174,6 +174,10 @@ class Telemetry(Payload):
     observe_skipped: int = Field(
         0, ge=0, description="Requests served but not sketched, because sketching fell behind (so far)."
     )
+    observe_unsampled: int = Field(
+        0, ge=0, description="Requests served but left out of the sketch by its rate limit, "
+        "drift_max_rows_per_s (so far)."
+    )
 
 
 class Deployment(Payload):

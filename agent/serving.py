@@ -14,6 +14,12 @@ that their work is vectorised rather than paid per request in Python. When obser
 fall behind by ``OBSERVE_BACKLOG``
 requests, further requests are not observed and are counted in
 :attr:`ModelServer.observe_skipped`.
+
+With ``observe_limit_per_s`` set, observers see a uniform random sample of the served
+requests once the request rate goes above that limit: each second, the share observed
+is ``limit / rate`` of the previous second's rate (all of them at or below the limit).
+A request left out costs a counter and a random draw instead of two copies and the
+observers' work, and is counted in :attr:`ModelServer.observe_unsampled`.
 """
 
 from __future__ import annotations
@@ -163,7 +169,11 @@ def _copies(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class ModelServer:
-    def __init__(self) -> None:
+    def __init__(self, observe_limit_per_s: float = 0.0) -> None:
+        """``observe_limit_per_s``: above this request rate, observers get a uniform random
+        sample of about that many requests per second; 0 (the default) observes every one."""
+        if observe_limit_per_s < 0:
+            raise ValueError(f"observe_limit_per_s must be >= 0, got {observe_limit_per_s}")
         self._active: LoadedModel | None = None
         self._candidate: Candidate | None = None
         self._shadow_q: queue.Queue = queue.Queue(maxsize=256)
@@ -174,6 +184,11 @@ class ModelServer:
         self.health = WindowStats(lock=self._stats_lock)  # reset by the health check at activation
         self.observers: list[Observer] = []  # e.g. the drift sketch; run off the request path
         self.observe_skipped = 0
+        self.observe_unsampled = 0  # served while the rate was over observe_limit_per_s, not observed
+        self._observe_limit = float(observe_limit_per_s)
+        self._observe_share = 1.0  # share of requests observed this second
+        self._observe_seen = 0  # requests served since _observe_tick - 1 s
+        self._observe_tick = 0.0  # when the share is next updated (perf_counter)
         self._observed: deque[tuple[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]] = deque()
         self._observer_idle = True
         self._observer_wake = threading.Event()
@@ -284,7 +299,7 @@ class ModelServer:
             out = self._serve_split(cand, inputs)
             if out is not None:
                 if self.observers:
-                    self._observe(inputs, out, cand.model)
+                    self._sampled_observe(inputs, out, cand.model, _perf_counter())
                 return out, cand.model
         m = self._active
         if m is None or not m.acquire():
@@ -295,9 +310,10 @@ class ModelServer:
         except BaseException:
             self._record(m, (_perf_counter() - t0) * 1000.0, False)
             raise
-        self._record(m, (_perf_counter() - t0) * 1000.0, True)
+        t1 = _perf_counter()
+        self._record(m, (t1 - t0) * 1000.0, True)
         if self.observers:
-            self._observe(inputs, out, m)
+            self._sampled_observe(inputs, out, m, t1)
         if cand is not None and cand.mode == "shadow" and _random() < cand.ratio:
             try:
                 self._shadow_q.put_nowait((cand, inputs, out))
@@ -320,6 +336,34 @@ class ModelServer:
             lock.release()
 
     # ------------------------------------------------------------------ observers
+
+    def _sampled_observe(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel, now: float
+    ) -> None:
+        """Observe one served request, or only count it when the rate is over the limit."""
+        if self._observe_limit <= 0.0:
+            self._observe(inputs, outputs, model)
+            return
+        # Request threads may race on these counters: a lost increment only nudges the
+        # share, which is an estimate anyway.
+        self._observe_seen += 1
+        if now >= self._observe_tick:
+            self._update_share(now)
+        share = self._observe_share
+        if share >= 1.0 or _random() < share:
+            self._observe(inputs, outputs, model)
+        else:
+            self.observe_unsampled += 1
+
+    def _update_share(self, now: float) -> None:
+        seen, self._observe_seen = self._observe_seen, 0
+        elapsed = now - (self._observe_tick - 1.0)
+        if self._observe_tick == 0.0 or elapsed > 2.0:
+            self._observe_share = 1.0  # first request, or after a pause: start from all
+        else:
+            rate = seen / max(elapsed, 1e-3)
+            self._observe_share = 1.0 if rate <= self._observe_limit else self._observe_limit / rate
+        self._observe_tick = now + 1.0
 
     def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
         """Queue copies of one served request for the observers (the caller may reuse its buffers)."""

@@ -262,6 +262,43 @@ def test_observers_run_off_the_request_path_on_copies():
     assert server.flush_observers() and len(seen) == 6
 
 
+def test_over_the_rate_limit_observers_see_a_uniform_sample_and_the_rest_is_counted():
+    with pytest.raises(ValueError, match="observe_limit_per_s"):
+        ModelServer(observe_limit_per_s=-1)
+    server = ModelServer(observe_limit_per_s=50)
+    server.swap(_stub_model())
+    seen: list[float] = []
+    server.observers.append(lambda batch: seen.extend(float(i["x"][0]) for i, _, _ in batch))
+    x = np.zeros(1, np.float32)
+    served = 0
+    t_end = time.perf_counter() + 2.5  # the first second is observed whole, the rest sampled
+    while time.perf_counter() < t_end:
+        x[0] = served
+        server.infer({"x": x})
+        served += 1
+    assert server.flush_observers()
+    assert served > 2_000, "the stub runtime should serve thousands of requests a second"
+    # every request is either observed, left out by the sample, or skipped because the
+    # observers fell behind (which the first, unsampled second at this rate does)
+    assert len(seen) + server.observe_unsampled + server.observe_skipped == served
+    assert server.observe_unsampled > served / 2
+    later = [v for v in seen if v >= served / 2.5]
+    assert 0 < len(later) <= 50 * 1.5 * 2  # about the limit per second after the first one
+    # a uniform sample: what was observed after the first second spreads over those requests
+    spread = np.histogram(later, bins=3, range=(served / 2.5, served))[0]
+    assert spread.min() > 0
+
+    every = ModelServer()  # no limit: every request is observed
+    every.swap(_stub_model())
+    count: list[int] = []
+    every.observers.append(lambda batch: count.append(len(batch)))
+    for _ in range(6):  # in rounds the backlog holds, so that none is skipped either
+        for _ in range(500):
+            every.infer({"x": x})
+        assert every.flush_observers()
+    assert sum(count) == 3_000 and every.observe_unsampled == every.observe_skipped == 0
+
+
 def test_a_request_in_flight_keeps_a_retired_model_loaded():
     server = ModelServer()
     m = _stub_model()
