@@ -249,9 +249,10 @@ def compact_qdq(model: bytes) -> bytes:
       input is optional and defaults to 0; ORT fuses the same QLinearConv/QGemm);
     * ``value_info`` (intermediate shapes from pre-processing; ORT infers them);
     * opset imports of domains no node uses (the quantizer declares nine);
-    * duplicate zero points: Q/DQ zero-point initializers holding one repeated value
-      (every ReLU output's -128, every per-channel weight's zeros of one length) become
-      one shared initializer per (type, shape, value), named after its content;
+    * duplicate activation zero points: Q/DQ zero-point initializers of activations
+      holding one repeated value (every ReLU output's -128) become one shared
+      initializer per (type, shape, value), named after its content (weights keep their
+      own: ORT's exact int8 path fails on a weight zero point that is shared);
     * the quantizer's long suffixes, shortened in tensor and Q/DQ node names
       (``relu_1_DequantizeLinear_Output`` -> ``relu_1_dq``, ``head.1.weight_quantized``
       -> ``head.1.weight_q``, ``_scale`` -> ``_s``, ``_zero_point`` -> ``_z``). The
@@ -306,7 +307,13 @@ def _share_zero_points(g: Any) -> None:
     for n in g.node:
         for k, name in enumerate(n.input):
             if k == 2 and n.op_type in ("QuantizeLinear", "DequantizeLinear") and name in inits:
-                uses.setdefault(name, []).append((n, 2))
+                if n.input[0] in inits:
+                    # A weight's zero point stays its own: ORT's exact int8 path (x86
+                    # without VNNI) converts each s8 weight and its zero point to u8 under
+                    # a name derived from the zero point's, and fails on a shared one.
+                    elsewhere.add(name)
+                else:
+                    uses.setdefault(name, []).append((n, 2))
             else:
                 elsewhere.add(name)
     for name in elsewhere & uses.keys():
