@@ -186,6 +186,12 @@ def bench_model(
         variants["TFLite int8 full-integer (pt2e, batch 1)"] = Variant(
             convert_int8_pt2e(module, calib)[0], "litert")
         extras["TFLite int8 full-integer (pt2e, batch 1)"] = "float I/O quantized at the boundary"
+        if structured:
+            variants["TFLite 50% structured pruning + fine-tune (fp32, the same pruned model)"] = Variant(
+                convert_fp32(pruned, x_tr)[0], "litert")
+        if teacher_width:
+            variants[f"TFLite KD student, width {width:.2f} (fp32, the same student)"] = Variant(
+                convert_fp32(student, x_tr)[0], "litert")
     keys = list(variants)
     lat = time_models([variants[k] for k in keys], name, x_te[:1])
     return [

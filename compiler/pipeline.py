@@ -301,6 +301,7 @@ class _Planner:
         self.cache: dict[str, _Artifact] = {}
         self.tflite_reference: _Artifact | None = None
         self._torch_module: Any = None
+        self._trained_modules: dict[str, tuple[Any, ...]] = {}
 
     def _get(self, art: _Artifact) -> _Artifact:
         return self.cache.setdefault(art.key, art)
@@ -412,34 +413,37 @@ class _Planner:
             out += self._trained(profile)
         return out
 
-    def _trained(self, profile: Profile) -> list[_Artifact]:
-        from compiler import pruning
-
-        ts = self.options.train
-        train = self.train
-        assert ts is not None and train is not None and train.y is not None
-        seed, x_tr, y_tr = self.options.seed, train.x, train.y
-        example = self.calib.x
-
-        def pruned() -> tuple[bytes, list[str]]:
+    def _pruned_module(self) -> tuple[Any, list[str]]:
+        """The teacher with its channels pruned and fine-tuned (trained once, shared by
+        the ONNX and TFLite candidates)."""
+        if "pruned" not in self._trained_modules:
             import torch
 
+            from compiler import pruning
+
+            ts, train = self.options.train, self.train
+            assert ts is not None and train is not None and train.y is not None
             teacher = self.torch_module()
             small = pruning.prune_channels(
-                teacher, torch.from_numpy(example[:2]), ts.prune_ratio, x_tr, y_tr,
-                epochs=ts.prune_epochs, seed=seed,
+                teacher, torch.from_numpy(self.calib.x[:2]), ts.prune_ratio, train.x, train.y,
+                epochs=ts.prune_epochs, seed=self.options.seed,
             )
             note = f"parameters {pruning.parameter_count(teacher)} -> {pruning.parameter_count(small)}"
-            return _module_to_onnx(small, example), [note]
+            self._trained_modules["pruned"] = (small, [note])
+        return self._trained_modules["pruned"]
 
-        common = {"opset": OPSET, "train_rows": train.rows, "train_sha256": train.sha256}
-
-        def student() -> tuple[bytes, list[str]]:
-            # Records the derived width on its artifact (``student_art``, created below).
+    def _student_module(self) -> tuple[Any, list[str], dict[str, Any]]:
+        """The distilled width-scaled student, its notes and the settings it was derived
+        with (trained once, shared by the ONNX and TFLite candidates)."""
+        if "student" not in self._trained_modules:
             import torch
 
+            from compiler import pruning
+
+            ts, train = self.options.train, self.train
+            assert ts is not None and train is not None and train.y is not None
             teacher = self.torch_module()
-            ex = torch.from_numpy(example[:2])
+            ex = torch.from_numpy(self.calib.x[:2])
             notes = []
             width = ts.student_width
             if width is None:
@@ -449,27 +453,53 @@ class _Planner:
                     f"{ts.student_size_ratio:g}x fewer parameters than the teacher"
                 )
             st = pruning.width_scaled_student(
-                teacher, ex, width, x_tr, y_tr,
-                epochs=ts.distill_epochs, seed=seed, temperature=ts.temperature, alpha=ts.alpha,
+                teacher, ex, width, train.x, train.y,
+                epochs=ts.distill_epochs, seed=self.options.seed, temperature=ts.temperature, alpha=ts.alpha,
             )
             n_t, n_s = pruning.parameter_count(teacher), pruning.parameter_count(st)
-            student_art.settings.update(
-                width=width, size_ratio_goal=ts.student_size_ratio,
-                parameter_ratio=round(n_t / n_s, 4),
-            )
-            student_art.tag = f"fp32-student{int(round(width * 100))}"
+            notes.append(f"parameters {n_t} -> {n_s} ({n_t / n_s:.2f}x fewer)")
+            derived = {"width": width, "size_ratio_goal": ts.student_size_ratio,
+                       "parameter_ratio": round(n_t / n_s, 4)}
+            self._trained_modules["student"] = (st, notes, derived)
+        return self._trained_modules["student"]  # type: ignore[return-value]
+
+    def _trained_settings(self) -> dict[str, Any]:
+        ts, train = self.options.train, self.train
+        assert ts is not None and train is not None
+        return {
+            "common": {"train_rows": train.rows, "train_sha256": train.sha256},
+            "pruned": {"ratio": ts.prune_ratio, "importance": "L2 magnitude", "fine_tune_epochs": ts.prune_epochs},
+            "student": {"width": ts.student_width, "epochs": ts.distill_epochs,
+                        "temperature": ts.temperature, "alpha": ts.alpha},
+        }
+
+    def _trained(self, profile: Profile) -> list[_Artifact]:
+        from compiler import pruning
+
+        ts = self.options.train
+        assert ts is not None
+        example = self.calib.x
+
+        def pruned() -> tuple[bytes, list[str]]:
+            small, notes = self._pruned_module()
+            return _module_to_onnx(small, example), list(notes)
+
+        cfg = self._trained_settings()
+        common = {"opset": OPSET, **cfg["common"]}
+
+        def student() -> tuple[bytes, list[str]]:
+            # Records the derived width on its artifact (``student_art``, created below).
+            st, notes, derived = self._student_module()
+            student_art.settings.update(derived)
+            student_art.tag = f"fp32-student{int(round(derived['width'] * 100))}"
             data = _module_to_onnx(st, example)
-            notes.append(
-                f"parameters {n_t} -> {n_s} ({n_t / n_s:.2f}x fewer); ONNX file "
-                f"{len(self.model.data) / len(data):.2f}x smaller than the fp32 teacher's"
-            )
-            return data, notes
+            return data, [*notes, f"ONNX file {len(self.model.data) / len(data):.2f}x smaller than the "
+                          "fp32 teacher's"]
 
         student_art = _Artifact(
             key="onnx-student", format="onnx", precision="fp32", technique="distillation",
             runtime="onnxruntime", build=student, tag="fp32-student",
-            settings={**common, "width": ts.student_width, "epochs": ts.distill_epochs,
-                      "temperature": ts.temperature, "alpha": ts.alpha},
+            settings={**common, **cfg["student"]},
         )
 
         def sparse() -> tuple[bytes, list[str]]:
@@ -486,8 +516,7 @@ class _Planner:
             self._get(_Artifact(
                 key="onnx-pruned", format="onnx", precision="fp32", technique="structured-pruning",
                 runtime="onnxruntime", build=pruned, tag=f"fp32-pruned{pct}",
-                settings={**common, "ratio": ts.prune_ratio, "importance": "L2 magnitude",
-                          "fine_tune_epochs": ts.prune_epochs},
+                settings={**common, **cfg["pruned"]},
             )),
             self._get(student_art),
             self._get(_Artifact(
@@ -496,6 +525,44 @@ class _Planner:
                 tag=f"fp32-sparse{int(round(ts.sparsity * 100))}",
                 settings={**common, "sparsity": ts.sparsity, "fine_tune_epochs": 0},
             )),
+        ]
+
+    def _trained_tflite(self) -> list[_Artifact]:
+        """The pruned model and the student as fp32 TFLite (litert-torch), for profiles
+        that run LiteRT; the same trained modules as the ONNX candidates."""
+        from compiler import tflite
+
+        ts = self.options.train
+        assert ts is not None
+        calib_x = self.calib.x
+        cfg = self._trained_settings()
+        common = {"converter": "litert-torch", "batch": 1, **cfg["common"]}
+
+        def pruned() -> tuple[bytes, list[str]]:
+            small, notes = self._pruned_module()
+            data, conv_notes = tflite.convert_fp32(small, calib_x)
+            return data, [*notes, *conv_notes]
+
+        def student() -> tuple[bytes, list[str]]:
+            st, notes, derived = self._student_module()
+            student_art.settings.update(derived)
+            student_art.tag = f"fp32-student{int(round(derived['width'] * 100))}"
+            data, conv_notes = tflite.convert_fp32(st, calib_x)
+            return data, [*notes, *conv_notes]
+
+        student_art = _Artifact(
+            key="tflite-student", format="tflite", precision="fp32", technique="distillation",
+            runtime="litert", build=student, tag="fp32-student",
+            settings={**common, **cfg["student"]},
+        )
+        pct = int(round(ts.prune_ratio * 100))
+        return [
+            self._get(_Artifact(
+                key="tflite-pruned", format="tflite", precision="fp32", technique="structured-pruning",
+                runtime="litert", build=pruned, tag=f"fp32-pruned{pct}",
+                settings={**common, **cfg["pruned"]},
+            )),
+            self._get(student_art),
         ]
 
     def tflite(self, profile: Profile) -> list[_Artifact]:
@@ -524,6 +591,8 @@ class _Planner:
                 StaticQuantSettings("int8", calibrate_method=self.options.calibrate_method),
                 self.target(profile),
             )
+        if self.train is not None and self.model.module is not None:
+            out += self._trained_tflite()
         return out
 
 

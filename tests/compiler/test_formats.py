@@ -117,15 +117,17 @@ def test_train_adds_pruning_and_distillation(
 ) -> None:
     fw = factory_workspace
     report = compile_model(
-        fw.spec, [load_profile("x86-gateway-vnni")], fw.calib, fw.eval, tmp_path,
+        fw.spec, [load_profile("x86-gateway-vnni"), load_profile("mobile-litert")], fw.calib, fw.eval,
+        tmp_path,
         CompileOptions(
-            name="trained", latency=FAST_LATENCY, tflite=False, dynamic_int8=False,
+            name="trained", latency=FAST_LATENCY, dynamic_int8=False,
             state_dict=fw.state_dict,
             train=TrainSettings(fw.train, prune_epochs=2, distill_epochs=4),
         ),
     )
     assert report.model["kind"] == "module:factory" and report.skipped == []
-    by = {c.technique: c for c in report.candidates}
+    cands = {(c.profile, c.format, c.technique): c for c in report.candidates}
+    by = {tech: c for (p, f, tech), c in cands.items() if (p, f) == ("x86-gateway-vnni", "onnx")}
     base = by["baseline"]
     assert base.model_bytes is not None and base.accuracy is not None
     for tech in ("structured-pruning", "distillation"):
@@ -147,6 +149,23 @@ def test_train_adds_pruning_and_distillation(
     b = unpack(tmp_path / (by["distillation"].bundle or ""), tmp_path / "u")
     assert b.manifest.lineage.inputs.keys() >= {"model", "calibration", "eval", "train"}
     assert b.manifest.lineage.settings["temperature"] == 4.0
+
+    # A LiteRT-only profile gets the same pruned model and student as TFLite bundles
+    # (trained once: the same width and accuracy as their ONNX twins), and the agent runs them.
+    lite = {tech: c for (p, f, tech), c in cands.items() if (p, f) == ("mobile-litert", "tflite")}
+    assert {"baseline", "pt2e-static", "structured-pruning", "distillation"} <= lite.keys()
+    assert lite["distillation"].settings["width"] == width
+    assert lite["distillation"].bundle == f"trained-0.1.0-mobile-litert-tflite-fp32-student{round(width * 100)}.efb"
+    assert lite["structured-pruning"].bundle == "trained-0.1.0-mobile-litert-tflite-fp32-pruned50.efb"
+    for tech in ("structured-pruning", "distillation"):
+        c, twin = lite[tech], by[tech]
+        assert c.accuracy is not None and twin.accuracy is not None
+        assert abs(c.accuracy - twin.accuracy) <= 0.01, tech
+        lite_base = lite["baseline"].model_bytes
+        assert c.model_bytes is not None and lite_base is not None and c.model_bytes < 0.4 * lite_base, tech
+        lb = unpack(tmp_path / (c.bundle or ""), tmp_path / f"u-{tech}")
+        assert lb.manifest.lineage.inputs.keys() >= {"train"}
+        run_selftest(load_bundle(lb, RuntimeOptions(intra_op_threads=1), "a"))
 
 
 def test_pt2_with_train_skips_training_with_a_reason(cnn_workspace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
