@@ -179,10 +179,12 @@ def bench_model(
             f"({parameter_count(module) / parameter_count(student):.2f}x fewer); "
             f"derived + trained in {time.perf_counter() - t0:.0f} s")
     if tflite:
-        from compiler.tflite import convert_fp32, convert_int8_pt2e
+        from compiler.tflite import convert_fp16_weights, convert_fp32, convert_int8_pt2e
 
-        variants["TFLite fp32 (litert-torch, batch 1)"] = Variant(
-            convert_fp32(module, x_tr)[0], "litert")
+        tfl32 = convert_fp32(module, x_tr)[0]
+        variants["TFLite fp32 (litert-torch, batch 1)"] = Variant(tfl32, "litert")
+        variants["TFLite fp16 weights (LiteRT Quantizer float casting)"] = Variant(
+            convert_fp16_weights(tfl32)[0], "litert")
         variants["TFLite int8 full-integer (pt2e, batch 1)"] = Variant(
             convert_int8_pt2e(module, calib)[0], "litert")
         extras["TFLite int8 full-integer (pt2e, batch 1)"] = "float I/O quantized at the boundary"

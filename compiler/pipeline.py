@@ -302,6 +302,7 @@ class _Planner:
         self.tflite_reference: _Artifact | None = None
         self._torch_module: Any = None
         self._trained_modules: dict[str, tuple[Any, ...]] = {}
+        self._tflite_fp32_model: tuple[bytes, list[str]] | None = None
 
     def _get(self, art: _Artifact) -> _Artifact:
         return self.cache.setdefault(art.key, art)
@@ -412,6 +413,14 @@ class _Planner:
         if self.train is not None and self.model.module is not None:
             out += self._trained(profile)
         return out
+
+    def _tflite_fp32(self) -> tuple[bytes, list[str]]:
+        """The fp32 .tflite of the source model, converted once per compile."""
+        if self._tflite_fp32_model is None:
+            from compiler import tflite
+
+            self._tflite_fp32_model = tflite.convert_fp32(self.torch_module(), self.calib.x)
+        return self._tflite_fp32_model
 
     def _pruned_module(self) -> tuple[Any, list[str]]:
         """The teacher with its channels pruned and fine-tuned (trained once, shared by
@@ -573,10 +582,22 @@ class _Planner:
         out = [
             self._get(_Artifact(
                 key="tflite-fp32", format="tflite", precision="fp32", technique="baseline",
-                runtime="litert", build=lambda: tflite.convert_fp32(module, calib.x),
+                runtime="litert", build=self._tflite_fp32,
                 settings={"converter": "litert-torch", "batch": 1},
             ))
         ]
+        if self.options.fp16 and ("fp16" in profile.dtypes or profile.hardware.fp16):
+            def fp16() -> tuple[bytes, list[str]]:
+                data, notes = self._tflite_fp32()
+                half, more = tflite.convert_fp16_weights(data)
+                return half, [*notes, *more]
+
+            out.append(self._get(_Artifact(
+                key="tflite-fp16", format="tflite", precision="fp16", technique="fp16",
+                runtime="litert", build=fp16,
+                settings={"converter": "litert-torch", "batch": 1,
+                          "quantizer": "ai-edge-quantizer float casting", "weights": "fp16"},
+            )))
         if "int8" in profile.dtypes:
             out.append(self._get(_Artifact(
                 key="tflite-int8", format="tflite", precision="int8", technique="pt2e-static",

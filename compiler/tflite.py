@@ -100,6 +100,37 @@ def convert_fp32(module: Any, example_x: np.ndarray) -> tuple[bytes, list[str]]:
     return data, ["batch fixed to 1 (litert-torch lowers Flatten only with static shapes)"]
 
 
+def convert_fp16_weights(fp32_model: bytes) -> tuple[bytes, list[str]]:
+    """fp16 weights of an fp32 .tflite's FULLY_CONNECTED and convolution ops (LiteRT
+    Quantizer's float casting; each weight is followed by a DEQUANTIZE op). A device with
+    fp16 arithmetic (a GPU delegate) may run them in fp16; a CPU interpreter widens them to
+    fp32 once at load, so the model is about half the size and runs like fp32.
+
+    Raises:
+        TechniqueError: the quantizer cannot process the model.
+    """
+    try:
+        from ai_edge_quantizer import qtyping, quantizer
+
+        with _quiet():
+            q = quantizer.Quantizer(bytearray(fp32_model))
+            config = qtyping.OpQuantizationConfig(
+                weight_tensor_config=qtyping.TensorQuantizationConfig(
+                    num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+                compute_precision=qtyping.ComputePrecision.FLOAT,
+                explicit_dequantize=True,
+            )
+            for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.CONV_2D,
+                       qtyping.TFLOperationName.DEPTHWISE_CONV_2D):
+                q.update_quantization_recipe(regex=".*", operation_name=op, op_config=config,
+                                             algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
+            data = bytes(q.quantize().quantized_model)
+    except Exception as e:  # noqa: BLE001 - the quantizer raises many unrelated types
+        raise TechniqueError(f"LiteRT Quantizer fp16 casting failed: {type(e).__name__}: {e}") from e
+    return data, ["fp16 weights (LiteRT Quantizer float casting); activations and arithmetic fp32 "
+                  "unless the device's delegate runs fp16"]
+
+
 def convert_int8_pt2e(
     module: Any, calib_x: np.ndarray, *, per_channel: bool = True
 ) -> tuple[bytes, list[str]]:

@@ -112,6 +112,26 @@ def test_fp16_candidate_for_fp16_profiles(cnn_workspace, tmp_path: Path) -> None
     run_selftest(load_bundle(b, RuntimeOptions(intra_op_threads=1), "a"))
 
 
+def test_tflite_fp16_candidate_for_a_litert_profile_with_fp16(
+    cnn_compiled: tuple[Path, CompileReport], tmp_path: Path
+) -> None:
+    out, report = cnn_compiled
+    fp16 = [c for c in report.candidates if c.format == "tflite" and c.precision == "fp16"]
+    assert [c.profile for c in fp16] == ["mobile-litert"]  # the only LiteRT profile with fp16
+    c = fp16[0]
+    fp32 = next(x for x in report.candidates
+                if x.profile == c.profile and x.format == "tflite" and x.precision == "fp32")
+    assert c.model_bytes is not None and fp32.model_bytes is not None
+    assert c.model_bytes < 0.6 * fp32.model_bytes
+    assert c.agreement_with_fp32 is not None and c.agreement_with_fp32 >= 0.99
+    assert c.accuracy is not None and fp32.accuracy is not None and abs(c.accuracy - fp32.accuracy) <= 0.005
+    b = unpack(out / (c.bundle or ""), tmp_path / "u")
+    assert c.bundle == "digits-cnn-1.2.3-mobile-litert-tflite-fp16.efb"
+    runner = LiteRtRunner(b.model_path.read_bytes(), threads=1)
+    assert "DEQUANTIZE" in runner.ops() and runner.io_dtypes == ("float32", ["float32"])
+    run_selftest(load_bundle(b, RuntimeOptions(intra_op_threads=1), "a"))
+
+
 def test_train_adds_pruning_and_distillation(
     factory_workspace: FactoryWorkspace, tmp_path: Path
 ) -> None:
