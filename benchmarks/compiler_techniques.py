@@ -191,9 +191,13 @@ def bench_model(
         if structured:
             variants["TFLite 50% structured pruning + fine-tune (fp32, the same pruned model)"] = Variant(
                 convert_fp32(pruned, x_tr)[0], "litert")
+            variants["TFLite int8 (pt2e) of the same pruned model"] = Variant(
+                convert_int8_pt2e(pruned, calib)[0], "litert")
         if teacher_width:
             variants[f"TFLite KD student, width {width:.2f} (fp32, the same student)"] = Variant(
                 convert_fp32(student, x_tr)[0], "litert")
+            variants["TFLite int8 (pt2e) of the same student"] = Variant(
+                convert_int8_pt2e(student, calib)[0], "litert")
     keys = list(variants)
     lat = time_models([variants[k] for k in keys], name, x_te[:1])
     return [

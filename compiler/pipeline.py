@@ -536,9 +536,10 @@ class _Planner:
             )),
         ]
 
-    def _trained_tflite(self) -> list[_Artifact]:
-        """The pruned model and the student as fp32 TFLite (litert-torch), for profiles
-        that run LiteRT; the same trained modules as the ONNX candidates."""
+    def _trained_tflite(self, profile: Profile) -> list[_Artifact]:
+        """The pruned model and the student as fp32 TFLite (litert-torch), and as
+        full-integer int8 TFLite (pt2e) where the profile takes int8, for profiles that
+        run LiteRT; the same trained modules as the ONNX candidates."""
         from compiler import tflite
 
         ts = self.options.train
@@ -565,7 +566,7 @@ class _Planner:
             settings={**common, **cfg["student"]},
         )
         pct = int(round(ts.prune_ratio * 100))
-        return [
+        out = [
             self._get(_Artifact(
                 key="tflite-pruned", format="tflite", precision="fp32", technique="structured-pruning",
                 runtime="litert", build=pruned, tag=f"fp32-pruned{pct}",
@@ -573,6 +574,37 @@ class _Planner:
             )),
             self._get(student_art),
         ]
+        if "int8" not in profile.dtypes:
+            return out
+        int8 = {"quantizer": "pt2e PT2EQuantizer", "per_channel": True, "symmetric": True,
+                "activation_observer": "histogram", "calibration_rows": self.calib.rows, "io": "int8"}
+
+        def pruned_int8() -> tuple[bytes, list[str]]:
+            small, notes = self._pruned_module()
+            data, conv_notes = tflite.convert_int8_pt2e(small, calib_x)
+            return data, [*notes, *conv_notes]
+
+        def student_int8() -> tuple[bytes, list[str]]:
+            st, notes, derived = self._student_module()
+            student_int8_art.settings.update(derived)
+            student_int8_art.tag = f"int8-student{int(round(derived['width'] * 100))}"
+            data, conv_notes = tflite.convert_int8_pt2e(st, calib_x)
+            return data, [*notes, *conv_notes]
+
+        student_int8_art = _Artifact(
+            key="tflite-student-int8", format="tflite", precision="int8", technique="distillation+int8",
+            runtime="litert", build=student_int8, tag="int8-student",
+            settings={**common, **cfg["student"], **int8},
+        )
+        out += [
+            self._get(_Artifact(
+                key="tflite-pruned-int8", format="tflite", precision="int8",
+                technique="structured-pruning+int8", runtime="litert", build=pruned_int8,
+                tag=f"int8-pruned{pct}", settings={**common, **cfg["pruned"], **int8},
+            )),
+            self._get(student_int8_art),
+        ]
+        return out
 
     def tflite(self, profile: Profile) -> list[_Artifact]:
         from compiler import tflite
@@ -613,7 +645,7 @@ class _Planner:
                 self.target(profile),
             )
         if self.train is not None and self.model.module is not None:
-            out += self._trained_tflite()
+            out += self._trained_tflite(profile)
         return out
 
 

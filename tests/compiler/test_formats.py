@@ -183,9 +183,16 @@ def test_train_adds_pruning_and_distillation(
         assert abs(c.accuracy - twin.accuracy) <= 0.01, tech
         lite_base = lite["baseline"].model_bytes
         assert c.model_bytes is not None and lite_base is not None and c.model_bytes < 0.4 * lite_base, tech
-        lb = unpack(tmp_path / (c.bundle or ""), tmp_path / f"u-{tech}")
-        assert lb.manifest.lineage.inputs.keys() >= {"train"}
-        run_selftest(load_bundle(lb, RuntimeOptions(intra_op_threads=1), "a"))
+        # ... and quantized to int8 (pt2e) on top, since the profile takes int8
+        q = lite[f"{tech}+int8"]
+        assert q.model_bytes is not None and q.model_bytes < 0.6 * c.model_bytes, tech  # a tiny model: headers weigh
+        assert q.accuracy is not None and abs(q.accuracy - c.accuracy) <= 0.02, tech
+        for cand in (c, q):
+            lb = unpack(tmp_path / (cand.bundle or ""), tmp_path / f"u-{cand.bundle}")
+            assert lb.manifest.lineage.inputs.keys() >= {"train"}
+            run_selftest(load_bundle(lb, RuntimeOptions(intra_op_threads=1), "a"))
+    assert lite["distillation+int8"].bundle == (
+        f"trained-0.1.0-mobile-litert-tflite-int8-student{round(width * 100)}.efb")
 
 
 def test_pt2_with_train_skips_training_with_a_reason(cnn_workspace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
