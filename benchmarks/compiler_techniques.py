@@ -159,8 +159,10 @@ def bench_model(
     extras: dict[str, str] = {}
     if structured:
         pruned = prune_channels(module, ex, 0.5, x_tr, y_tr, epochs=5, seed=0)
-        variants["50% structured channel pruning + fine-tune (fp32)"] = Variant(to_onnx(
-            pruned, x_tr, work, label + "-pruned").data)
+        pruned_onnx = to_onnx(pruned, x_tr, work, label + "-pruned")
+        variants["50% structured channel pruning + fine-tune (fp32)"] = Variant(pruned_onnx.data)
+        variants["int8 static QDQ per-channel of the same pruned model"] = Variant(quantize_static_qdq(
+            pruned_onnx.data, pruned_onnx.input.name, calib, StaticQuantSettings("int8"))[0])
         extras["50% structured channel pruning + fine-tune (fp32)"] = (
             f"params {parameter_count(module)} -> {parameter_count(pruned)}")
     sparse = magnitude_prune(module, 0.5)
@@ -173,7 +175,10 @@ def bench_model(
         width, _ = student_width_for_ratio(module, ex, 4.0)
         student = width_scaled_student(module, ex, width, x_tr, y_tr, epochs=15, seed=0)
         key = f"KD student, width {width:.2f} (largest with >= 4x fewer params; fp32)"
-        variants[key] = Variant(to_onnx(student, x_tr, work, label + "-kd").data)
+        student_onnx = to_onnx(student, x_tr, work, label + "-kd")
+        variants[key] = Variant(student_onnx.data)
+        variants["int8 static QDQ per-channel of the same student"] = Variant(quantize_static_qdq(
+            student_onnx.data, student_onnx.input.name, calib, StaticQuantSettings("int8"))[0])
         extras[key] = (
             f"params {parameter_count(module)} -> {parameter_count(student)} "
             f"({parameter_count(module) / parameter_count(student):.2f}x fewer); "

@@ -472,6 +472,54 @@ class _Planner:
             self._trained_modules["student"] = (st, notes, derived)
         return self._trained_modules["student"]  # type: ignore[return-value]
 
+    def _trained_onnx(self, which: str) -> bytes:
+        """The ONNX export of the pruned model (``"pruned"``) or the student, once."""
+        key = f"{which}-onnx"
+        if key not in self._trained_modules:
+            module = self._pruned_module()[0] if which == "pruned" else self._student_module()[0]
+            self._trained_modules[key] = (_module_to_onnx(module, self.calib.x),)
+        return self._trained_modules[key][0]  # type: ignore[no-any-return]
+
+    def _trained_int8(self, which: str, qs: StaticQuantSettings, target: TuningTarget) -> _Artifact:
+        """Static QDQ int8 of the pruned model or the student, with the accuracy-aware
+        fallback against that model's own fp32 (selection then judges it against the
+        source model's fp32, as every candidate)."""
+        ts = self.options.train
+        assert ts is not None
+        key = _settings_key(f"onnx-{which}-int8-", qs) + f"-{target.max_drop}-{target.floor}"
+        if key in self.cache:
+            return self.cache[key]
+        pct = int(round(ts.prune_ratio * 100))
+        cfg = self._trained_settings()
+
+        def build() -> tuple[bytes, list[str]]:
+            import onnx
+
+            data = self._trained_onnx(which)
+            name = onnx.load_model_from_string(data).graph.input[0].name
+            ev = self.eval if self.eval is not None else self.calib
+            result, notes = tune_static_qdq(data, name, self.calib.x, qs, ev.x, ev.y, self.options.metric, target)
+            art.excluded_nodes = [e.as_dict() for e in result.excluded]
+            art.settings["exclude_nodes"] = [e.node for e in result.excluded]
+            art.settings["accuracy_tuning"] = result.as_dict(target)
+            if which == "pruned":
+                head = list(self._pruned_module()[1])
+            else:
+                _, head, derived = self._student_module()
+                art.settings.update(derived)
+                art.tag = f"int8-student{int(round(derived['width'] * 100))}"
+            return result.model, [*head, *notes, *result.notes(target)]
+
+        art = _Artifact(
+            key=key, format="onnx", precision="int8",
+            technique="structured-pruning+int8" if which == "pruned" else "distillation+int8",
+            runtime="onnxruntime", build=build,
+            tag=f"int8-pruned{pct}" if which == "pruned" else "int8-student",
+            settings={"opset": OPSET, **cfg["common"], **cfg[which], "calibration_rows": self.calib.rows,
+                      **qs.as_dict()},
+        )
+        return self._get(art)
+
     def _trained_settings(self) -> dict[str, Any]:
         ts, train = self.options.train, self.train
         assert ts is not None and train is not None
@@ -490,18 +538,17 @@ class _Planner:
         example = self.calib.x
 
         def pruned() -> tuple[bytes, list[str]]:
-            small, notes = self._pruned_module()
-            return _module_to_onnx(small, example), list(notes)
+            return self._trained_onnx("pruned"), list(self._pruned_module()[1])
 
         cfg = self._trained_settings()
         common = {"opset": OPSET, **cfg["common"]}
 
         def student() -> tuple[bytes, list[str]]:
             # Records the derived width on its artifact (``student_art``, created below).
-            st, notes, derived = self._student_module()
+            _, notes, derived = self._student_module()
             student_art.settings.update(derived)
             student_art.tag = f"fp32-student{int(round(derived['width'] * 100))}"
-            data = _module_to_onnx(st, example)
+            data = self._trained_onnx("student")
             return data, [*notes, f"ONNX file {len(self.model.data) / len(data):.2f}x smaller than the "
                           "fp32 teacher's"]
 
@@ -521,6 +568,11 @@ class _Planner:
             ]
 
         pct = int(round(ts.prune_ratio * 100))
+        int8: list[_Artifact] = []
+        if {"int8", "uint8"} & set(profile.dtypes):
+            qs = static_settings_for(profile, self.options.calibrate_method)
+            int8 = [self._trained_int8("pruned", qs, self.target(profile)),
+                    self._trained_int8("student", qs, self.target(profile))]
         return [
             self._get(_Artifact(
                 key="onnx-pruned", format="onnx", precision="fp32", technique="structured-pruning",
@@ -534,6 +586,7 @@ class _Planner:
                 tag=f"fp32-sparse{int(round(ts.sparsity * 100))}",
                 settings={**common, "sparsity": ts.sparsity, "fine_tune_epochs": 0},
             )),
+            *int8,
         ]
 
     def _trained_tflite(self, profile: Profile) -> list[_Artifact]:

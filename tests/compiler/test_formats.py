@@ -161,6 +161,15 @@ def test_train_adds_pruning_and_distillation(
     assert 0 < width < 0.5 and kd.settings["parameter_ratio"] >= 4.0
     assert kd.bundle == f"trained-0.1.0-x86-gateway-vnni-onnx-fp32-student{round(width * 100)}.efb"
     assert kd.model_bytes is not None and kd.model_bytes * 3.5 < base.model_bytes
+    for tech in ("structured-pruning", "distillation"):  # and each quantized to int8 (static QDQ)
+        q = by[f"{tech}+int8"]
+        fp = by[tech]
+        assert q.precision == "int8" and q.model_bytes is not None and fp.model_bytes is not None
+        assert q.model_bytes < 0.5 * fp.model_bytes, tech
+        assert q.accuracy is not None and fp.accuracy is not None and abs(q.accuracy - fp.accuracy) <= 0.02
+        assert "accuracy_tuning" in q.settings, tech
+    assert by["structured-pruning+int8"].bundle == "trained-0.1.0-x86-gateway-vnni-onnx-int8-pruned50.efb"
+    assert by["distillation+int8"].bundle == f"trained-0.1.0-x86-gateway-vnni-onnx-int8-student{round(width * 100)}.efb"
     sparse = by["unstructured-pruning"]
     assert sparse.model_bytes == pytest.approx(base.model_bytes, rel=0.01)  # dense: same size
     assert not sparse.selected and not sparse.passed
