@@ -286,6 +286,13 @@ def _module_to_onnx(module: Any, example: np.ndarray) -> bytes:
         raise TechniqueError(str(e)) from e
 
 
+# What a pt2e int8 TFLite artifact records of its quantization (compiler.tflite.convert_int8_pt2e).
+_PT2E_SETTINGS: dict[str, Any] = {
+    "quantizer": "pt2e PT2EQuantizer", "per_channel": True, "symmetric": True,
+    "activation_observer": "histogram", "io": "int8",
+}
+
+
 class _Planner:
     """Which artifacts each profile gets; distinct artifacts are shared through ``cache``."""
 
@@ -595,69 +602,51 @@ class _Planner:
         run LiteRT; the same trained modules as the ONNX candidates."""
         from compiler import tflite
 
+        out = self._trained_tflite_pair("fp32", tflite.convert_fp32, {})
+        if "int8" in profile.dtypes:
+            out += self._trained_tflite_pair("int8", tflite.convert_int8_pt2e,
+                                             {**_PT2E_SETTINGS, "calibration_rows": self.calib.rows})
+        return out
+
+    def _trained_tflite_pair(
+        self, precision: str, convert: Callable[[Any, np.ndarray], tuple[bytes, list[str]]],
+        extra: dict[str, Any],
+    ) -> list[_Artifact]:
+        """TFLite artifacts of the pruned model and the student, converted by ``convert``."""
         ts = self.options.train
         assert ts is not None
         calib_x = self.calib.x
         cfg = self._trained_settings()
-        common = {"converter": "litert-torch", "batch": 1, **cfg["common"]}
+        common = {"converter": "litert-torch", "batch": 1, **cfg["common"], **extra}
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        plus = "" if precision == "fp32" else f"+{precision}"
 
         def pruned() -> tuple[bytes, list[str]]:
             small, notes = self._pruned_module()
-            data, conv_notes = tflite.convert_fp32(small, calib_x)
+            data, conv_notes = convert(small, calib_x)
             return data, [*notes, *conv_notes]
 
         def student() -> tuple[bytes, list[str]]:
             st, notes, derived = self._student_module()
             student_art.settings.update(derived)
-            student_art.tag = f"fp32-student{int(round(derived['width'] * 100))}"
-            data, conv_notes = tflite.convert_fp32(st, calib_x)
+            student_art.tag = f"{precision}-student{int(round(derived['width'] * 100))}"
+            data, conv_notes = convert(st, calib_x)
             return data, [*notes, *conv_notes]
 
         student_art = _Artifact(
-            key="tflite-student", format="tflite", precision="fp32", technique="distillation",
-            runtime="litert", build=student, tag="fp32-student",
+            key=f"tflite-student{suffix}", format="tflite", precision=precision, technique=f"distillation{plus}",
+            runtime="litert", build=student, tag=f"{precision}-student",
             settings={**common, **cfg["student"]},
         )
         pct = int(round(ts.prune_ratio * 100))
-        out = [
+        return [
             self._get(_Artifact(
-                key="tflite-pruned", format="tflite", precision="fp32", technique="structured-pruning",
-                runtime="litert", build=pruned, tag=f"fp32-pruned{pct}",
-                settings={**common, **cfg["pruned"]},
+                key=f"tflite-pruned{suffix}", format="tflite", precision=precision,
+                technique=f"structured-pruning{plus}", runtime="litert", build=pruned,
+                tag=f"{precision}-pruned{pct}", settings={**common, **cfg["pruned"]},
             )),
             self._get(student_art),
         ]
-        if "int8" not in profile.dtypes:
-            return out
-        int8 = {"quantizer": "pt2e PT2EQuantizer", "per_channel": True, "symmetric": True,
-                "activation_observer": "histogram", "calibration_rows": self.calib.rows, "io": "int8"}
-
-        def pruned_int8() -> tuple[bytes, list[str]]:
-            small, notes = self._pruned_module()
-            data, conv_notes = tflite.convert_int8_pt2e(small, calib_x)
-            return data, [*notes, *conv_notes]
-
-        def student_int8() -> tuple[bytes, list[str]]:
-            st, notes, derived = self._student_module()
-            student_int8_art.settings.update(derived)
-            student_int8_art.tag = f"int8-student{int(round(derived['width'] * 100))}"
-            data, conv_notes = tflite.convert_int8_pt2e(st, calib_x)
-            return data, [*notes, *conv_notes]
-
-        student_int8_art = _Artifact(
-            key="tflite-student-int8", format="tflite", precision="int8", technique="distillation+int8",
-            runtime="litert", build=student_int8, tag="int8-student",
-            settings={**common, **cfg["student"], **int8},
-        )
-        out += [
-            self._get(_Artifact(
-                key="tflite-pruned-int8", format="tflite", precision="int8",
-                technique="structured-pruning+int8", runtime="litert", build=pruned_int8,
-                tag=f"int8-pruned{pct}", settings={**common, **cfg["pruned"], **int8},
-            )),
-            self._get(student_int8_art),
-        ]
-        return out
 
     def tflite(self, profile: Profile) -> list[_Artifact]:
         from compiler import tflite
@@ -687,9 +676,8 @@ class _Planner:
             out.append(self._get(_Artifact(
                 key="tflite-int8", format="tflite", precision="int8", technique="pt2e-static",
                 runtime="litert", build=lambda: tflite.convert_int8_pt2e(module, calib.x),
-                settings={"converter": "litert-torch", "quantizer": "pt2e PT2EQuantizer",
-                          "per_channel": True, "symmetric": True, "activation_observer": "histogram",
-                          "calibration_rows": calib.rows, "batch": 1, "io": "int8"},
+                settings={"converter": "litert-torch", **_PT2E_SETTINGS, "calibration_rows": calib.rows,
+                          "batch": 1},
             )))
             # The ONNX int8 model the TFLite one must agree with (shared when a profile
             # builds the same settings anyway).

@@ -29,6 +29,7 @@ EXPECTED = {
     ("x86-box-avx2", "onnx", "fp32"), ("x86-box-avx2", "onnx", "int8"),
     ("x86-box-avx2", "onnx", "int8-pertensor"), ("x86-box-avx2", "onnx", "int8-dynamic"),
     ("mobile-litert", "tflite", "fp32"), ("mobile-litert", "tflite", "int8"),
+    ("mobile-litert", "tflite", "fp16"),  # hardware.fp16: fp16 weights
 }
 
 
