@@ -505,7 +505,11 @@ class _Planner:
             data = self._trained_onnx(which)
             name = onnx.load_model_from_string(data).graph.input[0].name
             ev = self.eval if self.eval is not None else self.calib
-            result, notes = tune_static_qdq(data, name, self.calib.x, qs, ev.x, ev.y, self.options.metric, target)
+            # The fp32 artifact of the same model was built and evaluated on EVAL first.
+            twin = self.cache.get(f"onnx-{which}")
+            known = twin.eval_logits if twin is not None and self.eval is not None else None
+            result, notes = tune_static_qdq(data, name, self.calib.x, qs, ev.x, ev.y, self.options.metric, target,
+                                            fp32_out=known)
             art.excluded_nodes = [e.as_dict() for e in result.excluded]
             art.settings["exclude_nodes"] = [e.node for e in result.excluded]
             art.settings["accuracy_tuning"] = result.as_dict(target)
@@ -575,12 +579,7 @@ class _Planner:
             ]
 
         pct = int(round(ts.prune_ratio * 100))
-        int8: list[_Artifact] = []
-        if {"int8", "uint8"} & set(profile.dtypes):
-            qs = static_settings_for(profile, self.options.calibrate_method)
-            int8 = [self._trained_int8("pruned", qs, self.target(profile)),
-                    self._trained_int8("student", qs, self.target(profile))]
-        return [
+        out = [
             self._get(_Artifact(
                 key="onnx-pruned", format="onnx", precision="fp32", technique="structured-pruning",
                 runtime="onnxruntime", build=pruned, tag=f"fp32-pruned{pct}",
@@ -593,8 +592,13 @@ class _Planner:
                 tag=f"fp32-sparse{int(round(ts.sparsity * 100))}",
                 settings={**common, "sparsity": ts.sparsity, "fine_tune_epochs": 0},
             )),
-            *int8,
         ]
+        # After their fp32 artifacts, so that these are built (and evaluated) first.
+        if {"int8", "uint8"} & set(profile.dtypes):
+            qs = static_settings_for(profile, self.options.calibrate_method)
+            out += [self._trained_int8("pruned", qs, self.target(profile)),
+                    self._trained_int8("student", qs, self.target(profile))]
+        return out
 
     def _trained_tflite(self, profile: Profile) -> list[_Artifact]:
         """The pruned model and the student as fp32 TFLite (litert-torch), and as
