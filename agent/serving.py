@@ -16,8 +16,9 @@ requests, further requests are not observed and are counted in
 :attr:`ModelServer.observe_skipped`.
 
 With ``observe_limit_per_s`` set, observers see a uniform random sample of the served
-requests once the request rate goes above that limit: each second, the share observed
-is ``limit / rate`` of the previous second's rate (all of them at or below the limit).
+requests once the request rate goes above that limit: every quarter second, the share
+observed becomes ``limit / rate`` of the last quarter second's rate (all of them at or
+below the limit; all of them for the first quarter second after a pause).
 A request left out costs a counter and a random draw instead of two copies and the
 observers' work, and is counted in :attr:`ModelServer.observe_unsampled`.
 """
@@ -59,6 +60,7 @@ thread hands the GIL back to request threads often."""
 
 _OBSERVE_YIELD_EVERY = 8 * OBSERVE_CHUNK  # requests observed between GIL hand-overs
 _OBSERVE_BATCH_S = 0.01  # the observers thread gathers requests this long before it runs
+_RATE_WINDOW_S = 0.25  # the observed share is recomputed from the rate over this long
 _perf_counter = time.perf_counter
 _random = random.random
 
@@ -186,9 +188,10 @@ class ModelServer:
         self.observe_skipped = 0
         self.observe_unsampled = 0  # served while the rate was over observe_limit_per_s, not observed
         self._observe_limit = float(observe_limit_per_s)
-        self._observe_share = 1.0  # share of requests observed this second
-        self._observe_seen = 0  # requests served since _observe_tick - 1 s
-        self._observe_tick = 0.0  # when the share is next updated (perf_counter)
+        self._observe_share = 1.0  # share of requests observed in this rate window
+        self._observe_seen = 0  # requests served since the window began
+        self._observe_tick = 0.0  # when the window ends and the share is updated (perf_counter)
+        self._share_lock = threading.Lock()  # one request thread updates the share
         self._observed: deque[tuple[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]] = deque()
         self._observer_idle = True
         self._observer_wake = threading.Event()
@@ -201,9 +204,9 @@ class ModelServer:
 
     def swap(self, new: LoadedModel | None) -> LoadedModel | None:
         """Make ``new`` the active model; retire and return the old one."""
-        with self._swap_lock:
-            # The new health window first: a request that finds ``new`` active records
-            # into it (and one still running on ``old`` does not: see _record).
+        with self._swap_lock, self._stats_lock:
+            # Both under the stats lock, which _record holds while it reads ``_active``:
+            # a request that finishes on ``old`` never lands in the new health window.
             self.health = WindowStats(lock=self._stats_lock)
             old, self._active = self._active, new
         if old is not None and old is not new:
@@ -344,11 +347,15 @@ class ModelServer:
         if self._observe_limit <= 0.0:
             self._observe(inputs, outputs, model)
             return
-        # Request threads may race on these counters: a lost increment only nudges the
-        # share, which is an estimate anyway.
+        # Request threads may race on the counter: a lost increment only nudges the
+        # share, which is an estimate anyway. The update itself is one thread's.
         self._observe_seen += 1
-        if now >= self._observe_tick:
-            self._update_share(now)
+        if now >= self._observe_tick and self._share_lock.acquire(blocking=False):
+            try:
+                if now >= self._observe_tick:
+                    self._update_share(now)
+            finally:
+                self._share_lock.release()
         share = self._observe_share
         if share >= 1.0 or _random() < share:
             self._observe(inputs, outputs, model)
@@ -357,13 +364,14 @@ class ModelServer:
 
     def _update_share(self, now: float) -> None:
         seen, self._observe_seen = self._observe_seen, 0
-        elapsed = now - (self._observe_tick - 1.0)
-        if self._observe_tick == 0.0 or elapsed > 2.0:
-            self._observe_share = 1.0  # first request, or after a pause: start from all
+        elapsed = now - (self._observe_tick - _RATE_WINDOW_S)
+        if self._observe_tick == 0.0 or elapsed > 2 * _RATE_WINDOW_S:
+            # First request, or after a pause: start from all, for one short window.
+            self._observe_share = 1.0
         else:
             rate = seen / max(elapsed, 1e-3)
             self._observe_share = 1.0 if rate <= self._observe_limit else self._observe_limit / rate
-        self._observe_tick = now + 1.0
+        self._observe_tick = now + _RATE_WINDOW_S
 
     def _observe(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel) -> None:
         """Queue copies of one served request for the observers (the caller may reuse its buffers)."""
