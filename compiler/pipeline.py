@@ -152,6 +152,8 @@ class _Artifact:
     metrics: dict[str, float | None] = field(default_factory=dict)
     agreement: float | None = None
     agreement_onnx_int8: float | None = None
+    # A TFLite int8 artifact: the ONNX int8 model of the same weights it must agree with.
+    int8_reference: _Artifact | None = None
     excluded_nodes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -306,7 +308,6 @@ class _Planner:
         self.train = train
         self.options = options
         self.cache: dict[str, _Artifact] = {}
-        self.tflite_reference: _Artifact | None = None
         self._torch_module: Any = None
         self._trained_modules: dict[str, tuple[Any, ...]] = {}
         self._tflite_fp32_model: tuple[bytes, list[str]] | None = None
@@ -500,10 +501,8 @@ class _Planner:
         cfg = self._trained_settings()
 
         def build() -> tuple[bytes, list[str]]:
-            import onnx
-
             data = self._trained_onnx(which)
-            name = onnx.load_model_from_string(data).graph.input[0].name
+            name = self.model.input.name  # exported like the source model (_evaluate relies on it too)
             ev = self.eval if self.eval is not None else self.calib
             # The fp32 artifact of the same model was built and evaluated on EVAL first.
             twin = self.cache.get(f"onnx-{which}")
@@ -608,8 +607,12 @@ class _Planner:
 
         out = self._trained_tflite_pair("fp32", tflite.convert_fp32, {})
         if "int8" in profile.dtypes:
-            out += self._trained_tflite_pair("int8", tflite.convert_int8_pt2e,
+            int8 = self._trained_tflite_pair("int8", tflite.convert_int8_pt2e,
                                              {**_PT2E_SETTINGS, "calibration_rows": self.calib.rows})
+            for art, which in zip(int8, ("pruned", "student"), strict=True):
+                if art.int8_reference is None:
+                    art.int8_reference = self._trained_int8(which, self._reference_settings(), self.target(profile))
+            out += int8
         return out
 
     def _trained_tflite_pair(
@@ -677,21 +680,22 @@ class _Planner:
                           "quantizer": "ai-edge-quantizer float casting", "weights": "fp16"},
             )))
         if "int8" in profile.dtypes:
-            out.append(self._get(_Artifact(
+            art = self._get(_Artifact(
                 key="tflite-int8", format="tflite", precision="int8", technique="pt2e-static",
                 runtime="litert", build=lambda: tflite.convert_int8_pt2e(module, calib.x),
                 settings={"converter": "litert-torch", **_PT2E_SETTINGS, "calibration_rows": calib.rows,
                           "batch": 1},
-            )))
-            # The ONNX int8 model the TFLite one must agree with (shared when a profile
-            # builds the same settings anyway).
-            self.tflite_reference = self.onnx_static(
-                StaticQuantSettings("int8", calibrate_method=self.options.calibrate_method),
-                self.target(profile),
-            )
+            ))
+            out.append(art)
+            if art.int8_reference is None:  # shared when a profile builds the same settings anyway
+                art.int8_reference = self.onnx_static(self._reference_settings(), self.target(profile))
         if self.train is not None and self.model.module is not None:
             out += self._trained_tflite(profile)
         return out
+
+    def _reference_settings(self) -> StaticQuantSettings:
+        """The ONNX int8 settings (s8s8, per-channel) TFLite int8 models are checked against."""
+        return StaticQuantSettings("int8", calibrate_method=self.options.calibrate_method)
 
 
 def _run(art: _Artifact, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
@@ -749,11 +753,13 @@ def _evaluate(
         art.agreement = float((pred == fp32_logits.argmax(axis=-1)).mean())
 
 
-def _check_tflite_int8(arts: Sequence[_Artifact], ref: _Artifact | None, rows: np.ndarray) -> None:
-    """TFLite int8 must predict like ONNX int8 (same argmax) on >= 99% of ``rows``."""
+def _check_tflite_int8(arts: Sequence[_Artifact], rows: np.ndarray) -> None:
+    """Each TFLite int8 model must predict like the ONNX int8 model of the same weights
+    (``int8_reference``; same argmax) on >= 99% of ``rows``."""
     for art in arts:
-        if art.key != "tflite-int8" or art.model is None or art.error:
+        if art.format != "tflite" or art.precision != "int8" or art.model is None or art.error:
             continue
+        ref = art.int8_reference
         if ref is None or ref.model is None or ref.error:
             art.blockers.append("no ONNX int8 model to check TFLite int8 agreement against")
             continue
@@ -908,7 +914,7 @@ def compile_model(
     if fp32.error:
         raise TechniqueError(f"the fp32 model does not run in ONNX Runtime: {fp32.error}")
     _check_tflite_int8(
-        artifacts, planner.tflite_reference, eval_data.x if eval_data is not None else calib.x
+        artifacts, eval_data.x if eval_data is not None else calib.x
     )
     n_out = model.output.shape[-1] if model.output.shape and isinstance(model.output.shape[-1], int) else 0
     if not n_out and fp32.selftest_out:

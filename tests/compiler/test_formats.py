@@ -196,6 +196,8 @@ def test_train_adds_pruning_and_distillation(
         q = lite[f"{tech}+int8"]
         assert q.model_bytes is not None and q.model_bytes < 0.6 * c.model_bytes, tech  # a tiny model: headers weigh
         assert q.accuracy is not None and abs(q.accuracy - c.accuracy) <= 0.02, tech
+        # checked against the ONNX int8 model of the same weights, like the source's TFLite int8
+        assert q.agreement_with_onnx_int8 is not None and q.agreement_with_onnx_int8 >= AGREEMENT_MIN, tech
         for cand in (c, q):
             lb = unpack(tmp_path / (cand.bundle or ""), tmp_path / f"u-{cand.bundle}")
             assert lb.manifest.lineage.inputs.keys() >= {"train"}
