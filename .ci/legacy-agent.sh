@@ -33,7 +33,6 @@ PINS=(
   "tuf>=5,<8"
   "securesystemslib>=1.0"
   "pydantic>=2.6,<3"
-  "pydantic-settings>=2.2"
   "psutil>=5.9"
   "click>=8.1"                     # base dependencies of the package (the CLI)
   "rich>=13"

@@ -96,7 +96,7 @@ def agent_run(config: Path | None, tags: tuple[str, ...], **opts: object) -> Non
     if tags:
         opts["tags"] = list(tags)
     try:
-        settings = load_settings(config, **opts)
+        settings = load_settings(config, opts)
         daemon = Agent(settings)
     except DataError as e:
         raise click.ClickException(str(e)) from e

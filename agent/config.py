@@ -1,34 +1,51 @@
-"""Agent configuration: one settings class, a TOML file, ``EDGEFLEET_`` overrides.
+"""Agent configuration: one settings model, a TOML file, ``EDGEFLEET_`` overrides.
 
 Precedence, highest first: command-line options, environment variables
 (``EDGEFLEET_DEVICE_ID`` ...), the TOML file given with ``--config``, defaults.
+:func:`load_settings` applies all four; constructing :class:`AgentSettings` directly
+takes only what it is given, so tests and embedding applications are not steered by
+the process environment.
+
+Environment variables are matched to fields by name, case-insensitively
+(``EDGEFLEET_API_PORT`` sets ``api_port``). Variables naming no agent field are left
+alone: the hub reads its own ``EDGEFLEET_`` variables. A list or table field (``tags``,
+``health_probes``) takes JSON, as in ``EDGEFLEET_TAGS='["lab", "floor-2"]'``.
+
+This module does not use pydantic-settings: importing it costs the agent process 8 MiB
+of RSS (it pulls in asyncio and pydantic's dataclasses; measured with
+``benchmarks/agent_bench.py``'s import table) and 25-80 ms of start-up, for the few
+lines below. The hub, which does not count megabytes, keeps using it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import DataError
 from agent.health import ProbeConfig
 from agent.protocol import MAX_CAPTURE_BYTES
 from agent.topics import valid_device_id
 
-__all__ = ["AgentSettings", "ConfigError", "load_settings"]
+__all__ = ["AgentSettings", "ConfigError", "load_settings", "ENV_PREFIX"]
 
 MAX_CONFIG_BYTES = 64 * 1024
+MAX_ENV_VALUE_BYTES = 64 * 1024
+ENV_PREFIX = "EDGEFLEET_"
 
 
 class ConfigError(DataError):
     """The agent configuration file or values are invalid."""
 
 
-class AgentSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="forbid")
+class AgentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     broker_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker, mqtt://host:port.")
     device_id: str = Field(description="Unique device id: 1-64 of [A-Za-z0-9_.-].")
@@ -91,17 +108,6 @@ class AgentSettings(BaseSettings):
             raise ValueError("must be 1-64 characters of [A-Za-z0-9_.-]")
         return v
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, file_secret_settings
-
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
@@ -120,25 +126,79 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return section
 
 
-def load_settings(config: Path | None = None, **overrides: Any) -> AgentSettings:
-    """Build settings from a TOML file (optional), the environment, and overrides.
+def _takes_json(annotation: Any) -> bool:
+    """True for a field whose value is a list, table or model (given as JSON in the
+    environment); False for scalars, paths and strings, which are given as they are."""
+    for t in (annotation, *get_args(annotation)):
+        if get_origin(t) in (list, dict) or t in (list, dict):
+            return True
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return True
+    return False
+
+
+def environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """The agent fields set by ``EDGEFLEET_*`` variables in ``environ``:
+    ``{field: (variable, value)}``, JSON decoded for list and table fields.
 
     Raises:
-        ConfigError: the file is unreadable, not TOML, or a value is invalid; the
-            message names the file and the field.
+        ConfigError: a value is over ``MAX_ENV_VALUE_BYTES`` or not the JSON its field
+            needs; the message names the variable.
     """
-    import os
+    fields = AgentSettings.model_fields
+    found: dict[str, tuple[str, Any]] = {}
+    for var in sorted(environ):
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        info = fields.get(name)
+        if info is None:
+            continue
+        raw = environ[var]
+        if len(raw.encode("utf-8", "surrogateescape")) > MAX_ENV_VALUE_BYTES:
+            raise ConfigError(f"{var}: {len(raw)} characters, over the {MAX_ENV_VALUE_BYTES}-byte limit")
+        value: Any = raw
+        if _takes_json(info.annotation):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{var}: {name} takes JSON here (for example '[\"a\", \"b\"]'): {e}") from e
+        found[name] = (var, value)
+    return found
 
-    file_values = _read_toml(config) if config is not None else {}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    # The environment outranks the file: drop file values the environment sets.
-    env_keys = {k[len("EDGEFLEET_"):].lower() for k in os.environ if k.startswith("EDGEFLEET_")}
-    merged = {k: v for k, v in file_values.items() if k not in env_keys}
-    merged.update(given)
+
+def load_settings(
+    config: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> AgentSettings:
+    """Build settings from a TOML file (optional), the environment, and ``overrides``
+    (command-line options; ``None`` values are ignored, so unset options fall through).
+
+    ``environ`` defaults to ``os.environ``.
+
+    Raises:
+        ConfigError: the file is unreadable, over ``MAX_CONFIG_BYTES``, not TOML, or a
+            value is invalid; the message names the file or variable, and the field.
+    """
+    # Where each value came from, to name it in an error: a file, a variable, or an option.
+    source: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    if config is not None:
+        for k, v in _read_toml(config).items():
+            merged[k], source[k] = v, f"{config}: {k}"
+    for k, (var, v) in environment_values(os.environ if environ is None else environ).items():
+        merged[k], source[k] = v, var
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            merged[k], source[k] = v, k
     try:
         return AgentSettings(**merged)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        where = f"{config}: " if config is not None else ""
-        raise ConfigError(f"{where}{loc}: {err['msg']}") from e
+        if not err["loc"]:  # a check across fields
+            where = f"{config}: " if config is not None else ""
+            raise ConfigError(f"{where}{err['msg']}") from e
+        field, rest = str(err["loc"][0]), "".join(f"[{p}]" for p in err["loc"][1:])
+        raise ConfigError(f"{source.get(field, field)}{rest}: {err['msg']}") from e
