@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import random
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from agent.bundle import unpack, write_bundle
 from agent.profiles import profiles_dir
 from agent.protocol import Telemetry, decode
 from agent.runtimes.base import LoadedModel
-from agent.serving import OBSERVE_CHUNK, ModelServer
+from agent.serving import OBSERVE_CHUNK, ModelServer, WindowStats
 from agent.trust import TargetCustom
 from tests.support import free_port, linear_bundle
 
@@ -353,3 +354,28 @@ def test_a_request_on_a_swapped_out_model_does_not_count_against_the_new_models_
     assert server.health.peek() == (0, 0)  # the new model's health window does not
     server.infer({"x": np.ones(2, np.float32)})
     assert server.health.peek() == (1, 0)
+
+
+def test_latency_reservoir_is_a_uniform_sample_of_the_window():
+    """Algorithm L: every successful latency of the window is equally likely to be kept,
+    whether it came early or late; failed requests are counted, never kept."""
+    random.seed(20261127)
+    n, cap, trials = 2000, 50, 400
+    per_tenth = np.zeros(10)
+    for _ in range(trials):
+        w = WindowStats(cap)
+        for i in range(n):
+            w._add(float(i), True)
+            if i % 100 == 0:
+                w._add(1e9, False)
+        assert len(w._lat) == cap and w.count == n + n // 100 and w.errors == n // 100
+        assert max(w._lat) < n
+        per_tenth += np.bincount((np.asarray(w._lat) // (n / 10)).astype(int), minlength=10)
+    share = per_tenth / per_tenth.sum()
+    assert np.all(np.abs(share - 0.1) < 0.01), share  # about 4.5 standard deviations
+    small = WindowStats(cap)
+    for i in range(cap - 1):
+        small._add(float(i), True)
+    assert sorted(small._lat) == [float(i) for i in range(cap - 1)]  # under the cap, all kept
+    snap = small.snapshot_and_reset()
+    assert snap.count == cap - 1 and snap.max_ms == cap - 2 and small.count == 0 and small._lat == []
