@@ -59,7 +59,7 @@ import numpy, onnxruntime, tflite_runtime
 bad = []
 if int(numpy.__version__.split(".")[0]) >= 2:
     bad.append(f"numpy {numpy.__version__}")
-for forbidden in ("ai_edge_litert", "torch", "fastapi", "sqlmodel"):
+for forbidden in ("ai_edge_litert", "torch", "fastapi", "sqlmodel", "pydantic_settings"):
     if importlib.util.find_spec(forbidden) is not None:
         bad.append(f"{forbidden} is installed")
 print(f"legacy stack: numpy {numpy.__version__}, onnxruntime {onnxruntime.__version__}, "
