@@ -32,6 +32,7 @@ import os
 import re
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -422,7 +423,7 @@ def _load_selftest(data: bytes, manifest: Manifest) -> SelfTest:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise BundleError(f"selftest.npz: unreadable ({e})") from e
     inputs = {k[3:]: v for k, v in arrays.items() if k.startswith("in.")}
     outputs = {k[4:]: v for k, v in arrays.items() if k.startswith("out.")}

@@ -12,8 +12,10 @@ import logging
 import platform
 import queue
 import shutil
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 
 import agent
 from agent import topics
-from agent.bundle import BundleLimits, read_manifest
+from agent.bundle import BundleLimits, file_sha256, read_manifest
 from agent.capture import CaptureStore
 from agent.config import AgentSettings
 from agent.connection import Link, parse_broker_url
@@ -91,7 +93,10 @@ def run_selftest(model: LoadedModel) -> None:
     for name, want in st.outputs.items():
         if name not in got:
             raise SelfTestError(f"{model.ref}: self-test output {name!r} missing")
-        diff = float(np.max(np.abs(got[name].astype(np.float64) - want.astype(np.float64))))
+        if got[name].shape != want.shape:
+            raise SelfTestError(f"{model.ref}: self-test output {name!r} has shape {list(got[name].shape)}, "
+                                f"expected {list(want.shape)}")
+        diff = float(np.max(np.abs(got[name].astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
         if not np.isfinite(diff) or diff > st.tolerance:
             raise SelfTestError(
                 f"{model.ref}: self-test output {name!r} differs by {diff:.3g} (tolerance {st.tolerance:.3g})"
@@ -171,7 +176,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._candidate: LoadedModel | None = None
         self._conditions: set[str] = set()
-        self.record = self.store.load()
+        if self.spool.reset_reason is not None:
+            self._conditions.add("spool_reset")  # reported once connected; the reason is in the log
+        self.record = self.store.load(set_aside=True)
 
     # ------------------------------------------------------------------ public API
 
@@ -273,11 +280,21 @@ class Agent:
     # ------------------------------------------------------------------ boot
 
     def _load_active(self) -> None:
-        """Serve whatever valid model is on disk, preferring the active slot."""
+        """Serve the model the slot pointer names, or the other slot's when that one
+        does not load. No pointer (nothing was ever activated) or one that says "none"
+        (a first deployment rolled back to nothing) means serve nothing: a slot may hold
+        a first deployment that failed, and it must not come back at the next start. A
+        torn pointer (outside interference) falls back to whichever slot loads, the one
+        the deployment record was installing last."""
         self.slots.clean_staging()
+        pointer = self.slots.pointer()
+        if pointer in ("none", "missing"):
+            log.info("no model is active (slot pointer: %s)", pointer)
+            return
         active = self.slots.active_name()
         order: list[SlotName] = [active] if active else []
-        order += [s for s in ("a", "b") if s not in order]  # type: ignore[misc]
+        unproven = self.record.to_slot if self.record.state != State.COMMITTED else None
+        order += sorted((s for s in ("a", "b") if s not in order), key=lambda s: s == unproven)  # type: ignore[misc]
         for slot in order:
             b = self.slots.bundle(slot)
             if b is None:
@@ -524,7 +541,7 @@ class Agent:
             resumed = RESUME[rec.state]
             log.warning("resuming deployment %s: saved state %s -> %s", rec.deployment_id, rec.state, resumed)
             rec.state = resumed
-            self._run(rec)
+            self._guarded(self._run, rec)
         while not self._stop.is_set():
             dep = self._pending.get()
             if dep is None:
@@ -535,7 +552,18 @@ class Agent:
                 if nxt is None:
                     return
                 dep = nxt
-            self._accept(dep)
+            self._guarded(self._accept, dep)
+
+    def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run one lifecycle step; an error that escapes it (a defect: the states turn
+        every fault they foresee into an event) is logged and kept as the last error, and
+        the thread goes on taking deployments."""
+        try:
+            fn(arg)
+        except Exception as e:
+            log.exception("lifecycle error")
+            self._conditions.add("lifecycle_error")
+            self.record.error, self.record.error_kind = f"{type(e).__name__}: {e}", "internal"
 
     def _accept(self, dep: Deployment) -> None:
         rec = self.record
@@ -584,7 +612,8 @@ class Agent:
                 if rec.state == State.FAILED:
                     break
             rec.history.append(rec.state.value)
-            self.store.save(rec)  # before the state's side effects
+            if not self._save_or_wait(rec):  # before the state's side effects
+                return
             self._report()
             try:
                 self._hook(rec, "enter")
@@ -600,6 +629,10 @@ class Agent:
             except _Fail as e:
                 rec.error, rec.error_kind = str(e), e.kind
                 event = Event.FAIL
+            except Exception as e:  # a defect or an unforeseen fault must not end the lifecycle thread
+                log.exception("deployment %s: unexpected error in state %s", rec.deployment_id, rec.state)
+                rec.error, rec.error_kind = f"unexpected error in {rec.state.value}: {type(e).__name__}: {e}", "internal"
+                event = Event.FAIL
             log.info("deployment %s: %s --%s--> %s", rec.deployment_id, rec.state, event,
                      next_state(rec.state, event))
             rec.state = next_state(rec.state, event)
@@ -610,9 +643,28 @@ class Agent:
             self.server.set_candidate(self._candidate, rec.mode, rec.ratio)
         rec.outcome = OUTCOME.get(rec.state, "in_progress")
         rec.history.append(rec.state.value)
-        self.store.save(rec)
+        if not self._save_or_wait(rec):
+            return
         self._finish(rec)
         self._report()
+
+    def _save_or_wait(self, rec: DeploymentRecord) -> bool:
+        """Save the record, retrying every few seconds while the disk refuses (full,
+        read-only): no state's side effects may run before their state is saved. False
+        when the agent is stopping meanwhile."""
+        delay = 1.0
+        while True:
+            try:
+                self.store.save(rec)
+            except OSError as e:
+                self._conditions.add("state_unwritable")
+                log.error("cannot save the deployment state (%s); retrying in %.0f s", e, delay)
+                if self._stop.wait(delay):
+                    return False
+                delay = min(delay * 2, 60.0)
+                continue
+            self._conditions.discard("state_unwritable")
+            return True
 
     def _hook(self, rec: DeploymentRecord, when: str) -> None:
         env = {"EDGEFLEET_DEPLOYMENT_ID": rec.deployment_id or "", "EDGEFLEET_MODEL": rec.model or "",
@@ -644,7 +696,11 @@ class Agent:
         root = trust_dir / "root.json"
         if not root.exists():
             if self.settings.trust_root is not None:
-                shutil.copyfile(self.settings.trust_root, root)
+                try:
+                    shutil.copyfile(self.settings.trust_root, root)
+                except OSError as e:
+                    raise _Fail(f"cannot read the provisioned trust root {self.settings.trust_root}: {e}",
+                                "trust_root") from e
             else:
                 log.warning("no provisioned trust root: pinning the repository's first root (TOFU)")
                 try:
@@ -659,6 +715,7 @@ class Agent:
 
         assert rec.target_path is not None
         delay = 1.0
+        refetched = False
         for attempt in range(1, self.settings.max_download_attempts + 1):
             rec.attempts = attempt
             try:
@@ -679,6 +736,15 @@ class Agent:
                 dest = self.data_dir / "downloads" / rec.target_path
                 self.fetch_client.download(serve_path_for(rec.target_path), dest, target.length,
                                            cancel=self._stop)
+                if not refetched and rec.target_sha256 and file_sha256(dest) != rec.target_sha256:
+                    # Chunks kept from before a power loss may not have reached the disk
+                    # whole. Fetch it once more from scratch; a second mismatch is the
+                    # artifact's, and verification rejects it.
+                    log.warning("%s does not match its signed hash; downloading it again", rec.target_path)
+                    dest.unlink(missing_ok=True)
+                    refetched = True
+                    self.fetch_client.download(serve_path_for(rec.target_path), dest, target.length,
+                                               cancel=self._stop)
                 return Event.OK
             except ExpiredMetadataError as e:
                 self._conditions.add("metadata_expired")
@@ -853,10 +919,14 @@ def status_from_disk(data_dir: Path) -> dict[str, Any]:
     spool_bytes = 0
     spool_records = 0
     dropped = 0
+    spool_error = None
     if (data_dir / "spool.sqlite").exists():
-        sp = Spool(data_dir / "spool.sqlite")
-        spool_bytes, spool_records, dropped = sp.size_bytes(), len(sp), sp.dropped()
-        sp.close()
+        try:
+            sp = Spool(data_dir / "spool.sqlite", set_aside=False)
+            spool_bytes, spool_records, dropped = sp.size_bytes(), len(sp), sp.dropped()
+            sp.close()
+        except sqlite3.DatabaseError as e:
+            spool_error = f"spool.sqlite unreadable: {e}"
     captures = sorted((data_dir / "captures").glob("*.efs")) if (data_dir / "captures").is_dir() else []
     return {
         "state": rec.state.value,
@@ -870,6 +940,7 @@ def status_from_disk(data_dir: Path) -> dict[str, Any]:
         "spool_dropped": dropped,
         "captured_samples": len(captures),
         "captured_bytes": sum(p.stat().st_size for p in captures),
+        "spool_error": spool_error,
         "last_error": rec.error,
         "last_error_kind": rec.error_kind,
         "history": rec.history[-12:],

@@ -26,7 +26,7 @@ that keeps crashing in a loop ends in ``failed`` with the old model serving.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -183,15 +183,29 @@ class StateStore:
     def __init__(self, path: Path):
         self.path = path
 
-    def load(self) -> DeploymentRecord:
+    def load(self, *, set_aside: bool = False) -> DeploymentRecord:
+        """The saved record; a new idle one when there is none. An unreadable record
+        loads as a failed one (see below); with ``set_aside`` (the daemon at start-up)
+        the unreadable file is renamed to ``state.json.unreadable`` for diagnosis."""
         try:
             return DeploymentRecord.model_validate_json(self.path.read_bytes())
         except FileNotFoundError:
             return DeploymentRecord()
-        except (ValidationError, json.JSONDecodeError, OSError):
-            # An unreadable record means we do not know what was half done: the
-            # resume table's answer for "unknown" is to roll back.
-            return DeploymentRecord(state=State.ROLLING_BACK, error="state record unreadable")
+        except (ValidationError, ValueError, OSError) as e:
+            # Records are written atomically, so only outside interference (a bad disk,
+            # a hand edit, a newer agent's format) leaves one unreadable. What was half
+            # done is unknown, and so is the slot to roll back to: rolling back to
+            # "nothing" would stop a device that was serving. The slot pointer, written
+            # atomically at activation and rollback, still names the model to serve, so
+            # the record becomes a failed one and the agent serves what the pointer names.
+            if set_aside:
+                try:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".unreadable"))
+                except OSError:
+                    pass
+            return DeploymentRecord(state=State.FAILED, outcome="failed", error_kind="state",
+                                    error=f"state record unreadable ({str(e)[:200]}); serving what the slot "
+                                          "pointer names")
 
     def save(self, record: DeploymentRecord) -> None:
         record.updated = time.time()

@@ -254,31 +254,40 @@ class ModelServer:
     def _shadow_loop(self) -> None:
         while True:
             cand, inputs, active_out = self._shadow_q.get()
-            if not cand.model.acquire():
-                continue  # retired meanwhile
-            t0 = time.perf_counter()
             try:
-                out = cand.model.runtime.infer(inputs)
-                ok = True
-            except ValueError as e:
-                log.warning("shadow candidate %s failed: %s", cand.model.ref, e)
-                ok, out = False, None
-            finally:
-                cand.model.release()
-            cand.window.record((time.perf_counter() - t0) * 1000.0, ok)
-            if out is None:
-                continue
-            a = next(iter(active_out.values()))
-            c = out.get(next(iter(active_out)), next(iter(out.values())))
-            if a.shape != c.shape:
-                cand.compared += len(a)
-                continue
-            diff = float(np.max(np.abs(a.astype(np.float64) - c.astype(np.float64)))) if a.size else 0.0
-            cand.max_abs_diff = diff if cand.max_abs_diff is None else max(cand.max_abs_diff, diff)
-            rows = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
-            crow = c.reshape(len(c), -1) if c.ndim > 1 else c.reshape(-1, 1)
-            cand.compared += len(rows)
-            cand.agreed += int(np.sum(rows.argmax(axis=1) == crow.argmax(axis=1)))
+                self._shadow_one(cand, inputs, active_out)
+            except Exception:  # the shadow must outlive any candidate and any output shape
+                log.exception("shadow comparison with %s failed", cand.model.ref)
+
+    def _shadow_one(self, cand: Candidate, inputs: dict[str, np.ndarray], active_out: dict[str, np.ndarray]) -> None:
+        if not cand.model.acquire():
+            return  # retired meanwhile
+        t0 = time.perf_counter()
+        try:
+            out = cand.model.runtime.infer(inputs)
+            ok = True
+        except Exception as e:  # a runtime may raise more than ValueError (ORT's RuntimeException)
+            log.warning("shadow candidate %s failed: %s", cand.model.ref, e)
+            ok, out = False, None
+        finally:
+            cand.model.release()
+        cand.window.record((time.perf_counter() - t0) * 1000.0, ok)
+        if out is None or not active_out or not out:
+            return
+        a = np.atleast_1d(next(iter(active_out.values())))
+        c = np.atleast_1d(out.get(next(iter(active_out)), next(iter(out.values()))))
+        if a.shape != c.shape:
+            cand.compared += len(a)
+            return
+        diff = float(np.max(np.abs(a.astype(np.float64) - c.astype(np.float64)))) if a.size else 0.0
+        cand.max_abs_diff = diff if cand.max_abs_diff is None else max(cand.max_abs_diff, diff)
+        rows = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
+        crow = c.reshape(len(c), -1) if c.ndim > 1 else c.reshape(-1, 1)
+        cand.compared += len(rows)
+        if rows.shape[1] == 0:
+            cand.agreed += len(rows)  # nothing to disagree on
+            return
+        cand.agreed += int(np.sum(rows.argmax(axis=1) == crow.argmax(axis=1)))
 
     def _serve_split(self, cand: Candidate, inputs: dict[str, np.ndarray]):
         if not cand.model.acquire():
@@ -286,7 +295,7 @@ class ModelServer:
         t0 = time.perf_counter()
         try:
             out = cand.model.runtime.infer(inputs)
-        except ValueError as e:
+        except Exception as e:
             # The candidate must never cost a request: fall back to the active model.
             log.warning("split candidate %s failed, serving from the active model: %s", cand.model.ref, e)
             cand.window.record((time.perf_counter() - t0) * 1000.0, False)

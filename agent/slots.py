@@ -65,16 +65,27 @@ class Slots:
         self._pointer = root / "pointer.json"
 
     def active_name(self) -> SlotName | None:
+        name = self.pointer()
+        return name if name in ("a", "b") else None  # type: ignore[return-value]
+
+    def pointer(self) -> str:
+        """What ``pointer.json`` says: ``"a"``, ``"b"``, ``"none"`` (serve nothing: set
+        when a first deployment rolled back to nothing), ``"missing"`` (nothing was ever
+        activated: a slot may hold a first deployment that failed or is still under
+        way), or ``"unknown"`` (torn or unreadable; only outside interference leaves it
+        so, since it is written atomically)."""
         try:
             data = json.loads(self._pointer.read_text())
         except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, OSError):
-            # A pointer can only be torn by outside interference; treat as unknown and
-            # let the caller fall back to whichever slot holds a valid bundle.
-            return None
-        name = data.get("active")
-        return name if name in ("a", "b") else None
+            return "missing"
+        except (OSError, ValueError):
+            return "unknown"
+        if not isinstance(data, dict) or "active" not in data:
+            return "unknown"
+        name = data["active"]
+        if name is None:
+            return "none"
+        return name if name in ("a", "b") else "unknown"
 
     def inactive_name(self) -> SlotName:
         active = self.active_name()

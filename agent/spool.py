@@ -9,13 +9,18 @@ is over its byte bound, the oldest records of the lowest priority are dropped fi
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
 __all__ = ["Priority", "Record", "Spool"]
+
+log = logging.getLogger(__name__)
 
 
 class Priority(IntEnum):
@@ -34,11 +39,39 @@ class Record:
 
 
 class Spool:
-    def __init__(self, path: Path, max_bytes: int = 8 << 20):
+    """``reset_reason`` is set when the file on disk was not a readable spool: it is then
+    set aside (``spool.sqlite.unreadable-<unix time>``) and the spool starts empty,
+    rather than keep the agent from starting."""
+
+    def __init__(self, path: Path, max_bytes: int = 8 << 20, *, set_aside: bool = True):
+        """``set_aside=False`` (readers such as ``edgefleet agent status``) raises
+        ``sqlite3.DatabaseError`` for an unreadable file instead of moving it."""
         self.path = path
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.reset_reason: str | None = None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
+            if not set_aside:
+                raise
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = path.with_name(path.name + suffix)
+                if src.exists():
+                    os.replace(src, aside.with_name(aside.name + suffix))
+            self.reset_reason = f"{path.name} was unreadable ({e}); set aside as {aside.name}, started empty"
+            log.error("spool: %s", self.reset_reason)
+            self._open()
+        self.available = threading.Event()
+        if self._bytes:
+            self.available.set()
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
@@ -48,9 +81,6 @@ class Spool:
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
-        self.available = threading.Event()
-        if self._bytes:
-            self.available.set()
 
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(
@@ -62,6 +92,7 @@ class Spool:
     def push(self, priority: Priority, topic: str, payload: bytes, *, retain: bool = False) -> None:
         size = len(payload) + len(topic) + 32
         with self._lock:
+            before = self._bytes
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
@@ -73,6 +104,7 @@ class Spool:
                     self._evict()
                 self._db.execute("COMMIT")
             except BaseException:
+                self._bytes = before  # the byte count follows the rows, which rolled back
                 self._db.execute("ROLLBACK")
                 raise
         self.available.set()
@@ -114,8 +146,17 @@ class Spool:
                 self._bump("delivered", 1)
 
     def next_seq(self, name: str) -> int:
-        """A persisted, strictly increasing counter (survives restarts)."""
+        """A persisted, strictly increasing counter (survives restarts).
+
+        A new counter starts at the wall clock in milliseconds, not at 1: the hub drops
+        a device's reports whose ``seq`` is not above the last it stored (and stores a
+        telemetry window once per ``seq``), so a device whose spool was wiped (a new SD
+        card, a reset, an unreadable spool set aside) must not start below where it was.
+        That holds while the device sent fewer reports than milliseconds passed, and its
+        clock is not set far back at the first start after the wipe."""
         with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES(?, ?)",
+                             (name, int(time.time() * 1000) - 1))
             self._bump(name, 1)
             return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 

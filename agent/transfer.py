@@ -7,10 +7,13 @@ answer within ``timeout`` is sent again, so lost QoS0 messages, broker restarts 
 disconnects only cost the chunks in flight.
 
 Downloads are resumable across restarts: chunk data goes straight to ``<dest>.part``
-at its offset and the chunk's offset is appended to ``<dest>.part.done`` once written.
-On restart only the missing chunks are requested. The whole file is then checked
-against signed TUF metadata by the caller; a chunk torn by power loss fails that check
-and the download restarts. Memory stays bounded by ``window × chunk_size``.
+at its offset and, once it is on disk (``fdatasync``), the chunk's index is appended to
+``<dest>.part.done``. The journal starts with the chunk size and file length it was
+written for; a journal for other ones (a changed ``chunk_size`` setting) is discarded,
+and so is a last line cut short by power loss. On restart only the missing chunks are
+requested. The whole file is then checked against signed TUF metadata by the caller,
+which fetches it once more from scratch if it does not match. Memory stays bounded by
+``window × chunk_size``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ __all__ = ["Publisher", "TransferSettings", "RepoClient", "HttpRepoClient", "Not
 
 log = logging.getLogger(__name__)
 
+
+
+def _journal_chunks(journal: Path, head: str, n_chunks: int) -> set[int]:
+    """Chunks a resumable download's journal lists as written; empty when the journal is
+    missing, unreadable, or was written for another chunk size or length. A line without
+    its newline (cut short by power loss) does not count."""
+    try:
+        text = journal.read_text()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    if not text.startswith(head):
+        return set()
+    done: set[int] = set()
+    for line in text[len(head):].splitlines(keepends=True):
+        if line.endswith("\n") and line[:-1].isdigit() and int(line[:-1]) < n_chunks:
+            done.add(int(line[:-1]))
+    return done
 
 class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> object: ...
@@ -156,17 +176,16 @@ class RepoClient:
             raise DiskSpaceError(f"need {length} bytes for {path}, {free} free in {dest.parent}")
 
         n_chunks = max(1, -(-length // s.chunk_size))
-        done: set[int] = set()
-        if part.exists() and journal.exists():
-            for line in journal.read_text().split():
-                if line.isdigit() and int(line) < n_chunks:
-                    done.add(int(line))
-        else:
+        head = f"chunks {s.chunk_size} {length}\n"
+        done = _journal_chunks(journal, head, n_chunks) if part.exists() else set()
+        if not done:
             journal.unlink(missing_ok=True)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, length)
             with open(journal, "a") as jfh:
+                if not done:
+                    jfh.write(head)
                 self._run_window(path, fd, jfh, length, n_chunks, done, progress, cancel)
             os.fsync(fd)
         finally:
@@ -229,6 +248,9 @@ class RepoClient:
                             f"{len(data)} of {want} bytes); expected a {length}-byte file"
                         )
                     os.pwrite(fd, data, off)
+                    # The chunk reaches the disk before the journal says so: after a power
+                    # loss, a chunk the journal lists is whole.
+                    os.fdatasync(fd)
                     jfh.write(f"{i}\n")
                     jfh.flush()
                     done.add(i)

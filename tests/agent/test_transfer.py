@@ -64,3 +64,44 @@ def test_agent_restart_mid_transfer_keeps_verified_chunks(bench):
           f"total {total / size:.3f}x")
     assert a2.repo.bytes_received < size - 6_000_000
     assert total <= 1.1 * size
+
+
+def test_a_resumed_download_with_a_chunk_lost_on_disk_is_fetched_again(bench):
+    """Power loss can leave a listed chunk's bytes short of the disk: the agent then
+    finds the finished file does not match its signed hash and fetches it once more,
+    instead of rejecting a good artifact."""
+    tp, man = _big_bundle(bench, "1.0.0")
+    size = (bench.repo.targets_dir / tp).stat().st_size
+    a = bench.agent(bandwidth_limit=4_000_000, transfer_timeout=1.0)
+    bench.deploy("dev1", "big", tp, man.ref)
+    _wait_bytes(a, 4_000_000)
+    a.stop()
+    bench.agents.remove(a)
+    part = bench.tmp / "dev1" / "downloads" / f"{tp}.part"
+    journal = part.with_name(part.name + ".done")
+    first_chunk = int(journal.read_text().splitlines()[1])  # line 0 is the chunk size and length
+    with open(part, "r+b") as fh:
+        fh.seek(first_chunk * a.settings.chunk_size)
+        fh.write(b"\0" * 4096)
+    a2 = bench.agent(transfer_timeout=1.0)
+    assert bench.wait_for(a2, "big", timeout=120) == "installed", (a2.record.error_kind, a2.record.error)
+    assert a2.repo.bytes_received >= size  # the second, whole download
+    assert a2.model_ref == man.ref
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("chunks 1024 5000\n0\n3\n", {0, 3}),
+    ("chunks 1024 5000\n0\n3", {0}),  # the last line was cut short: 3 might have been 31
+    ("chunks 2048 5000\n0\n1\n", set()),  # written for another chunk size
+    ("chunks 1024 9999\n0\n", set()),  # for another length
+    ("0\n1\n2\n", set()),  # an older agent's journal, without its head
+    ("chunks 1024 5000\n0\nx\n9\n2\n", {0, 2}),  # junk and out-of-range indices ignored
+    ("", set()),
+])
+def test_download_journal_lists_only_whole_lines_of_its_own_layout(tmp_path, text, expected):
+    from agent.transfer import _journal_chunks
+
+    journal = tmp_path / "x.part.done"
+    journal.write_text(text)
+    assert _journal_chunks(journal, "chunks 1024 5000\n", 5) == expected
+    assert _journal_chunks(tmp_path / "absent", "chunks 1024 5000\n", 5) == set()

@@ -1,0 +1,187 @@
+"""What a device serves after a restart that follows a fault, and faults that must not end
+the lifecycle or the shadow comparison (found in review: each failed before its fix)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from agent.lifecycle import State
+from agent.runtimes.base import LoadedModel
+from agent.serving import ModelServer
+
+
+def _restart(bench, a, device_id: str, **kw):
+    a.stop()
+    bench.agents.remove(a)
+    return bench.agent(device_id, **kw)
+
+
+def test_a_failed_first_deployment_is_not_served_after_a_restart(bench):
+    """The first deployment fails its self-test: its model stays in slot a, the pointer
+    says "none", and the next start must serve nothing rather than that model."""
+    tp, man, *_ = bench.bundle("1.0.0", bad_selftest=True)
+    a = bench.agent("first-fails")
+    bench.deploy("first-fails", "d1", tp, man.ref)
+    assert bench.wait_for(a, "d1") in ("failed", "rejected")
+    assert a.server.active is None
+    a = _restart(bench, a, "first-fails")
+    assert a.server.active is None
+    assert a.model_ref is None
+
+
+def test_an_unreadable_state_record_keeps_the_device_serving(bench):
+    tp, man, *_ = bench.bundle("1.0.0")
+    a = bench.agent("torn-state")
+    bench.deploy("torn-state", "d1", tp, man.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    a.stop()
+    bench.agents.remove(a)
+    state = a.settings.data_dir / "state.json"
+    state.write_text('{"state": "committed", "saves": "x"}')  # what a newer agent or a bad disk might leave
+    a = bench.agent("torn-state")
+    assert a.model_ref == man.ref  # still serving what the pointer names
+    assert a.record.state == State.FAILED and "unreadable" in (a.record.error or "")
+    assert (state.parent / "state.json.unreadable").read_text().startswith('{"state": "committed"')
+    out = a.infer({"input": np.ones((1, 4), np.float32)})
+    assert out["logits"].shape == (1, 3)
+
+
+def test_an_unexpected_error_fails_the_deployment_and_the_next_one_still_runs(bench, monkeypatch):
+    """A fault no state foresaw (here: the self-test raising something other than its own
+    error) fails that deployment; the lifecycle thread lives on and takes the next one."""
+    import agent.daemon as daemon
+
+    tp1, m1, *_ = bench.bundle("1.0.0")
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    a = bench.agent("unforeseen")
+    real = daemon.run_selftest
+    calls = {"n": 0}
+
+    def flaky(model):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("something no state expects")
+        return real(model)
+
+    monkeypatch.setattr(daemon, "run_selftest", flaky)
+    bench.deploy("unforeseen", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "failed"
+    assert a.record.error_kind == "internal" and "KeyError" in (a.record.error or "")
+    bench.deploy("unforeseen", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "installed"
+    assert a.model_ref == m2.ref
+
+
+class _Raising:
+    """A runtime whose every call raises what ONNX Runtime raises for a failed kernel."""
+
+    def infer(self, inputs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+
+    def unload(self) -> None:
+        pass
+
+
+class _Scalar:
+    def infer(self, inputs):
+        return {"y": np.float32(1.0)}  # a 0-d output
+
+    def unload(self) -> None:
+        pass
+
+
+def _stub(bundle, runtime, slot="b") -> LoadedModel:
+    return LoadedModel(bundle, runtime, slot)  # type: ignore[arg-type]
+
+
+def test_shadow_and_split_survive_a_candidate_that_raises(bench):
+    tp, man, *_ = bench.bundle("1.0.0")
+    a = bench.agent("shadow-raise")
+    bench.deploy("shadow-raise", "d1", tp, man.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    active = a.server.active
+    x = {"input": np.ones((1, 4), np.float32)}
+
+    server = ModelServer()
+    server.swap(active)
+    server.set_candidate(_stub(active.bundle, _Raising()), "shadow", 1.0)
+    for _ in range(20):
+        server.infer(x)
+    deadline = time.monotonic() + 5
+    while server.candidate.window.peek()[1] < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.candidate.window.peek() == (20, 20)  # every mirrored request counted as an error
+    assert server._shadow_thread is not None and server._shadow_thread.is_alive()
+
+    server.set_candidate(_stub(active.bundle, _Scalar()), "shadow", 1.0)  # odd output shapes
+    for _ in range(5):
+        server.infer(x)
+    server.set_candidate(_stub(active.bundle, _Raising()), "shadow", 1.0)
+    server.infer(x)
+    deadline = time.monotonic() + 5
+    while server.candidate.window.peek()[0] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server._shadow_thread.is_alive() and server.candidate.window.peek() == (1, 1)
+
+    server.set_candidate(_stub(active.bundle, _Raising()), "split", 1.0)
+    out, served_by = server.infer(x)  # the candidate fails; the active model answers
+    assert served_by is active and out["logits"].shape == (1, 3)
+    assert server.candidate.window.peek() == (1, 1)
+
+
+def test_status_of_a_device_with_an_unreadable_record_moves_nothing(tmp_path):
+    """``edgefleet agent status`` reads; only the daemon sets an unreadable record aside."""
+    from agent.daemon import status_from_disk
+
+    (tmp_path / "state.json").write_text("{torn")
+    st = status_from_disk(tmp_path)
+    assert st["state"] == "failed" and "unreadable" in st["last_error"]
+    assert (tmp_path / "state.json").read_text() == "{torn"
+    assert not (tmp_path / "state.json.unreadable").exists()
+    assert json.loads(json.dumps(st))["slots"] == {"a": None, "b": None}
+
+
+def test_an_unreadable_spool_is_set_aside_and_the_agent_starts(bench):
+    tp, man, *_ = bench.bundle("1.0.0")
+    a = bench.agent("bad-spool")
+    bench.deploy("bad-spool", "d1", tp, man.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    a.stop()
+    bench.agents.remove(a)
+    spool = a.settings.data_dir / "spool.sqlite"
+    for p in spool.parent.glob("spool.sqlite-*"):
+        p.unlink()
+    spool.write_bytes(b"this is not a database" * 100)
+    from agent.daemon import status_from_disk
+
+    st = status_from_disk(a.settings.data_dir)  # a reader reports it and moves nothing
+    assert "unreadable" in st["spool_error"] and spool.read_bytes().startswith(b"this is not")
+    a = bench.agent("bad-spool")
+    assert a.model_ref == man.ref
+    assert "spool_reset" in a._conditions
+    assert list(spool.parent.glob("spool.sqlite.unreadable-*"))
+    assert a.spool.next_seq("seq.status") > 1_700_000_000_000  # above anything the hub saw
+
+
+def test_spool_byte_count_follows_a_failed_push(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from agent.spool import Priority, Spool
+
+    sp = Spool(tmp_path / "s.sqlite", max_bytes=10_000)
+    sp.push(Priority.METRICS, "t", b"x" * 1000)
+    before = sp.size_bytes()
+    # The insert succeeds; evicting the first record to make room fails.
+    sp._db.execute("CREATE TRIGGER no_delete BEFORE DELETE ON records BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        sp.push(Priority.METRICS, "t", b"y" * 9500)
+    assert sp.size_bytes() == before and len(sp) == 1
+    first = sp.next_seq("seq.x")
+    assert sp.next_seq("seq.x") == first + 1
+    sp.close()
+    assert Spool(tmp_path / "s.sqlite").next_seq("seq.x") == first + 2  # survives a restart
