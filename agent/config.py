@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,8 +46,13 @@ class ConfigError(DataError):
     """The agent configuration file or values are invalid."""
 
 
+# Longest duration any setting may have: longer waits are typos (and past
+# threading.TIMEOUT_MAX, about 292 years, they crash the thread that waits).
+DAY_S = 86400.0
+
+
 class AgentSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     broker_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker, mqtt://host:port.")
     device_id: str = Field(description="Unique device id: 1-64 of [A-Za-z0-9_.-].")
@@ -54,7 +60,7 @@ class AgentSettings(BaseModel):
     data_dir: Path = Field(description="Where slots, state, spool and trust metadata live.")
     api_port: int = Field(0, ge=0, le=65535, description="Localhost V2 HTTP port; 0 disables it.")
     api_socket: Path | None = Field(None, description="Also serve the V2 API on this Unix socket.")
-    telemetry_interval: float = Field(10.0, gt=0, description="Seconds between telemetry messages.")
+    telemetry_interval: float = Field(10.0, gt=0, le=DAY_S, description="Seconds between telemetry messages.")
     tags: list[str] = Field(default_factory=list, description="Free-form tags for fleet selectors.")
     trust_root: Path | None = Field(
         None, description="Provisioned TUF root.json; without it the first root is pinned on first use."
@@ -67,19 +73,19 @@ class AgentSettings(BaseModel):
     )
     chunk_size: int = Field(256 * 1024, ge=1024, le=1024 * 1024, description="Transfer chunk size.")
     transfer_window: int = Field(4, ge=1, le=64, description="Chunk requests in flight.")
-    transfer_timeout: float = Field(5.0, gt=0, description="Seconds before a chunk is re-requested.")
+    transfer_timeout: float = Field(5.0, gt=0, le=3600, description="Seconds before a chunk is re-requested.")
     bandwidth_limit: float | None = Field(None, gt=0, description="Download cap, bytes/s.")
-    max_download_attempts: int = Field(5, ge=1, description="Transport retries before failing.")
+    max_download_attempts: int = Field(5, ge=1, le=1000, description="Transport retries before failing.")
     health_error_rate: float = Field(0.05, ge=0, le=1, description="Max error rate in the health window.")
-    selftest_latency_runs: int = Field(20, ge=1, description="Runs used to check the latency budget.")
+    selftest_latency_runs: int = Field(20, ge=1, le=10_000, description="Runs used to check the latency budget.")
     health_probes: list[ProbeConfig] = Field(
         default_factory=list, description="Application probes that must pass in the health window."
     )
     hooks_dir: Path | None = Field(
         None, description="Folder of state hooks (<state>_enter / <state>_leave); default data_dir/hooks."
     )
-    reconnect_max_delay: float = Field(30.0, gt=0, description="Cap of the reconnect backoff, seconds.")
-    hook_timeout: float = Field(60.0, gt=0, description="Seconds before a state hook is killed.")
+    reconnect_max_delay: float = Field(30.0, gt=0, le=3600, description="Cap of the reconnect backoff, seconds.")
+    hook_timeout: float = Field(60.0, gt=0, le=DAY_S, description="Seconds before a state hook is killed.")
     drift_max_rows_per_s: float = Field(
         200.0, ge=0, description="Above this many requests per second, drift sketches and capture see a "
         "uniform random sample of about this many per second; 0 sketches every request."
@@ -101,6 +107,13 @@ class AgentSettings(BaseModel):
         if self.capture_per_minute > 0 and self.capture_max_bytes < self.capture_max_sample_bytes:
             raise ValueError("capture_max_bytes must be at least capture_max_sample_bytes")
         return self
+
+    @field_validator("data_dir", "api_socket", "trust_root", "profiles_dir", "hooks_dir", mode="before")
+    @classmethod
+    def _path_given(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty (an empty path would mean the current folder)")
+        return v
 
     @field_validator("device_id")
     @classmethod
@@ -155,14 +168,18 @@ def environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]
         info = fields.get(name)
         if info is None:
             continue
+        if name in found:
+            raise ConfigError(f"{found[name][0]} and {var} both set {name}; keep one")
         raw = environ[var]
         if len(raw.encode("utf-8", "surrogateescape")) > MAX_ENV_VALUE_BYTES:
             raise ConfigError(f"{var}: {len(raw)} characters, over the {MAX_ENV_VALUE_BYTES}-byte limit")
         value: Any = raw
-        if _takes_json(info.annotation):
+        if raw == "" and not info.is_required() and info.default is None:
+            value = None  # an empty variable unsets an optional setting
+        elif _takes_json(info.annotation):
             try:
                 value = json.loads(raw)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise ConfigError(f"{var}: {name} takes JSON here (for example '[\"a\", \"b\"]'): {e}") from e
         found[name] = (var, value)
     return found
@@ -188,18 +205,27 @@ def load_settings(
     merged: dict[str, Any] = {}
     if config is not None:
         for k, v in _read_toml(config).items():
-            merged[k], source[k] = v, f"{config}: {k}"
+            merged[k], source[k] = v, str(config)
     for k, (var, v) in environment_values(os.environ if environ is None else environ).items():
         merged[k], source[k] = v, var
     for k, v in (overrides or {}).items():
         if v is not None:
-            merged[k], source[k] = v, k
+            merged[k], source[k] = v, f"--{k.replace('_', '-')}"
     try:
         return AgentSettings(**merged)
     except ValidationError as e:
         err = e.errors()[0]
-        if not err["loc"]:  # a check across fields
-            where = f"{config}: " if config is not None else ""
-            raise ConfigError(f"{where}{err['msg']}") from e
+        if not err["loc"]:  # a check across fields: name where each field it mentions came from
+            named = [f"{k} from {source[k]}" for k in sorted(source) if re.search(rf"\b{k}\b", err["msg"])]
+            raise ConfigError(f"{err['msg']}" + (f" ({'; '.join(named)})" if named else "")) from e
         field, rest = str(err["loc"][0]), "".join(f"[{p}]" for p in err["loc"][1:])
-        raise ConfigError(f"{source.get(field, field)}{rest}: {err['msg']}") from e
+        if err["type"] == "missing":
+            where = f"{config}, " if config is not None else ""
+            raise ConfigError(f"{field}: required; set it in {where}{ENV_PREFIX}{field.upper()} "
+                              f"or --{field.replace('_', '-')}") from e
+        origin = source.get(field)
+        if origin is None or origin.startswith("-") or origin.upper().startswith(ENV_PREFIX):
+            label = origin or field  # an option or a variable names the field itself
+        else:
+            label = f"{origin}: {field}"
+        raise ConfigError(f"{label}{rest}: {err['msg']}") from e

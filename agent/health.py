@@ -25,16 +25,16 @@ class ProbeFailed(Exception):
 
 
 class ProbeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: Literal["exec", "http", "file"] = Field(description="What to check.")
     command: list[str] | None = Field(None, description="exec: argv of the command.")
     url: str | None = Field(None, description="http: URL to GET (2xx passes).")
     path: Path | None = Field(None, description="file: readiness file written after activation.")
-    timeout_s: float = Field(5.0, gt=0, description="Per attempt.")
-    attempts: int = Field(3, ge=1, description="Tries before the probe fails.")
-    initial_delay_s: float = Field(0.0, ge=0, description="Wait after activation before the first try.")
-    interval_s: float = Field(1.0, ge=0, description="Wait between tries.")
+    timeout_s: float = Field(5.0, gt=0, le=3600, description="Per attempt.")
+    attempts: int = Field(3, ge=1, le=1000, description="Tries before the probe fails.")
+    initial_delay_s: float = Field(0.0, ge=0, le=86400, description="Wait after activation before the first try.")
+    interval_s: float = Field(1.0, ge=0, le=3600, description="Wait between tries.")
 
     @model_validator(mode="after")
     def _target(self) -> ProbeConfig:

@@ -98,15 +98,15 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path, env: dict[st
 @pytest.mark.parametrize("text, message", [
     (GOOD.replace("api_port = 8901", "api_port = 70000"), "agent.toml: api_port: Input should be less than"),
     (GOOD.replace("api_port = 8901", "api_port = 8901\nmystery = 1"), "agent.toml: mystery: Extra inputs are not permitted"),
-    (GOOD.replace('device_id = "gw-0042"\n', ""), "device_id: Field required"),
+    (GOOD.replace('device_id = "gw-0042"\n', ""), "device_id: required; set it in "),
     (GOOD.replace('kind = "http"', 'kind = "ping"'), "agent.toml: health_probes[0][kind]: Input should be"),
     (GOOD.replace("api_port = 8901", "capture_per_minute = 1.0\ncapture_max_bytes = 5000"),
-     "agent.toml: Value error, capture_max_bytes"),  # a check across two fields
+     "capture_max_bytes must be at least capture_max_sample_bytes (capture_max_bytes from "),  # across fields
     ("[agent]\ndevice_id = \"gw\nprofile = 1\n", "not valid TOML"),  # unterminated string
     (GOOD[: GOOD.index('["lab"') + 4], "not valid TOML"),  # truncated inside a list
     ("agent = 5\n", "[agent] must be a table"),
     (b"[agent]\ndevice_id = \"\xff\xfe\"\n", "not valid TOML"),  # not UTF-8
-    ("", "device_id: Field required"),
+    ("", "or --device-id"),
 ])
 def test_a_bad_file_names_the_file_and_the_field(tmp_path: Path, text: str | bytes, message: str):
     with pytest.raises(ConfigError) as e:
@@ -123,7 +123,7 @@ def test_an_oversized_or_missing_file_is_refused_before_parsing(tmp_path: Path):
 
 
 def test_an_invalid_option_names_the_option(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"^telemetry_interval: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match=r"^--telemetry-interval: Input should be greater than 0"):
         load_settings(write(tmp_path, GOOD), {"telemetry_interval": 0}, environ={})
 
 
@@ -154,3 +154,29 @@ def test_agent_status_of_a_data_dir_a_device_left(bench):
     assert "committed" in st["history"]
     res = CliRunner().invoke(cli, ["agent", "status", "--data-dir", str(data_dir)])
     assert res.exit_code == 0 and man.ref in res.output and "committed" in res.output
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"EDGEFLEET_TELEMETRY_INTERVAL": "inf"}, "EDGEFLEET_TELEMETRY_INTERVAL: Input should be a finite number"),
+    ({"EDGEFLEET_HOOK_TIMEOUT": "1e10"}, "EDGEFLEET_HOOK_TIMEOUT: Input should be less than or equal to 86400"),
+    ({"EDGEFLEET_TRANSFER_TIMEOUT": "nan"}, "EDGEFLEET_TRANSFER_TIMEOUT: Input should be a finite number"),
+    ({"EDGEFLEET_HEALTH_PROBES": '[{"kind": "file", "path": "/r", "timeout_s": 1e300}]'},
+     "EDGEFLEET_HEALTH_PROBES[0][timeout_s]: Input should be less than or equal to 3600"),
+    ({"EDGEFLEET_DATA_DIR": ""}, "EDGEFLEET_DATA_DIR: Value error, must not be empty"),
+    ({"EDGEFLEET_TAGS": "[" * 5000 + "]" * 5000}, "EDGEFLEET_TAGS: tags takes JSON"),  # too deep to parse
+    ({"EDGEFLEET_API_PORT": "81", "edgefleet_api_port": "82"}, "both set api_port"),
+])
+def test_unusable_values_are_refused_by_name(tmp_path: Path, env: dict[str, str], message: str):
+    """Durations must be finite and sane (an infinite wait crashes the thread that waits);
+    paths must not be empty; one field, one variable."""
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, GOOD), environ=env)
+    assert message in str(e.value)
+
+
+def test_an_empty_variable_unsets_an_optional_setting(tmp_path: Path):
+    text = GOOD.replace("api_port = 8901", 'api_port = 8901\ntrust_root = "/etc/root.json"\nbandwidth_limit = 1e6')
+    f = write(tmp_path, text)
+    assert load_settings(f, environ={}).trust_root == Path("/etc/root.json")
+    s = load_settings(f, environ={"EDGEFLEET_TRUST_ROOT": "", "EDGEFLEET_BANDWIDTH_LIMIT": ""})
+    assert s.trust_root is None and s.bandwidth_limit is None
