@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx
 
-__all__ = ["ORT_MAX_OPSET", "onnx_blockers"]
+__all__ = ["ORT_MAX_OPSET", "ORT_MAX_IR", "onnx_blockers", "lowest_ir_version"]
 
 # onnxruntime minor version -> highest default-domain opset it implements.
 ORT_MAX_OPSET: dict[tuple[int, int], int] = {
@@ -24,7 +24,63 @@ ORT_MAX_OPSET: dict[tuple[int, int], int] = {
     (1, 21): 22,
     (1, 22): 22,
 }
+# onnxruntime minor version -> highest ONNX IR version it loads ("Unsupported model IR
+# version: 10, max supported IR version: 9" on 1.17). torch.onnx in torch 2.13 stamps IR
+# 10, which 1.17 refuses, although an opset-18 graph needs only IR 8: the compiler
+# stamps each ONNX candidate with the lowest IR version its content needs
+# (:func:`lowest_ir_version`). 1.18 loading IR 10 and refusing 11 was checked here with
+# onnxruntime 1.18.1 (the legacy device stack).
+ORT_MAX_IR: dict[tuple[int, int], int] = {
+    (1, 14): 8,
+    (1, 15): 9,
+    (1, 16): 9,
+    (1, 17): 9,
+    (1, 18): 10,
+    (1, 19): 10,
+    (1, 20): 10,
+    (1, 21): 10,
+    (1, 22): 11,
+}
 _ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc"}
+# Element types that need a newer IR than their opsets do: float8 (IR 9), 4-bit ints
+# (IR 10), float4 (IR 11).
+_IR_FOR_TYPE = {17: 9, 18: 9, 19: 9, 20: 9, 21: 10, 22: 10, 23: 11}
+
+
+def _types_used(proto: onnx.ModelProto) -> set[int]:
+    g = proto.graph
+    types = {t.data_type for t in g.initializer}
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type"):
+            types.add(vi.type.tensor_type.elem_type)
+    for n in g.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                types.add(a.t.data_type)
+            if a.name == "to" and a.type == onnx.AttributeProto.INT:
+                types.add(a.i)
+    return types
+
+
+def lowest_ir_version(model: bytes) -> bytes:
+    """``model`` stamped with the lowest ONNX IR version its opsets and element types
+    need, without the opset imports of domains no node uses (ONNX Runtime's quantizer
+    declares ``ai.onnx.ml`` 5, which alone would need IR 10). Unchanged when it already
+    is so, or when it has model-local functions, whose rules changed between IR
+    versions."""
+    proto = onnx.load_model_from_string(model)
+    if proto.functions:
+        return model
+    used = {n.domain or "" for n in proto.graph.node} | {""}
+    keep = [imp for imp in proto.opset_import if (imp.domain or "") in used or imp.domain == "ai.onnx"]
+    need = onnx.helper.find_min_ir_version_for(keep, ignore_unknown=True)
+    need = max([need, *(_IR_FOR_TYPE.get(t, 0) for t in _types_used(proto))])
+    if proto.ir_version <= need and len(keep) == len(proto.opset_import):
+        return model
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    proto.ir_version = min(proto.ir_version, need)
+    return proto.SerializeToString()
 
 
 def _minor(version: str) -> tuple[int, int] | None:
@@ -45,6 +101,10 @@ def onnx_blockers(model: bytes, min_runtime_version: str) -> list[str]:
     known = [v for v in ORT_MAX_OPSET if v <= mv]
     # Versions newer than the table support at least the newest entry.
     max_opset = ORT_MAX_OPSET[max(known)] if known else None
+    max_ir = ORT_MAX_IR[max(known)] if known else None
+    if max_ir is not None and proto.ir_version > max_ir:
+        reasons.append(f"model has ONNX IR version {proto.ir_version}; onnxruntime {min_runtime_version} "
+                       f"loads up to {max_ir}")
     # Only the default domain's version matters here; tools also declare unused domains
     # (ai.onnx.training, ...), so other domains are judged by the nodes that use them.
     for imp in proto.opset_import:

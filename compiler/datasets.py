@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ __all__ = ["Dataset", "load_npz", "check_input_shape"]
 
 # Data files are read whole into memory; refuse anything absurd before trying.
 MAX_DATA_BYTES = 2 << 30
+# Arrays an .npz may unpack to (its members are deflated: a small file can hold a bomb).
+MAX_UNPACKED_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,22 @@ def load_npz(path: Path, role: str, *, need_labels: bool = False) -> Dataset:
     try:
         import io
 
+        if zipfile.is_zipfile(io.BytesIO(raw)):
+            with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+                unpacked = sum(i.file_size for i in zf.infolist())
+            if unpacked > MAX_UNPACKED_BYTES:
+                raise DataFileError(f"{role} data {path}: its arrays unpack to {unpacked} bytes, "
+                                    f"over {MAX_UNPACKED_BYTES}")
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise DataFileError(f"{role} data {path}: a .npy array, not an .npz archive")
             arrays = {k: z[k] for k in z.files}
     except DataFileError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataFileError(f"{role} data {path}: not a readable .npz file ({e})") from e
+    except MemoryError as e:  # an array header claiming a shape far larger than its data
+        raise DataFileError(f"{role} data {path}: an array declares more data than can be loaded ({e})") from e
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise DataFileError(f"{role} data {path}: no array named 'x' (found {found})")

@@ -292,8 +292,10 @@ def load_factory_model(spec: str, state_dict: Path, example: np.ndarray) -> Onnx
     mod_name, _, fn_name = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, SyntaxError) as e:
         raise ModelLoadError(f"model {spec}: cannot import {fn_name!r} from {mod_name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - importing user code runs it
+        raise ModelLoadError(f"model {spec}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
     try:
         module = factory()
     except Exception as e:  # noqa: BLE001 - user code raises anything

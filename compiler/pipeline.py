@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import logging
+import math
 import os
 import platform
 import random
@@ -39,7 +41,7 @@ from agent.bundle import write_bundle
 from agent.features import build_reference
 from agent.profiles import Profile
 from compiler.accuracy_tuning import TuningTarget, tune_static_qdq
-from compiler.compatibility import onnx_blockers
+from compiler.compatibility import lowest_ir_version, onnx_blockers
 from compiler.datasets import Dataset, check_input_shape, load_npz
 from compiler.errors import CompilerInputError, DataFileError, TechniqueError
 from compiler.measure import (
@@ -52,14 +54,18 @@ from compiler.measure import (
 from compiler.metrics import Metric, evaluate_metric, score
 from compiler.model_source import OPSET, OnnxModel, is_factory_spec, load_factory_model, load_model
 from compiler.quantize import (
+    FP16_MAX,
     CalibrationMethodName,
     StaticQuantSettings,
     convert_fp16,
+    fp16_overflows,
     quantize_dynamic_int8,
     static_settings_for,
 )
 from compiler.report import CandidateRecord, CompileReport, ProfileSummary
 from compiler.selection import Measured, select
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AGREEMENT_MIN",
@@ -413,7 +419,7 @@ class _Planner:
                         precision="fp16",
                         technique="fp16",
                         runtime="onnxruntime",
-                        build=lambda: convert_fp16(m.data),
+                        build=self._build_fp16,
                         settings={"opset": OPSET, "keep_io_types": True},
                     )
                 )
@@ -421,6 +427,19 @@ class _Planner:
         if self.train is not None and self.model.module is not None:
             out += self._trained(profile)
         return out
+
+    def _build_fp16(self) -> tuple[bytes, list[str]]:
+        """fp16 ONNX, blocked when an activation on the calibration rows is beyond fp16's
+        range (:func:`compiler.quantize.fp16_overflows`)."""
+        data, notes = convert_fp16(self.model.data)
+        over = fp16_overflows(self.model.data, self.model.input.name, self.calib.x)
+        if over:
+            shown = ", ".join(over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
+            self.cache["onnx-fp16"].blockers.append(
+                f"activations overflow fp16 (beyond {FP16_MAX:g}) on the calibration rows: {shown}; "
+                "this host computes fp16 in fp32 and cannot show it"
+            )
+        return data, notes
 
     def _tflite_fp32(self) -> tuple[bytes, list[str]]:
         """The fp32 .tflite of the source model, converted once per compile."""
@@ -748,7 +767,14 @@ def _evaluate(
     if y is not None and y.dtype.kind in "iu" and y.ndim == 1 and pred is not None:
         art.metrics["accuracy"] = float((pred == y).mean())
     if metric.name != "accuracy":
-        art.metrics[metric.name] = evaluate_metric(metric, logits, y, fp32_logits)
+        # Without labels, mse/cosine measure fidelity to fp32; the baseline is then
+        # measured against itself (mse 0, cosine 1), so that candidates have a reference.
+        reference = fp32_logits if fp32_logits is not None or art.key != "onnx-fp32" else logits
+        art.metrics[metric.name] = evaluate_metric(metric, logits, y, reference)
+    for name, value in list(art.metrics.items()):
+        if value is not None and not math.isfinite(value):
+            art.metrics[name] = None  # NaN/inf outputs: not a measurement, and not JSON
+            art.blockers.append(f"{name} is not a finite number on the eval rows (NaN or inf outputs)")
     if fp32_logits is not None and pred is not None and fp32_logits.ndim >= 2:
         art.agreement = float((pred == fp32_logits.argmax(axis=-1)).mean())
 
@@ -835,6 +861,10 @@ def compile_model(
         assert train.y is not None
         if train.y.ndim != 1 or train.y.dtype.kind not in "iu":
             raise DataFileError(f"train data {train.path}: 'y' must be 1-D integer class labels")
+        n_classes = model.output.shape[-1] if model.output.shape else None
+        if isinstance(n_classes, int) and n_classes > 0 and (train.y.min() < 0 or train.y.max() >= n_classes):
+            raise DataFileError(f"train data {train.path}: labels run from {int(train.y.min())} to "
+                                f"{int(train.y.max())}, but the model has {n_classes} output classes")
 
     planner = _Planner(model, calib, eval_data, train, options)
     plans: dict[str, list[_Artifact]] = {}
@@ -885,19 +915,33 @@ def compile_model(
     # Build and evaluate each distinct artifact once; ONNX fp32 first (its predictions
     # are the reference for agreement and the drift reference).
     fp32_logits: np.ndarray | None = None
+    # Without an eval set, candidates are measured on the calibration rows (optimistic
+    # for int8, which saw them, but never unchecked).
+    measure_on = eval_data if eval_data is not None else calib
+    if eval_data is None:
+        skipped.append("no --eval given: accuracy and fidelity are measured on the calibration rows")
     for art in artifacts:
         prog.advance(f"building {art.key}")
         try:
             art.model, art.notes = art.build()
+            if art.format == "onnx" and art.model is not None:
+                art.model = lowest_ir_version(art.model)
         except TechniqueError as e:
             art.error = str(e)
+        except Exception as e:  # one candidate's failure rejects that candidate, not the compile
+            log.exception("building %s failed", art.key)
+            art.error = f"build failed: {type(e).__name__}: {e}"
         prog.advance(f"evaluating {art.key}")
         if art.model is None:
             continue
         try:
-            _evaluate(art, model, calib, eval_data, fp32_logits, options.metric)
+            _evaluate(art, model, calib, measure_on, fp32_logits, options.metric)
         except TechniqueError as e:
             art.error = str(e)
+            continue
+        except Exception as e:
+            log.exception("evaluating %s failed", art.key)
+            art.error = f"evaluation failed: {type(e).__name__}: {e}"
             continue
         if art.key == "onnx-fp32" and art.eval_logits is not None:
             fp32_logits = art.eval_logits
@@ -1066,6 +1110,9 @@ def compile_model(
                 "warmup": options.latency.warmup,
                 "runs": options.latency.total_runs,
                 "interleaved_rounds": options.latency.rounds,
+                "runs_per_round": options.latency.runs_per_round,
+                "pause_s": options.latency.pause_s,
+                "block_warmup": options.latency.block_warmup,
             },
         },
         profiles=summaries,

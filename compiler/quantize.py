@@ -415,3 +415,42 @@ def convert_fp16(model: bytes) -> tuple[bytes, list[str]]:
     return proto.SerializeToString(deterministic=True), [
         "fp16 weights/activations, fp32 inputs and outputs (keep_io_types)"
     ]
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_overflows(model: bytes, input_name: str, x: np.ndarray) -> list[str]:
+    """Float tensors of the fp32 ``model`` whose values on ``x`` (calibration rows) reach
+    beyond fp16's largest finite value, as ``"name (max |v| 1.1e+05)"``.
+
+    Host measurements cannot catch this: ONNX Runtime's CPU provider computes many fp16
+    ops in fp32, so an fp16 model that overflows to inf on a GPU stays finite here. Every
+    node output is made a graph output and read with graph optimizations off, so fused
+    intermediates are seen too.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from compiler.measure import run_batched
+
+    proto = onnx.load_model_from_string(model)
+    present = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in present:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                present.add(name)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = run_batched(sess, input_name, x)
+    over = []
+    for name, v in zip(names, outs, strict=True):
+        if v.dtype.kind == "f" and v.size:
+            peak = float(np.max(np.abs(v[np.isfinite(v)]))) if np.isfinite(v).any() else 0.0
+            if peak > FP16_MAX:
+                over.append(f"{name} (max |v| {peak:.3g})")
+    return over

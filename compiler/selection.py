@@ -82,6 +82,8 @@ def select(candidates: Sequence[Measured], limits: Limits) -> list[Decision]:
                 f"p95 latency {_fmt_ms(c.latency_p95_ms)} on this host is over the "
                 f"profile's budget {_fmt_ms(limits.latency_budget_ms)}"
             )
+        if c.metric is None and not c.is_baseline and baseline is not None and baseline.metric is not None:
+            d.reasons.append("its metric was not measured, so its accuracy cannot be checked against fp32")
         if c.metric is not None and baseline is not None and baseline.metric is not None:
             d.metric_drop = baseline.metric - c.metric
             if d.metric_drop > limits.max_accuracy_drop + 1e-12:

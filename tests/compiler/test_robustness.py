@@ -1,0 +1,192 @@
+"""Faults found in review: candidates that escaped the accuracy check, NaN metrics, ONNX
+IR versions the target runtime refuses, and input files that gave tracebacks."""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.bundle import unpack
+from agent.profiles import Limits, load_profile
+from compiler import datasets
+from compiler.compatibility import lowest_ir_version, onnx_blockers
+from compiler.errors import DataFileError, ModelLoadError
+from compiler.measure import LatencySettings
+from compiler.metrics import parse_metric
+from compiler.model_source import load_factory_model
+from compiler.pipeline import CompileOptions, compile_model
+from compiler.selection import Measured, select
+
+FAST = LatencySettings(warmup=3, rounds=2, runs_per_round=5)
+
+
+def _linear(ir: int = 10, log_output: bool = False, elem: int = TensorProto.FLOAT) -> bytes:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h" if log_output else "y"])]
+    if log_output:  # log of a negative number: NaN for some rows
+        nodes.append(helper.make_node("Log", ["h"], ["y"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w])
+    if elem != TensorProto.FLOAT:
+        g.initializer.append(helper.make_tensor("extra", elem, [2], [1, 1]))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=ir).SerializeToString()
+
+
+def test_onnx_ir_versions_are_lowered_to_what_the_content_needs_and_checked():
+    m = _linear(ir=10)
+    assert onnx_blockers(m, "1.17") == ["model has ONNX IR version 10; onnxruntime 1.17 loads up to 9"]
+    assert onnx_blockers(m, "1.18") == []
+    low = lowest_ir_version(m)
+    assert onnx.load_model_from_string(low).ir_version == 8 and onnx_blockers(low, "1.17") == []
+    assert lowest_ir_version(low) == low  # already lowest: the same bytes
+    int4 = _linear(ir=10, elem=TensorProto.INT4)  # a 4-bit initializer needs IR 10
+    assert onnx.load_model_from_string(lowest_ir_version(int4)).ir_version == 10
+
+
+def test_compiled_onnx_bundles_load_on_the_profiles_runtime(cnn_compiled, tmp_path: Path):
+    """torch.onnx stamps IR 10; every profile here declares onnxruntime 1.17 (IR <= 9)."""
+    out, report = cnn_compiled
+    onnx_bundles = [c.bundle for c in report.candidates if c.bundle and c.format == "onnx"]
+    assert onnx_bundles
+    for i, name in enumerate(onnx_bundles):
+        b = unpack(out / name, tmp_path / str(i))
+        assert onnx.load_model(str(b.model_path)).ir_version <= 9, name
+
+
+def test_a_candidate_without_a_metric_is_not_passed_when_fp32_has_one():
+    limits = Limits(max_model_bytes=10_000, latency_budget_ms=5.0, max_accuracy_drop=0.01)
+    fp32 = Measured("fp32", 4000, 1.0, 1.2, 0.95, is_baseline=True)
+    unmeasured = Measured("int8", 1000, 0.5, 0.6, None)
+    d = {x.key: x for x in select([fp32, unmeasured], limits)}
+    assert d["fp32"].selected and not d["int8"].passed
+    assert "metric was not measured" in " ".join(d["int8"].reasons)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def test_mse_without_labels_checks_fidelity_against_fp32(tmp_path: Path):
+    """Without labels, mse is measured against the fp32 model's outputs, the baseline's
+    own included (0), so every candidate has a drop to be judged by."""
+    model = tmp_path / "lin.onnx"
+    model.write_bytes(_linear())
+    rng = np.random.default_rng(1)
+    calib = _write_npz(tmp_path / "calib.npz", x=rng.normal(size=(64, 4)).astype(np.float32))
+    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out",
+                           CompileOptions(name="lin", version="1.0.0", seed=0, latency=FAST,
+                                          metric=parse_metric("mse")))
+    base = next(c for c in report.candidates if c.technique == "baseline")
+    assert base.metrics["mse"] == 0.0
+    others = [c for c in report.candidates if c.technique != "baseline" and c.model_bytes is not None]
+    assert others and all(c.metrics.get("mse") is not None for c in others)
+    assert any("measured on the calibration rows" in s for s in report.skipped)
+
+
+def test_nan_outputs_reject_the_candidate_and_the_compile_finishes(tmp_path: Path):
+    model = tmp_path / "log.onnx"
+    model.write_bytes(_linear(log_output=True))
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    ev = _write_npz(tmp_path / "eval.npz", x=x, y=rng.normal(size=(64, 3)).astype(np.float32))
+    out = tmp_path / "out"
+    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, ev, out,
+                           CompileOptions(name="lognan", version="1.0.0", seed=0, latency=FAST,
+                                          metric=parse_metric("mse")))
+    assert (out / "report.json").exists()
+    assert not any(c.selected for c in report.candidates)
+    base = next(c for c in report.candidates if c.technique == "baseline")
+    assert base.metrics["mse"] is None
+    assert any("not a finite number" in r for r in base.reasons)
+
+
+def test_damaged_data_files_are_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    good = io.BytesIO()
+    np.savez_compressed(good, x=np.zeros((64, 4), np.float32))
+    raw = bytearray(good.getvalue())
+    # Corrupt the deflate stream of the member (past its local header), not the zip directory.
+    name_len, extra_len = struct.unpack("<HH", raw[26:30])  # the first member's local header
+    start = 30 + name_len + extra_len
+    raw[start:start + 8] = b"\xff" * 8
+    bad_deflate = tmp_path / "deflate.npz"
+    bad_deflate.write_bytes(bytes(raw))
+    with pytest.raises(DataFileError, match="not a readable .npz file"):
+        datasets.load_npz(bad_deflate, "calibration")
+
+    # A header claiming a shape far beyond its data.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (1 << 40, 1 << 10)})
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(huge, "w") as zf:
+        zf.writestr("x.npy", header.getvalue() + b"\0" * 64)
+    with pytest.raises(DataFileError, match="huge.npz"):
+        datasets.load_npz(huge, "calibration")
+
+    # Members that unpack to more than the bound (a small file can hold a deflate bomb).
+    monkeypatch.setattr(datasets, "MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(DataFileError, match="unpack to .* bytes, over 1000"):
+        datasets.load_npz(_write_npz(tmp_path / "big.npz", x=np.zeros((64, 4), np.float32)), "eval")
+
+
+def test_a_factory_module_that_does_not_compile_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "broken_factory_mod.py").write_text("def make(:\n    pass\n")
+    (tmp_path / "w.pt").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="broken_factory_mod"):
+        load_factory_model("broken_factory_mod:make", tmp_path / "w.pt", np.zeros((1, 4), np.float32))
+    sys.modules.pop("broken_factory_mod", None)
+
+
+def test_training_labels_beyond_the_model_s_classes_are_refused_up_front(mlp_workspace, tmp_path: Path):
+    from compiler.pipeline import TrainSettings
+
+    x = np.load(mlp_workspace.calib)["x"]
+    train = _write_npz(tmp_path / "train.npz", x=x, y=np.full(len(x), 14, np.int64))
+    with pytest.raises(DataFileError, match="labels run from 14 to 14, but the model has 10 output classes"):
+        compile_model(mlp_workspace.pt2, [load_profile("x86-gateway-vnni")], mlp_workspace.calib, None,
+                      tmp_path / "out", CompileOptions(name="m", version="1.0.0", latency=FAST,
+                                                       train=TrainSettings(path=train)))
+
+
+def _big_hidden() -> bytes:
+    """x (n, 4) -> MatMul by 1e5-scale weights -> Relu -> MatMul down to 3 outputs: the
+    hidden layer goes past fp16's 65504 while the output stays small."""
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array((rng.normal(size=(4, 8)) * 1e5).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.normal(size=(8, 3)) * 1e-5).astype(np.float32), "w2")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w1, w2])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+
+
+def test_fp16_is_blocked_when_activations_overflow_it(tmp_path: Path):
+    from compiler.quantize import fp16_overflows
+
+    x = np.random.default_rng(4).normal(size=(32, 4)).astype(np.float32)
+    over = fp16_overflows(_big_hidden(), "x", x)
+    assert [o.split(" ")[0] for o in over] == ["h", "r"]
+    assert fp16_overflows(_linear(ir=8), "x", x) == []
+
+    model = tmp_path / "big.onnx"
+    model.write_bytes(_big_hidden())
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    report = compile_model(model, [load_profile("jetson-orin-cuda")], calib, None, tmp_path / "out",
+                           CompileOptions(name="big", version="1.0.0", seed=0, latency=FAST,
+                                          metric=parse_metric("mse")))
+    fp16 = next(c for c in report.candidates if c.precision == "fp16")
+    assert not fp16.passed and any("overflow fp16" in r for r in fp16.reasons)
