@@ -80,6 +80,10 @@ class Spool:
             " retain INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
+        # synchronous=NORMAL may lose the last commits to a power cut, and with them
+        # sequence numbers already sent; the clock has moved past them since.
+        self._db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name LIKE 'seq.%'",
+                         (int(time.time() * 1000),))
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
 
     def _bump(self, name: str, n: int) -> None:
@@ -148,12 +152,13 @@ class Spool:
     def next_seq(self, name: str) -> int:
         """A persisted, strictly increasing counter (survives restarts).
 
-        A new counter starts at the wall clock in milliseconds, not at 1: the hub drops
-        a device's reports whose ``seq`` is not above the last it stored (and stores a
-        telemetry window once per ``seq``), so a device whose spool was wiped (a new SD
-        card, a reset, an unreadable spool set aside) must not start below where it was.
-        That holds while the device sent fewer reports than milliseconds passed, and its
-        clock is not set far back at the first start after the wipe."""
+        A new counter starts at the wall clock in milliseconds, not at 1, and counters
+        named ``seq.*`` move up to the clock at every start: the hub drops a device's
+        reports whose ``seq`` is not above the last it stored (and stores a telemetry
+        window once per ``seq``), so a device whose spool was wiped (a new SD card, a
+        reset, an unreadable spool set aside) or lost its last commits to a power cut
+        must not count from below where it was. That holds while the device sends fewer
+        reports than milliseconds pass, and its clock is not set far back."""
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES(?, ?)",
                              (name, int(time.time() * 1000) - 1))
