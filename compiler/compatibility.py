@@ -1,7 +1,7 @@
 """Op compatibility: can the target's runtime version load this model?
 
-ONNX Runtime supports ONNX opsets up to a version-dependent maximum (its
-"ONNX Runtime compatibility" table); a model using a newer opset, or an operator
+ONNX Runtime supports ONNX opsets and IR versions up to a version-dependent maximum
+(its "ONNX Runtime compatibility" table); a model using a newer one, or an operator
 domain the runtime does not ship, fails to load on the device even though it runs
 here. Each problem found becomes a rejection reason.
 """
@@ -10,36 +10,24 @@ from __future__ import annotations
 
 import onnx
 
-__all__ = ["ORT_MAX_OPSET", "ORT_MAX_IR", "onnx_blockers", "lowest_ir_version"]
+__all__ = ["ORT_SUPPORT", "onnx_blockers", "lowest_ir_version"]
 
-# onnxruntime minor version -> highest default-domain opset it implements.
-ORT_MAX_OPSET: dict[tuple[int, int], int] = {
-    (1, 14): 18,
-    (1, 15): 19,
-    (1, 16): 19,
-    (1, 17): 20,
-    (1, 18): 21,
-    (1, 19): 21,
-    (1, 20): 21,
-    (1, 21): 22,
-    (1, 22): 22,
-}
-# onnxruntime minor version -> highest ONNX IR version it loads ("Unsupported model IR
-# version: 10, max supported IR version: 9" on 1.17). torch.onnx in torch 2.13 stamps IR
-# 10, which 1.17 refuses, although an opset-18 graph needs only IR 8: the compiler
-# stamps each ONNX candidate with the lowest IR version its content needs
-# (:func:`lowest_ir_version`). 1.18 loading IR 10 and refusing 11 was checked here with
-# onnxruntime 1.18.1 (the legacy device stack).
-ORT_MAX_IR: dict[tuple[int, int], int] = {
-    (1, 14): 8,
-    (1, 15): 9,
-    (1, 16): 9,
-    (1, 17): 9,
-    (1, 18): 10,
-    (1, 19): 10,
-    (1, 20): 10,
-    (1, 21): 10,
-    (1, 22): 11,
+# onnxruntime minor version -> (highest default-domain opset it implements, highest
+# ONNX IR version it loads). IR: 1.17 says "Unsupported model IR version: 10, max
+# supported IR version: 9"; torch.onnx in torch 2.13 stamps IR 10 although an opset-18
+# graph needs only IR 8, so the compiler stamps each ONNX candidate with the lowest IR
+# version its content needs (:func:`lowest_ir_version`). 1.18 loading IR 10 and refusing
+# 11 was checked here with onnxruntime 1.18.1 (the legacy device stack).
+ORT_SUPPORT: dict[tuple[int, int], tuple[int, int]] = {
+    (1, 14): (18, 8),
+    (1, 15): (19, 9),
+    (1, 16): (19, 9),
+    (1, 17): (20, 9),
+    (1, 18): (21, 10),
+    (1, 19): (21, 10),
+    (1, 20): (21, 10),
+    (1, 21): (22, 10),
+    (1, 22): (22, 11),
 }
 _ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc"}
 # Element types that need a newer IR than their opsets do: float8 (IR 9), 4-bit ints
@@ -98,10 +86,9 @@ def onnx_blockers(model: bytes, min_runtime_version: str) -> list[str]:
     mv = _minor(min_runtime_version)
     if mv is None:
         return [f"cannot parse the profile's onnxruntime version {min_runtime_version!r}"]
-    known = [v for v in ORT_MAX_OPSET if v <= mv]
+    known = [v for v in ORT_SUPPORT if v <= mv]
     # Versions newer than the table support at least the newest entry.
-    max_opset = ORT_MAX_OPSET[max(known)] if known else None
-    max_ir = ORT_MAX_IR[max(known)] if known else None
+    max_opset, max_ir = ORT_SUPPORT[max(known)] if known else (None, None)
     if max_ir is not None and proto.ir_version > max_ir:
         reasons.append(f"model has ONNX IR version {proto.ir_version}; onnxruntime {min_runtime_version} "
                        f"loads up to {max_ir}")

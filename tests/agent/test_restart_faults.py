@@ -19,6 +19,17 @@ def _restart(bench, a, device_id: str, **kw):
     return bench.agent(device_id, **kw)
 
 
+def _served_then_stopped(bench, device_id: str):
+    """An agent that installed v1.0.0 and was stopped: ``(agent, manifest)``."""
+    tp, man, *_ = bench.bundle("1.0.0")
+    a = bench.agent(device_id)
+    bench.deploy(device_id, "d1", tp, man.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    a.stop()
+    bench.agents.remove(a)
+    return a, man
+
+
 def test_a_failed_first_deployment_is_not_served_after_a_restart(bench):
     """The first deployment fails its self-test: its model stays in slot a, the pointer
     says "none", and the next start must serve nothing rather than that model."""
@@ -33,12 +44,7 @@ def test_a_failed_first_deployment_is_not_served_after_a_restart(bench):
 
 
 def test_an_unreadable_state_record_keeps_the_device_serving(bench):
-    tp, man, *_ = bench.bundle("1.0.0")
-    a = bench.agent("torn-state")
-    bench.deploy("torn-state", "d1", tp, man.ref)
-    assert bench.wait_for(a, "d1") == "installed"
-    a.stop()
-    bench.agents.remove(a)
+    a, man = _served_then_stopped(bench, "torn-state")
     state = a.settings.data_dir / "state.json"
     state.write_text('{"state": "committed", "saves": "x"}')  # what a newer agent or a bad disk might leave
     from agent.config import AgentSettings
@@ -150,12 +156,7 @@ def test_status_of_a_device_with_an_unreadable_record_moves_nothing(tmp_path):
 
 
 def test_an_unreadable_spool_is_set_aside_and_the_agent_starts(bench):
-    tp, man, *_ = bench.bundle("1.0.0")
-    a = bench.agent("bad-spool")
-    bench.deploy("bad-spool", "d1", tp, man.ref)
-    assert bench.wait_for(a, "d1") == "installed"
-    a.stop()
-    bench.agents.remove(a)
+    a, man = _served_then_stopped(bench, "bad-spool")
     spool = a.settings.data_dir / "spool.sqlite"
     for p in spool.parent.glob("spool.sqlite-*"):
         p.unlink()
