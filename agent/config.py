@@ -11,11 +11,10 @@ Environment variables are matched to fields by name, case-insensitively
 alone: the hub reads its own ``EDGEFLEET_`` variables. A list or table field (``tags``,
 ``health_probes``) takes JSON, as in ``EDGEFLEET_TAGS='["lab", "floor-2"]'``.
 
-This module does not use pydantic-settings: importing it (with the asyncio and pydantic
-dataclass support it pulls in) cost the agent process 4-5 MiB of RSS (idle 64.4 -> 61.4
-MiB, serving a LiteRT model 81.3 -> 76.2 MiB; ``benchmarks/agent_bench.py`` before and
-after, one host, 2026-11-27) and about 25 ms of start-up, for the few lines below. The
-hub, which does not count megabytes, keeps using it.
+This module does not use pydantic-settings: the old pydantic-settings version of this
+module cost the agent 3.0-3.3 MiB of RSS and 30-50 ms of start-up on top of the agent's
+other imports (five fresh interpreters each, side by side, 2026-11-27), for the few
+lines below. The hub, which does not count megabytes, keeps using it.
 """
 
 from __future__ import annotations

@@ -32,5 +32,5 @@ def test_agent_extra_pulls_no_hub_or_compiler_dependencies(tmp_path: Path):
     names = _resolve("agent", tmp_path)
     assert {"onnxruntime", "paho-mqtt", "tuf", "cryptography", "numpy"} <= names
     assert not (names & FORBIDDEN), sorted(names & FORBIDDEN)
-    # The agent reads its settings without pydantic-settings (4-5 MiB of RSS on a device).
+    # The agent reads its settings without pydantic-settings (3 MiB of RSS on a device).
     assert "pydantic-settings" not in names
