@@ -853,6 +853,14 @@ def compile_model(
     eval_data = load_npz(eval_path, "eval") if eval_path is not None else None
     train = load_npz(options.train.path, "train", need_labels=True) if options.train else None
     model = _load(model_path, calib, options)
+    batch = model.input.shape[0] if model.input.shape else None
+    if isinstance(batch, int) and batch > 0:
+        # Calibration, evaluation and the self-test run many rows per call; finding out
+        # after every candidate is built helps nobody.
+        raise CompilerInputError(
+            f"model input {model.input.name!r} has a fixed batch size of {batch}; export it with a "
+            "dynamic batch dimension (a named first dimension in ONNX, a batch Dim in torch.export)"
+        )
     check_input_shape(calib, "calibration", model.input.shape)
     if eval_data is not None:
         check_input_shape(eval_data, "eval", model.input.shape)

@@ -18,7 +18,7 @@ from agent.bundle import unpack
 from agent.profiles import Limits, load_profile
 from compiler import datasets
 from compiler.compatibility import lowest_ir_version, onnx_blockers
-from compiler.errors import DataFileError, ModelLoadError
+from compiler.errors import CompilerInputError, DataFileError, ModelLoadError
 from compiler.measure import LatencySettings
 from compiler.metrics import parse_metric
 from compiler.model_source import load_factory_model
@@ -190,3 +190,15 @@ def test_fp16_is_blocked_when_activations_overflow_it(tmp_path: Path):
                                           metric=parse_metric("mse")))
     fp16 = next(c for c in report.candidates if c.precision == "fp16")
     assert not fp16.passed and any("overflow fp16" in r for r in fp16.reasons)
+
+
+def test_a_fixed_batch_input_is_refused_before_anything_is_built(tmp_path: Path):
+    proto = onnx.load_model_from_string(_linear(ir=8))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # [1, 4] instead of [n, 4]
+    model = tmp_path / "fixed.onnx"
+    model.write_bytes(proto.SerializeToString())
+    calib = _write_npz(tmp_path / "calib.npz", x=np.zeros((8, 4), np.float32))
+    with pytest.raises(CompilerInputError, match="fixed batch size of 1; export it with a dynamic batch"):
+        compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out",
+                      CompileOptions(name="fixed", version="1.0.0", latency=FAST))
+    assert not (tmp_path / "out").exists()
