@@ -202,3 +202,23 @@ def test_a_fixed_batch_input_is_refused_before_anything_is_built(tmp_path: Path)
         compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out",
                       CompileOptions(name="fixed", version="1.0.0", latency=FAST))
     assert not (tmp_path / "out").exists()
+
+
+def test_one_candidate_that_crashes_is_rejected_and_the_compile_goes_on(tmp_path: Path, monkeypatch):
+    import compiler.pipeline as pipeline
+
+    def broken(model: bytes):
+        raise RuntimeError("quantizer bug")
+
+    monkeypatch.setattr(pipeline, "quantize_dynamic_int8", broken)
+    model = tmp_path / "lin.onnx"
+    model.write_bytes(_linear())
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    ev = _write_npz(tmp_path / "eval.npz", x=x, y=rng.integers(0, 3, size=64))
+    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, ev, tmp_path / "out",
+                           CompileOptions(name="lin", version="1.0.0", seed=0, latency=FAST))
+    dyn = next(c for c in report.candidates if c.technique == "dynamic-int8")
+    assert not dyn.passed and any("build failed: RuntimeError: quantizer bug" in r for r in dyn.reasons)
+    assert sum(c.selected for c in report.candidates) == 1
