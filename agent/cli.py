@@ -70,6 +70,10 @@ def agent_group() -> None:
     """The device daemon."""
 
 
+# Settings whose option is not named after the field (for error messages).
+_OPTION_NAMES = {"broker_url": "--broker", "tags": "--tag"}
+
+
 @agent_group.command("run")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML config file ([agent] table); EDGEFLEET_* variables override it.")
@@ -96,7 +100,7 @@ def agent_run(config: Path | None, tags: tuple[str, ...], **opts: object) -> Non
     if tags:
         opts["tags"] = list(tags)
     try:
-        settings = load_settings(config, opts)
+        settings = load_settings(config, opts, option_names=_OPTION_NAMES)
         daemon = Agent(settings)
     except DataError as e:
         raise click.ClickException(str(e)) from e

@@ -189,42 +189,46 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
+    option_names: Mapping[str, str] | None = None,
 ) -> AgentSettings:
     """Build settings from a TOML file (optional), the environment, and ``overrides``
     (command-line options; ``None`` values are ignored, so unset options fall through).
 
-    ``environ`` defaults to ``os.environ``.
+    ``environ`` defaults to ``os.environ``. ``option_names`` maps a field to the
+    command-line option that sets it, for error messages (default ``--field-name``).
 
     Raises:
         ConfigError: the file is unreadable, over ``MAX_CONFIG_BYTES``, not TOML, or a
             value is invalid; the message names the file or variable, and the field.
     """
-    # Where each value came from, to name it in an error: a file, a variable, or an option.
-    source: dict[str, str] = {}
+    names = dict(option_names or {})
+
+    def option(field: str) -> str:
+        return names.get(field, f"--{field.replace('_', '-')}")
+
+    # Where each value came from, to name it in an error: (a file's path, the field),
+    # a variable, or an option; the last two name the field themselves.
+    label: dict[str, str] = {}
+    origin: dict[str, str] = {}
     merged: dict[str, Any] = {}
     if config is not None:
         for k, v in _read_toml(config).items():
-            merged[k], source[k] = v, str(config)
+            merged[k], label[k], origin[k] = v, f"{config}: {k}", str(config)
     for k, (var, v) in environment_values(os.environ if environ is None else environ).items():
-        merged[k], source[k] = v, var
+        merged[k], label[k], origin[k] = v, var, var
     for k, v in (overrides or {}).items():
         if v is not None:
-            merged[k], source[k] = v, f"--{k.replace('_', '-')}"
+            merged[k], label[k], origin[k] = v, option(k), option(k)
     try:
         return AgentSettings(**merged)
     except ValidationError as e:
         err = e.errors()[0]
         if not err["loc"]:  # a check across fields: name where each field it mentions came from
-            named = [f"{k} from {source[k]}" for k in sorted(source) if re.search(rf"\b{k}\b", err["msg"])]
+            named = [f"{k} from {origin[k]}" for k in sorted(origin) if re.search(rf"\b{k}\b", err["msg"])]
             raise ConfigError(f"{err['msg']}" + (f" ({'; '.join(named)})" if named else "")) from e
         field, rest = str(err["loc"][0]), "".join(f"[{p}]" for p in err["loc"][1:])
         if err["type"] == "missing":
             where = f"{config}, " if config is not None else ""
             raise ConfigError(f"{field}: required; set it in {where}{ENV_PREFIX}{field.upper()} "
-                              f"or --{field.replace('_', '-')}") from e
-        origin = source.get(field)
-        if origin is None or origin.startswith("-") or origin.upper().startswith(ENV_PREFIX):
-            label = origin or field  # an option or a variable names the field itself
-        else:
-            label = f"{origin}: {field}"
-        raise ConfigError(f"{label}{rest}: {err['msg']}") from e
+                              f"or {option(field)}") from e
+        raise ConfigError(f"{label.get(field, field)}{rest}: {err['msg']}") from e

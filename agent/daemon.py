@@ -285,7 +285,7 @@ class Agent:
         (a first deployment rolled back to nothing) means serve nothing: a slot may hold
         a first deployment that failed, and it must not come back at the next start. A
         torn pointer (outside interference) falls back to whichever slot loads, the one
-        the deployment record was installing last."""
+        the deployment record committed last, or else the one it was not installing."""
         self.slots.clean_staging()
         pointer = self.slots.pointer()
         if pointer in ("none", "missing"):
@@ -293,8 +293,12 @@ class Agent:
             return
         active = self.slots.active_name()
         order: list[SlotName] = [active] if active else []
-        unproven = self.record.to_slot if self.record.state != State.COMMITTED else None
-        order += sorted((s for s in ("a", "b") if s not in order), key=lambda s: s == unproven)  # type: ignore[misc]
+        # Torn pointer: the slot the record committed last comes first; a slot it was
+        # installing and never committed comes last.
+        last = self.record.to_slot
+        committed = self.record.state == State.COMMITTED
+        rest: list[SlotName] = [s for s in ("a", "b") if s not in order]  # type: ignore[misc]
+        order += sorted(rest, key=lambda s: (s != last) if committed else (s == last))
         for slot in order:
             b = self.slots.bundle(slot)
             if b is None:

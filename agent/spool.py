@@ -38,6 +38,18 @@ class Record:
     retain: bool
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _damaged(e: sqlite3.DatabaseError) -> bool:
+    """True when SQLite says the file is not a database or is corrupt (and only then)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(e)
+    return "not a database" in text or "malformed" in text
+
+
 class Spool:
     """``reset_reason`` is set when the file on disk was not a readable spool: it is then
     set aside (``spool.sqlite.unreadable-<unix time>``) and the spool starts empty,
@@ -45,18 +57,20 @@ class Spool:
 
     def __init__(self, path: Path, max_bytes: int = 8 << 20, *, set_aside: bool = True):
         """``set_aside=False`` (readers such as ``edgefleet agent status``) raises
-        ``sqlite3.DatabaseError`` for an unreadable file instead of moving it."""
+        ``sqlite3.DatabaseError`` for a damaged file instead of moving it, and writes
+        nothing. Errors other than damage (the database locked by another process, a
+        full disk, I/O) are raised either way: the file may be fine."""
         self.path = path
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self.reset_reason: str | None = None
         try:
-            self._open()
+            self._open(writer=set_aside)
         except sqlite3.DatabaseError as e:
             db = getattr(self, "_db", None)
             if db is not None:
                 db.close()
-            if not set_aside:
+            if not set_aside or not _damaged(e):
                 raise
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
@@ -65,25 +79,30 @@ class Spool:
                     os.replace(src, aside.with_name(aside.name + suffix))
             self.reset_reason = f"{path.name} was unreadable ({e}); set aside as {aside.name}, started empty"
             log.error("spool: %s", self.reset_reason)
-            self._open()
+            self._open(writer=True)
         self.available = threading.Event()
         if self._bytes:
             self.available.set()
 
-    def _open(self) -> None:
+    def _open(self, *, writer: bool) -> None:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,"
-            " retain INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
-        # synchronous=NORMAL may lose the last commits to a power cut, and with them
-        # sequence numbers already sent; the clock has moved past them since.
-        self._db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name LIKE 'seq.%'",
-                         (int(time.time() * 1000),))
+        if writer:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,"
+                " retain INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
+            # synchronous=NORMAL may lose the last commits to a power cut, and with them
+            # sequence numbers already sent; the clock has moved past them since. A full
+            # disk must not keep the agent from starting: the counters then stay.
+            try:
+                self._db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name LIKE 'seq.%'",
+                                 (int(time.time() * 1000),))
+            except sqlite3.OperationalError as e:
+                log.warning("spool: sequence counters not moved up to the clock: %s", e)
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
 
     def _bump(self, name: str, n: int) -> None:

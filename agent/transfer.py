@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from agent import topics
 from agent.errors import DiskSpaceError, PayloadError, TransferError
@@ -55,6 +55,16 @@ def _journal_chunks(journal: Path, head: str, n_chunks: int) -> set[int]:
         if line.endswith("\n") and line[:-1].isdigit() and int(line[:-1]) < n_chunks:
             done.add(int(line[:-1]))
     return done
+
+def _restart_journal(journal: Path, head: str, done: set[int]) -> TextIO:
+    """The journal, written anew from the chunks it listed and open for appending: a
+    line cut short by power loss must not be continued by the next entry ("1" then
+    "5\n" would list chunk 15)."""
+    jfh = open(journal, "w")  # noqa: SIM115 - returned open, closed by the caller's with
+    jfh.write(head + "".join(f"{i}\n" for i in sorted(done)))
+    jfh.flush()
+    return jfh
+
 
 class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> object: ...
@@ -178,14 +188,10 @@ class RepoClient:
         n_chunks = max(1, -(-length // s.chunk_size))
         head = f"chunks {s.chunk_size} {length}\n"
         done = _journal_chunks(journal, head, n_chunks) if part.exists() else set()
-        if not done:
-            journal.unlink(missing_ok=True)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, length)
-            with open(journal, "a") as jfh:
-                if not done:
-                    jfh.write(head)
+            with _restart_journal(journal, head, done) as jfh:
                 self._run_window(path, fd, jfh, length, n_chunks, done, progress, cancel)
             os.fsync(fd)
         finally:

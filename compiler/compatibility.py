@@ -54,10 +54,12 @@ def lowest_ir_version(model: bytes) -> bytes:
     """``model`` stamped with the lowest ONNX IR version its opsets and element types
     need, without the opset imports of domains no node uses (ONNX Runtime's quantizer
     declares ``ai.onnx.ml`` 5, which alone would need IR 10). Unchanged when it already
-    is so, or when it has model-local functions, whose rules changed between IR
-    versions."""
+    is so, when it has model-local functions (whose rules changed between IR versions),
+    or when it has subgraphs (If/Loop/Scan), whose nodes and types are not walked."""
     proto = onnx.load_model_from_string(model)
-    if proto.functions:
+    subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for n in proto.graph.node for a in n.attribute)
+    if proto.functions or subgraphs:  # If/Loop/Scan bodies: their domains and types are not walked
         return model
     used = {n.domain or "" for n in proto.graph.node} | {""}
     keep = [imp for imp in proto.opset_import if (imp.domain or "") in used or imp.domain == "ai.onnx"]

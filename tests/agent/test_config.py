@@ -180,3 +180,15 @@ def test_an_empty_variable_unsets_an_optional_setting(tmp_path: Path):
     assert load_settings(f, environ={}).trust_root == Path("/etc/root.json")
     s = load_settings(f, environ={"EDGEFLEET_TRUST_ROOT": "", "EDGEFLEET_BANDWIDTH_LIMIT": ""})
     assert s.trust_root is None and s.bandwidth_limit is None
+
+
+def test_errors_name_the_option_as_the_command_line_spells_it(tmp_path: Path):
+    named = tmp_path / "edgefleet_agent.toml"  # a file name that starts like a variable
+    named.write_text(GOOD.replace("api_port = 8901", "api_port = 70000"))
+    with pytest.raises(ConfigError, match=r"edgefleet_agent.toml: api_port: Input should be less than"):
+        load_settings(named, environ={})
+    with pytest.raises(ConfigError, match=r"^--broker: Input should be a valid string"):
+        load_settings(write(tmp_path, GOOD), {"broker_url": 5}, environ={}, option_names={"broker_url": "--broker"})
+    bad = write(tmp_path, GOOD.replace('device_id = "gw-0042"\n', ""))
+    res = CliRunner().invoke(cli, ["agent", "run", "--config", str(bad)], env={"EDGEFLEET_DEVICE_ID": None})
+    assert res.exit_code == 1 and "EDGEFLEET_DEVICE_ID or --device-id" in res.output

@@ -197,3 +197,46 @@ def test_spool_byte_count_follows_a_failed_push(tmp_path):
     again._db.execute("UPDATE counters SET value = 5 WHERE name = 'seq.x'")
     again.close()
     assert Spool(tmp_path / "s.sqlite").next_seq("seq.x") > first
+
+
+def test_a_torn_pointer_serves_the_slot_the_record_committed(bench):
+    """1.0.0 in slot a, then 1.1.0 committed in slot b; the pointer is then torn. The
+    agent must come back on 1.1.0, not fall back to the older slot."""
+    tp1, m1, *_ = bench.bundle("1.0.0")
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    a = bench.agent("torn-pointer")
+    bench.deploy("torn-pointer", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    bench.deploy("torn-pointer", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "installed"
+    assert a.server.active.slot == "b"
+    a.stop()
+    bench.agents.remove(a)
+    (a.settings.data_dir / "slots" / "pointer.json").write_text('{"act')
+    a = bench.agent("torn-pointer")
+    assert a.model_ref == m2.ref and a.slots.pointer() == "b"
+
+
+def test_a_locked_spool_is_not_mistaken_for_a_damaged_one(tmp_path):
+    """Only "not a database" or "corrupt" sets the file aside: a lock held by another
+    process is an error of the moment, and the records must survive it."""
+    import sqlite3
+
+    from agent.spool import Priority, Spool
+
+    path = tmp_path / "spool.sqlite"
+    sp = Spool(path)
+    sp.push(Priority.STATUS, "t", b"keep me")
+    sp.close()
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = Spool(path)
+        assert locked.reset_reason is None
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    locked.close()
+    again = Spool(path)
+    assert again.reset_reason is None and len(again) == 1
+    assert not list(tmp_path.glob("spool.sqlite.unreadable-*"))

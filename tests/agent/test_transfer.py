@@ -105,3 +105,19 @@ def test_download_journal_lists_only_whole_lines_of_its_own_layout(tmp_path, tex
     journal.write_text(text)
     assert _journal_chunks(journal, "chunks 1024 5000\n", 5) == expected
     assert _journal_chunks(tmp_path / "absent", "chunks 1024 5000\n", 5) == set()
+
+
+
+def test_a_resumed_journal_is_rewritten_without_its_torn_line(tmp_path):
+    """After a torn last line ("1" of "12"), the next entry must not continue it."""
+    from agent.transfer import _journal_chunks, _restart_journal
+
+    journal = tmp_path / "x.part.done"
+    head = "chunks 1024 20480\n"
+    journal.write_text(head + "0\n1")
+    done = _journal_chunks(journal, head, 20)
+    assert done == {0}
+    with _restart_journal(journal, head, done) as jfh:
+        jfh.write("5\n")
+    assert journal.read_text() == head + "0\n5\n"
+    assert _journal_chunks(journal, head, 20) == {0, 5}  # not 15

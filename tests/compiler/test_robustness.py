@@ -222,3 +222,18 @@ def test_one_candidate_that_crashes_is_rejected_and_the_compile_goes_on(tmp_path
     dyn = next(c for c in report.candidates if c.technique == "dynamic-int8")
     assert not dyn.passed and any("build failed: RuntimeError: quantizer bug" in r for r in dyn.reasons)
     assert sum(c.selected for c in report.candidates) == 1
+
+
+def test_models_with_subgraphs_keep_their_ir_version_and_imports():
+    """Domains used only inside an If branch would be dropped by a top-level walk."""
+    then = helper.make_graph([helper.make_node("Gelu", ["x"], ["t"], domain="com.microsoft")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                          ir_version=10).SerializeToString()
+    assert lowest_ir_version(m) == m
