@@ -6,7 +6,9 @@ seeded, so the same arguments give the same weights on the same machine.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,20 @@ def load_digits_split(
     return x[train], y[train], x[test], y[test]
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one intra-op thread for the duration: its multi-threaded kernels sum in a
+    thread-dependent order, so the same seed trained on 1 and 2 threads gave different
+    weights, and a compile's trained bundles differed between hosts with other core
+    counts. Restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_classifier(
     module: nn.Module,
     x: np.ndarray,
@@ -171,7 +187,28 @@ def train_classifier(
 
     With ``teacher``, the loss is knowledge distillation (Hinton et al.):
     ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+
+    Runs on one torch thread (:func:`single_threaded`), so the weights do not depend on
+    the host's core count.
     """
+    with single_threaded():
+        return _train(module, x, y, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                      teacher=teacher, temperature=temperature, alpha=alpha)
+
+
+def _train(
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    teacher: nn.Module | None,
+    temperature: float,
+    alpha: float,
+) -> nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))

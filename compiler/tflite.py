@@ -149,6 +149,8 @@ def convert_int8_pt2e(
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from compiler.demo_models import single_threaded
+
     ex = _example(calib_x)
     try:
         with _quiet():
@@ -158,7 +160,9 @@ def convert_int8_pt2e(
             module.eval()
             graph = torch.export.export(module, ex).module()
             prepared = prepare_pt2e(graph, quantizer)  # type: ignore[arg-type]
-            with torch.no_grad():
+            # One thread: observed ranges (and so the scales) must not depend on the
+            # host's core count.
+            with torch.no_grad(), single_threaded():
                 for row in np.ascontiguousarray(calib_x, dtype=np.float32):
                     prepared(torch.from_numpy(row[None]))
             converted = convert_pt2e(prepared, fold_quantize=False)

@@ -50,3 +50,21 @@ def test_student_width_is_the_largest_meeting_the_size_ratio() -> None:
         assert n * 4 <= parameter_count(teacher)
         wider = parameter_count(_pruned_copy(teacher, ex, 1.0 - (width + 0.01)))
         assert wider * 4 > parameter_count(teacher)
+
+
+def test_training_gives_the_same_weights_whatever_the_torch_thread_count() -> None:
+    """Trained candidates must be byte-identical on hosts with other core counts: torch's
+    multi-threaded kernels sum in a thread-dependent order, so training runs on one."""
+    x_tr, y_tr, _, _ = load_digits_split(size=8, seed=0)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)  # the same initial weights
+            m = train_classifier(DigitsCNN(size=8), x_tr, y_tr, epochs=1, seed=0)
+            weights.append(b"".join(v.numpy().tobytes() for v in m.state_dict().values()))
+            assert torch.get_num_threads() == threads  # restored after training
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0] == weights[1]
