@@ -738,12 +738,14 @@ class Agent:
                 rec.model = custom.ref
                 self.store.save(rec)
                 dest = self.data_dir / "downloads" / rec.target_path
+                resumed = dest.with_name(dest.name + ".part").exists()
                 self.fetch_client.download(serve_path_for(rec.target_path), dest, target.length,
                                            cancel=self._stop)
-                if not refetched and rec.target_sha256 and file_sha256(dest) != rec.target_sha256:
+                if resumed and not refetched and rec.target_sha256 and file_sha256(dest) != rec.target_sha256:
                     # Chunks kept from before a power loss may not have reached the disk
                     # whole. Fetch it once more from scratch; a second mismatch is the
-                    # artifact's, and verification rejects it.
+                    # artifact's, and verification rejects it. (A download that kept
+                    # nothing is hashed once, by verification.)
                     log.warning("%s does not match its signed hash; downloading it again", rec.target_path)
                     dest.unlink(missing_ok=True)
                     refetched = True

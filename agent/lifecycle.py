@@ -26,7 +26,6 @@ that keeps crashing in a loop ends in ``failed`` with the old model serving.
 
 from __future__ import annotations
 
-import os
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.slots import atomic_write
+from agent.slots import atomic_write, set_aside_unreadable
 
 __all__ = [
     "State",
@@ -186,7 +185,8 @@ class StateStore:
     def load(self, *, set_aside: bool = False) -> DeploymentRecord:
         """The saved record; a new idle one when there is none. An unreadable record
         loads as a failed one (see below); with ``set_aside`` (the daemon at start-up)
-        the unreadable file is renamed to ``state.json.unreadable`` for diagnosis."""
+        the unreadable file is set aside as ``state.json.unreadable-<unix time>``
+        (:func:`agent.slots.set_aside_unreadable`) for diagnosis."""
         try:
             return DeploymentRecord.model_validate_json(self.path.read_bytes())
         except FileNotFoundError:
@@ -200,7 +200,7 @@ class StateStore:
             # the record becomes a failed one and the agent serves what the pointer names.
             if set_aside:
                 try:
-                    os.replace(self.path, self.path.with_name(self.path.name + ".unreadable"))
+                    set_aside_unreadable(self.path)
                 except OSError:
                     pass
             return DeploymentRecord(state=State.FAILED, outcome="failed", error_kind="state",

@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Literal
 
 from agent.bundle import Bundle, BundleLimits, open_unpacked, unpack
 from agent.errors import BundleError, DiskSpaceError
 
-__all__ = ["SlotName", "Slots", "other", "atomic_write", "fsync_dir"]
+__all__ = ["SlotName", "Slots", "other", "atomic_write", "fsync_dir", "set_aside_unreadable"]
 
 SlotName = Literal["a", "b"]
 
@@ -40,6 +41,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def set_aside_unreadable(path: Path, *companions: str) -> Path:
+    """Rename an unreadable file (and ``path.name + suffix`` for each of ``companions``,
+    such as SQLite's ``-wal``) to ``<name>.unreadable-<unix time>``, kept for diagnosis;
+    returns the new path of ``path``. A companion that does not exist is skipped."""
+    aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+    for suffix in ("", *companions):
+        src = path.with_name(path.name + suffix)
+        if src.exists():
+            os.replace(src, aside.with_name(aside.name + suffix))
+    return aside
 
 
 def atomic_write(path: Path, data: bytes) -> None:

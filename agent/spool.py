@@ -10,13 +10,14 @@ is over its byte bound, the oldest records of the lowest priority are dropped fi
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+
+from agent.slots import set_aside_unreadable
 
 __all__ = ["Priority", "Record", "Spool"]
 
@@ -72,11 +73,7 @@ class Spool:
                 db.close()
             if not set_aside or not _damaged(e):
                 raise
-            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-            for suffix in ("", "-wal", "-shm"):
-                src = path.with_name(path.name + suffix)
-                if src.exists():
-                    os.replace(src, aside.with_name(aside.name + suffix))
+            aside = set_aside_unreadable(path, "-wal", "-shm")
             self.reset_reason = f"{path.name} was unreadable ({e}); set aside as {aside.name}, started empty"
             log.error("spool: %s", self.reset_reason)
             self._open(writer=True)

@@ -358,14 +358,20 @@ class _Planner:
         self, key: str, qs: StaticQuantSettings, target: TuningTarget
     ) -> tuple[bytes, list[str]]:
         """Build the ``key`` artifact; record the tuning outcome on it."""
-        m, calib, opts = self.model, self.calib, self.options
-        ev = self.eval if self.eval is not None else calib
-        art = self.cache[key]
-        # The fp32 artifact is built and evaluated on the eval set before any other.
-        fp32 = self.cache.get("onnx-fp32")
+        return self._tuned(self.cache[key], self.model.data, qs, target, "onnx-fp32")
+
+    def _tuned(
+        self, art: _Artifact, data: bytes, qs: StaticQuantSettings, target: TuningTarget, fp32_key: str
+    ) -> tuple[bytes, list[str]]:
+        """Static QDQ int8 of the fp32 ONNX ``data`` with the accuracy-aware fallback,
+        measured against the outputs of its fp32 artifact ``fp32_key`` (built and
+        evaluated on the eval set before any int8 one); the tuning outcome is recorded
+        on ``art``."""
+        ev = self.eval if self.eval is not None else self.calib
+        fp32 = self.cache.get(fp32_key)
         known = fp32.eval_logits if fp32 is not None and self.eval is not None else None
-        result, notes = tune_static_qdq(m.data, m.input.name, calib.x, qs, ev.x, ev.y, opts.metric, target,
-                                        fp32_out=known)
+        result, notes = tune_static_qdq(data, self.model.input.name, self.calib.x, qs, ev.x, ev.y,
+                                        self.options.metric, target, fp32_out=known)
         art.excluded_nodes = [e.as_dict() for e in result.excluded]
         art.settings["exclude_nodes"] = [e.node for e in result.excluded]
         art.settings["accuracy_tuning"] = result.as_dict(target)
@@ -520,24 +526,15 @@ class _Planner:
         cfg = self._trained_settings()
 
         def build() -> tuple[bytes, list[str]]:
-            data = self._trained_onnx(which)
-            name = self.model.input.name  # exported like the source model (_evaluate relies on it too)
-            ev = self.eval if self.eval is not None else self.calib
-            # The fp32 artifact of the same model was built and evaluated on EVAL first.
-            twin = self.cache.get(f"onnx-{which}")
-            known = twin.eval_logits if twin is not None and self.eval is not None else None
-            result, notes = tune_static_qdq(data, name, self.calib.x, qs, ev.x, ev.y, self.options.metric, target,
-                                            fp32_out=known)
-            art.excluded_nodes = [e.as_dict() for e in result.excluded]
-            art.settings["exclude_nodes"] = [e.node for e in result.excluded]
-            art.settings["accuracy_tuning"] = result.as_dict(target)
+            # Exported like the source model, with its input name (_tuned and _evaluate rely on it).
+            model, notes = self._tuned(art, self._trained_onnx(which), qs, target, f"onnx-{which}")
             if which == "pruned":
                 head = list(self._pruned_module()[1])
             else:
                 _, head, derived = self._student_module()
                 art.settings.update(derived)
                 art.tag = f"int8-student{int(round(derived['width'] * 100))}"
-            return result.model, [*head, *notes, *result.notes(target)]
+            return model, [*head, *notes]
 
         art = _Artifact(
             key=key, format="onnx", precision="int8",
