@@ -28,6 +28,7 @@ __all__ = [
     "run_batched",
     "measure_latencies",
     "measure_calls",
+    "measure_against",
 ]
 
 
@@ -125,6 +126,51 @@ def measure_calls(calls: Sequence[Callable[[], object]], settings: LatencySettin
     the order rotates between rounds. Returns p50/p95 per call. Calls may belong to
     different runtimes (ONNX Runtime sessions, LiteRT interpreters).
     """
+    return [_latency(ts) for ts in _sample_calls(calls, settings)]
+
+
+def measure_against(
+    anchor: Callable[[], Callable[[], object]],
+    candidates: Sequence[Callable[[], Callable[[], object]]],
+    settings: LatencySettings,
+) -> tuple[Latency, list[Latency]]:
+    """Batch-1 latency of each candidate, timed beside ``anchor`` with only the two alive.
+
+    ``anchor`` and each of ``candidates`` are factories: they open the model (a session,
+    an interpreter) and return its zero-argument call. A device runs one model; with many
+    multi-threaded sessions alive, the idle workers of the others change what is measured,
+    and not alike for all models (the 2-thread int8 CNN of width 2 measured 1.47x faster
+    than fp32 with 17 sessions alive, 2.22x with the two alone; docs/compiler.md). So each
+    candidate is opened with a fresh anchor, the pair is timed in interleaved rounds
+    (:func:`measure_calls`), and both are released before the next pair.
+
+    Returns the anchor's latency over every pair's samples, and for each candidate its
+    latency scaled by (anchor over all pairs / anchor in its pair): the ratio of each
+    candidate to the anchor is the one measured side by side, so a host that got busier
+    during one pair does not make that candidate look slower than another.
+    """
+    pooled: list[np.ndarray] = []
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    for make in candidates:
+        base, cand = _sample_calls([anchor(), make()], settings)
+        pooled.append(base)
+        pairs.append((base, cand))
+    if not pairs:
+        return _latency(_sample_calls([anchor()], settings)[0]), []
+    anchor_lat = _latency(np.concatenate(pooled))
+    scaled = []
+    for base, cand in pairs:
+        k = anchor_lat.p50_ms / float(np.median(base))
+        scaled.append(_latency(cand * k))
+    return anchor_lat, scaled
+
+
+def _latency(ts: np.ndarray) -> Latency:
+    return Latency(p50_ms=float(np.median(ts)), p95_ms=float(np.percentile(ts, 95)), runs=len(ts))
+
+
+def _sample_calls(calls: Sequence[Callable[[], object]], settings: LatencySettings) -> list[np.ndarray]:
+    """Per-call timings in ms (see :func:`measure_calls`)."""
     for call in calls:
         for _ in range(settings.warmup):
             call()
@@ -143,12 +189,4 @@ def measure_calls(calls: Sequence[Callable[[], object]], settings: LatencySettin
                 t0 = clock()
                 call()
                 out.append((clock() - t0) / 1e6)
-    result = []
-    for ts in samples:
-        arr = np.asarray(ts)
-        result.append(
-            Latency(
-                p50_ms=float(np.median(arr)), p95_ms=float(np.percentile(arr, 95)), runs=len(ts)
-            )
-        )
-    return result
+    return [np.asarray(ts) for ts in samples]

@@ -47,7 +47,7 @@ from compiler.errors import CompilerInputError, DataFileError, TechniqueError
 from compiler.measure import (
     LatencySettings,
     host_threads,
-    measure_calls,
+    measure_against,
     ort_session,
     run_batched,
 )
@@ -976,7 +976,8 @@ def compile_model(
     preds = calib_logits.argmax(axis=-1) if classes is not None else calib_logits.ravel()
     reference = build_reference(calib.x, preds, classes=labels or classes)
 
-    # Latency: every distinct (model, threads) once, interleaved per thread count.
+    # Latency: every distinct (model, threads) once, each beside the fp32 model with only
+    # the two alive (measure_against), per thread count.
     prog.advance("timing candidates at batch 1")
     by_threads: dict[int, dict[str, _Artifact]] = {}
     for p in profiles:
@@ -986,9 +987,15 @@ def compile_model(
                 by_threads.setdefault(th, {})[art.sha256] = art
     timings: dict[tuple[str, int], tuple[float, float]] = {}
     for th, arts in sorted(by_threads.items()):
-        calls = [_timing_call(a, th, calib.x) for a in arts.values()]
-        for sha, m in zip(arts, measure_calls(calls, options.latency), strict=True):
-            timings[(sha, th)] = (m.p50_ms, m.p95_ms)
+        anchor = next((a for a in arts.values() if a.key == "onnx-fp32"), next(iter(arts.values())))
+        others = [a for a in arts.values() if a is not anchor]
+        base, lats = measure_against(
+            functools.partial(_timing_call, anchor, th, calib.x),
+            [functools.partial(_timing_call, a, th, calib.x) for a in others],
+            options.latency,
+        )
+        for a, m in zip([anchor, *others], [base, *lats], strict=True):
+            timings[(a.sha256, th)] = (m.p50_ms, m.p95_ms)
 
     # Selection per profile.
     records: dict[tuple[str, str], CandidateRecord] = {}
