@@ -73,7 +73,7 @@ GOALS = {"overhead": 0.05, "http_ms": 0.5, "rss_mb": 80.0, "cold_s": 1.5}
 # --------------------------------------------------------------------------- models
 
 
-def prepare(work: Path, epochs: int) -> None:
+def prepare(work: Path, epochs: int, width: float) -> None:
     """(Subprocess.) Train, export and compile the reference CNN at each size."""
     import torch
 
@@ -82,19 +82,23 @@ def prepare(work: Path, epochs: int) -> None:
     from compiler.pipeline import CompileOptions, compile_model
 
     torch.set_num_threads(2)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"width": width}
     for size in SIZES:
         d = work / f"cnn{size}"
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        module, x_tr, _y, x_te, y_te = train_digits_cnn(seed=0, epochs=epochs, size=size)
+        module, x_tr, _y, x_te, y_te = train_digits_cnn(seed=0, epochs=epochs, size=size, width=width)
         pt2 = export_pt2(module, x_tr, d / "cnn.pt2")
         calib, ev = write_calib_eval(d, x_tr, x_te, y_te)
         compile_model(pt2, [load_profile(PROFILE)], calib, ev, d / "out",
-                               CompileOptions(name=f"digits-cnn{size}", version="1.0.0"))
+                               CompileOptions(name=f"digits-cnn{size}{width_suffix(width)}", version="1.0.0"))
         np.save(d / "x_test.npy", np.asarray(x_te[:256], dtype=np.float32))
         out[str(size)] = {"report": str(d / "out" / "report.json"), "seconds": round(time.perf_counter() - t0, 1)}
     (work / "models.json").write_text(json.dumps(out, indent=2))
+
+
+def width_suffix(width: float) -> str:
+    return "" if width == 1.0 else f"-w{width:g}"
 
 
 @dataclass
@@ -107,10 +111,12 @@ class RefModel:
     kib: float = 0.0  # bundle size
     note: str = ""  # why this bundle (when it is not the compiler's selection)
     selected: Path | None = None  # the compiler's selection, when it is not this bundle
+    width: float = 1.0  # channel multiplier of the CNN
 
     @property
     def label(self) -> str:
-        return f"digits CNN {self.size}x{self.size} ({self.precision})"
+        w = "" if self.width == 1.0 else f" width {self.width:g}"
+        return f"digits CNN {self.size}x{self.size}{w} ({self.precision})"
 
 
 def measured_bundle(report_path: Path) -> tuple[Path, str, str, str]:
@@ -137,14 +143,18 @@ def measured_bundle(report_path: Path) -> tuple[Path, str, str, str]:
     return report_path.parent / best["bundle"], best["precision"], best["technique"], note
 
 
-def reference_models(cache: Path, epochs: int) -> tuple[dict[int, RefModel], float]:
+def reference_models(cache: Path, epochs: int, width: float) -> tuple[dict[int, RefModel], float]:
     t0 = time.perf_counter()
     if not (cache / "models.json").exists():
         print(f"training and compiling the reference CNN ({epochs} epochs) in a subprocess ...", flush=True)
-        subprocess.run([sys.executable, __file__, "--prepare", str(cache), "--epochs", str(epochs)],
+        subprocess.run([sys.executable, __file__, "--prepare", str(cache), "--epochs", str(epochs),
+                        "--cnn-width", str(width)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                        if os.environ.get("BENCH_QUIET_PREPARE", "1") == "1" else None)
     info = json.loads((cache / "models.json").read_text())
+    cached_width = info.pop("width", 1.0)
+    if cached_width != width:
+        raise SystemExit(f"{cache} holds width-{cached_width:g} models; use another --cache-dir for --cnn-width {width:g}")
     models = {}
     for k, v in info.items():
         report = Path(v["report"]) if "report" in v else Path(v["bundle"]).parent / "report.json"  # older caches
@@ -152,7 +162,7 @@ def reference_models(cache: Path, epochs: int) -> tuple[dict[int, RefModel], flo
         chosen = json.loads(report.read_text())["profiles"][PROFILE]["selected"]
         selected = report.parent / chosen if chosen and chosen != bundle.name else None
         models[int(k)] = RefModel(int(k), bundle, precision, technique, np.load(cache / f"cnn{k}" / "x_test.npy"),
-                                  bundle.stat().st_size / 1024, note, selected)
+                                  bundle.stat().st_size / 1024, note, selected, width)
     return models, time.perf_counter() - t0
 
 
@@ -934,6 +944,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "agent-benchmarks-results.md")
     ap.add_argument("--no-write", action="store_true", help="Print only; do not write --out.")
     ap.add_argument("--epochs", type=int, default=2, help="Training epochs of the reference CNN.")
+    ap.add_argument("--cnn-width", type=float, default=1.0,
+                    help="Channel multiplier of the reference CNN (1: 16-32-64 channels; 2: 32-64-128).")
     ap.add_argument("--cache-dir", type=Path, help="Keep (and reuse) the compiled reference bundles here.")
     ap.add_argument("--cold-runs", type=int, default=9)
     ap.add_argument("--deploy-reps", type=int, default=10)
@@ -944,7 +956,7 @@ def main() -> int:
     ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prepare is not None:
-        prepare(args.prepare, args.epochs)
+        prepare(args.prepare, args.epochs, args.cnn_width)
         return 0
 
     import logging
@@ -962,7 +974,7 @@ def main() -> int:
         tmp = Path(tmp_s)
         cache = args.cache_dir or tmp / "models"
         cache.mkdir(parents=True, exist_ok=True)
-        models, prep_s = reference_models(cache, args.epochs)
+        models, prep_s = reference_models(cache, args.epochs, args.cnn_width)
         print(f"reference bundles ready in {prep_s:.0f} s: "
               + ", ".join(f"{m.size}x{m.size} {m.bundle.name}" for m in models.values()), flush=True)
         mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -1027,7 +1039,8 @@ def main() -> int:
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"rows": [r.__dict__ for r in res.rows], "details": res.details,
                                              "notes": res.notes, "elapsed_s": elapsed}, indent=1))
-    cmd = "python benchmarks/agent_bench.py" + (f" --epochs {args.epochs}" if args.epochs != 2 else "")
+    cmd = ("python benchmarks/agent_bench.py" + (f" --epochs {args.epochs}" if args.epochs != 2 else "")
+           + (f" --cnn-width {args.cnn_width:g}" if args.cnn_width != 1.0 else ""))
     if args.cache_dir is not None:
         cmd += f" --cache-dir {args.cache_dir}"
     if not args.no_write:

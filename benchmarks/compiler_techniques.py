@@ -3,7 +3,8 @@
 Models (trained inside the benchmark, no downloads): a CNN and an MLP on scikit-learn
 digits upscaled to 32x32, and a small transformer encoder on a synthetic sequence task.
 Every latency is batch 1, 2 intra-op threads (ONNX Runtime CPU, or LiteRT for the
-TFLite rows), timed in interleaved rounds against its fp32 baseline (p50 over all runs).
+TFLite rows), timed in interleaved rounds beside the fp32 model with only the two alive
+(``compiler.measure.measure_against``, as ``compile`` times candidates).
 TFLite rows are litert-torch conversions (fp32, and pt2e full-integer int8 timed with the
 float quantize/dequantize at the boundary, as a device runs it).
 
@@ -20,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.profiles import list_profiles  # noqa: E402
 from compiler import demo_models as dm  # noqa: E402
-from compiler.measure import LatencySettings, measure_calls, ort_session, run_batched  # noqa: E402
+from compiler.measure import LatencySettings, measure_against, ort_session, run_batched  # noqa: E402
 from compiler.model_source import OnnxModel, load_model  # noqa: E402
 from compiler.pipeline import CompileOptions, compile_model, host_info  # noqa: E402
 from compiler.pruning import (  # noqa: E402
@@ -83,17 +85,24 @@ def accuracy(v: Variant, name: str, x: np.ndarray, y: np.ndarray) -> float:
     return float((out.argmax(1) == y).mean())
 
 
-def time_models(models: list[Variant], name: str, x1: np.ndarray) -> list[float]:
-    calls = []
-    x1 = np.ascontiguousarray(x1[:1])
-    for v in models:
+def opener(v: Variant, name: str, x1: np.ndarray) -> Callable[[], Callable[[], object]]:
+    """A factory that opens ``v`` and returns its batch-1 call (for ``measure_against``)."""
+    def open_() -> Callable[[], object]:
         if v.runtime == "litert":
             from compiler.tflite import LiteRtRunner
 
-            calls.append(functools.partial(LiteRtRunner(v.data, THREADS).run1, x1))
-        else:
-            calls.append(functools.partial(ort_session(v.data, THREADS).run, None, {name: x1}))
-    return [lat.p50_ms for lat in measure_calls(calls, TIMING)]
+            return functools.partial(LiteRtRunner(v.data, THREADS).run1, x1)
+        return functools.partial(ort_session(v.data, THREADS).run, None, {name: x1})
+    return open_
+
+
+def time_models(models: list[Variant], name: str, x1: np.ndarray) -> list[float]:
+    """p50 ms of each model; the first (fp32) is the anchor every other one is timed
+    beside, with only the two alive, as the compiler times candidates."""
+    x1 = np.ascontiguousarray(x1[:1])
+    base, lats = measure_against(opener(models[0], name, x1),
+                                 [opener(v, name, x1) for v in models[1:]], TIMING)
+    return [lat.p50_ms for lat in (base, *lats)]
 
 
 def byte_breakdown(model: bytes) -> dict[str, int]:
@@ -212,8 +221,8 @@ def bench_model(
     ]
 
 
-def profile_all_run(work: Path) -> tuple[float, dict[str, str | None]]:
-    module, x_tr, _, x_te, y_te = dm.train_digits_cnn(size=32, seed=0)
+def profile_all_run(work: Path, width: float) -> tuple[float, dict[str, str | None]]:
+    module, x_tr, _, x_te, y_te = dm.train_digits_cnn(size=32, seed=0, width=width)
     pt2 = dm.export_pt2(module, x_tr, work / "cnn-all.pt2")
     calib, ev = dm.write_calib_eval(work, x_tr, x_te, y_te)
     t0 = time.perf_counter()
@@ -225,6 +234,10 @@ def profile_all_run(work: Path) -> tuple[float, dict[str, str | None]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("docs/compiler-benchmarks-results.md"))
+    ap.add_argument("--cnn-width", type=float, default=1.0,
+                    help="Channel multiplier of the CNN (1: 16-32-64 channels, 0.14 M parameters).")
+    ap.add_argument("--mlp-width", type=float, default=1.0,
+                    help="Hidden-size multiplier of the MLP (1: 256-128, 0.30 M parameters).")
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -232,20 +245,26 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        m, *d = dm.train_digits_cnn(size=32, seed=0)
-        rows += bench_model("CNN digits 32x32", m, tuple(d), work, True, True)
-        m, *d = dm.train_digits_mlp(size=32, seed=0)
-        rows += bench_model("MLP digits 32x32", m, tuple(d), work, True, True)
+        m, *d = dm.train_digits_cnn(size=32, seed=0, width=args.cnn_width)
+        rows += bench_model(f"CNN digits 32x32{width_tag(args.cnn_width)}", m, tuple(d), work, True, True)
+        m, *d = dm.train_digits_mlp(size=32, seed=0, width=args.mlp_width)
+        rows += bench_model(f"MLP digits 32x32{width_tag(args.mlp_width)}", m, tuple(d), work, True, True)
         m, *d = dm.train_sequence_encoder(seed=0)
         rows += bench_model("Transformer encoder (synthetic seq 16x8)", m, tuple(d), work,
                             False, False, tflite=False)
-        all_s, selected = profile_all_run(work)
+        all_s, selected = profile_all_run(work, args.cnn_width)
     load = (load_before, os.getloadavg()[0])
-    write_results(args.out, rows, all_s, selected, time.perf_counter() - started, load)
+    write_results(args.out, rows, all_s, selected, time.perf_counter() - started, load,
+                  args.cnn_width, args.mlp_width)
+
+
+def width_tag(width: float) -> str:
+    return "" if width == 1.0 else f", width {width:g}"
 
 
 def write_results(out: Path, rows: list[Row], all_s: float, selected: dict[str, str | None],
-                  total_s: float, load: tuple[float, float]) -> None:
+                  total_s: float, load: tuple[float, float], cnn_width: float = 1.0,
+                  mlp_width: float = 1.0) -> None:
     host = host_info()
     if host["vnni"]:
         path_note = ("- This host has VNNI (AVX-512 VNNI or AVX-VNNI): ONNX Runtime's default "
@@ -257,14 +276,18 @@ def write_results(out: Path, rows: list[Row], all_s: float, selected: dict[str, 
     lines = [
         "# Compiler benchmark results (issue #5)",
         "",
-        f"- Command: `python benchmarks/compiler_techniques.py --out {out}`",
+        "- Command: `python benchmarks/compiler_techniques.py "
+        + "".join(f"--{k}-width {w:g} " for k, w in (("cnn", cnn_width), ("mlp", mlp_width)) if w != 1.0)
+        + f"--out {out}`",
         f"- Machine: {host['cpu']}, {host['cores']} cores, VNNI: {host['vnni']}; "
         f"onnxruntime {host['onnxruntime']}, torch {torch.__version__}",
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; whole run {total_s:.0f} s; "
         f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end",
         path_note,
         f"- Latency: batch 1, {THREADS} threads, p50 of {TIMING.total_runs} runs per variant, "
-        f"interleaved in {TIMING.rounds} rounds with its fp32 baseline.",
+        f"interleaved in {TIMING.rounds} rounds with the fp32 model, only the two alive (fp32's p50 "
+        "is over every pair; each variant's is scaled by fp32's in its own pair / over all pairs, "
+        "`compiler.measure.measure_against`).",
         "- Ratios are fp32 / variant (size and speed: >1 is better); accuracy drop in points.",
         "- Static int8 rows are built as the compiler builds them (`compiler.quantize`): QDQ, "
         "graph output left in float for the last Conv/Gemm (`float_output`), compacted "
@@ -300,7 +323,7 @@ def write_results(out: Path, rows: list[Row], all_s: float, selected: dict[str, 
         lines.append(f"| {model} | **total** | {sum(f.values())} | {sum(q.values())} |")
     lines += [
         "",
-        f"`compile --profile all` on the 32x32 CNN (all {len(selected)} shipped profiles, "
+        f"`compile --profile all` on the 32x32 CNN{width_tag(cnn_width)} (all {len(selected)} shipped profiles, "
         f"default timing): **{all_s:.1f} s** (goal: <= 300 s).",
         "",
         "Selected per profile: " + ", ".join(f"{k}: {v or 'none'}" for k, v in selected.items()),
