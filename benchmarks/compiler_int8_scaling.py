@@ -8,10 +8,10 @@ architectures at widths 1, 2 and 4 (every channel / hidden size scaled; the CNN 
 has CIFAR-style 32-64-128 channels) and, for each:
 
 * times fp32, static int8 QDQ per-channel and per-tensor (built as the compiler builds
-  them) and the 50% channel-pruned, fine-tuned model, as a device runs them: one session
-  alive at a time, 2 intra-op threads (the ``x86-gateway-vnni`` profile) and 1 thread,
-  the fp32 session and each variant alternately, five times; median and range of the
-  fp32/variant ratios;
+  them) and the 50% channel-pruned, fine-tuned model as ``compile`` times candidates
+  (``compiler.measure.measure_against``: one model open at a time, alternating with
+  fp32, steady loop), at 2 intra-op threads (the ``x86-gateway-vnni`` profile) and 1;
+  three times, median and range of the fp32/variant ratios;
 * measures test accuracy and model size;
 * runs ``compile`` for ``x86-gateway-vnni`` and records what it selected and the speed-up
   its own timing measured, so the figure is the product's, not just the quantizer's.
@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
+import functools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.profiles import load_profile  # noqa: E402
 from compiler import demo_models as dm  # noqa: E402
-from compiler.measure import ort_session, run_batched  # noqa: E402
+from compiler.measure import LatencySettings, measure_against, ort_session, run_batched  # noqa: E402
 from compiler.model_source import load_model  # noqa: E402
 from compiler.pipeline import CompileOptions, compile_model, host_info  # noqa: E402
 from compiler.pruning import parameter_count, prune_channels  # noqa: E402
@@ -45,23 +46,12 @@ from compiler.quantize import StaticQuantSettings, quantize_static_qdq  # noqa: 
 
 PROFILE = "x86-gateway-vnni"
 WIDTHS = (1.0, 2.0, 4.0)
-ALTERNATIONS = 5
-RUNS = 1500
+TIMING = LatencySettings(warmup=100, rounds=30, runs_per_round=50, alternations=3)
+REPEATS = 3
 
 
-def alone_p50_us(model: bytes, threads: int, feed: dict[str, np.ndarray]) -> float:
-    """p50 µs of one batch-1 call with no other session alive."""
-    s = ort_session(model, threads)
-    for _ in range(200):
-        s.run(None, feed)
-    ts = np.empty(RUNS)
-    for i in range(RUNS):
-        t0 = time.perf_counter_ns()
-        s.run(None, feed)
-        ts[i] = time.perf_counter_ns() - t0
-    del s
-    gc.collect()
-    return float(np.median(ts)) / 1e3
+def opener(model: bytes, threads: int, feed: dict[str, np.ndarray]) -> Callable[[], Callable[[], object]]:
+    return lambda: functools.partial(ort_session(model, threads).run, None, feed)
 
 
 def accuracy(model: bytes, name: str, x: np.ndarray, y: np.ndarray) -> float:
@@ -90,15 +80,16 @@ def bench(kind: str, width: float, work: Path) -> list[dict[str, object]]:
     for threads in (2, 1):
         ratios: dict[str, list[float]] = {k: [] for k in variants if k != "fp32"}
         base: list[float] = []
-        for _ in range(ALTERNATIONS):
-            b = alone_p50_us(variants["fp32"], threads, feed)
-            base.append(b)
-            for k in ratios:
-                ratios[k].append(b / alone_p50_us(variants[k], threads, feed))
-        for k, r in ratios.items():
+        for _ in range(REPEATS):
+            b, lats = measure_against(opener(variants["fp32"], threads, feed),
+                                      [opener(variants[k], threads, feed) for k in ratios], TIMING)
+            base.append(b.p50_ms * 1e3)
+            for k, lat in zip(ratios, lats, strict=True):
+                ratios[k].append(b.p50_ms / lat.p50_ms)
+        for k, rs in ratios.items():
             rows.append(dict(model=kind, width=width, params=parameter_count(module), threads=threads,
-                             variant=k, fp32_us=float(np.median(base)), speedup=float(np.median(r)),
-                             lo=min(r), hi=max(r), load=os.getloadavg()[0]))
+                             variant=k, fp32_us=float(np.median(base)), speedup=float(np.median(rs)),
+                             lo=min(rs), hi=max(rs), load=os.getloadavg()[0]))
     acc = {k: accuracy(v, name, x_te, y_te) for k, v in variants.items()}
     for r in rows:
         r["size_ratio"] = len(variants["fp32"]) / len(variants[str(r["variant"])])
@@ -142,8 +133,10 @@ def main() -> None:
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; whole run "
         f"{time.perf_counter() - started:.0f} s; 1-minute load average {load0:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end",
-        f"- Speed-up: fp32 p50 / variant p50, batch 1, one session alive at a time, {RUNS} calls "
-        f"each, fp32 and the variant alternately {ALTERNATIONS} times: median (range) of the ratios.",
+        f"- Speed-up: fp32 p50 / variant p50, batch 1, as `compile` times candidates "
+        f"(`measure_against`: one model open at a time, {TIMING.alternations} alternations with fp32, "
+        f"{TIMING.total_runs} timed calls per model in a steady loop), repeated {REPEATS} times: "
+        "median (range) of the ratios.",
         "- Accuracy on the digits test split (450 rows); drop in points against fp32.",
         f"- `compile` selection: what `edgefleet compile` picked for `{PROFILE}` and its own "
         "measured speed-up over the fp32 ONNX candidate (2 threads, the compiler's timing).",

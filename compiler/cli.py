@@ -94,7 +94,8 @@ def _profiles(names: tuple[str, ...]) -> list[Profile]:
     default=LatencySettings().rounds,
     show_default=True,
     type=click.IntRange(1, 1000),
-    help="Interleaved timing rounds per candidate (x40 runs each).",
+    help="Timed batch-1 runs per candidate, in units of 40 (15: 600 runs, split over 3 "
+    "alternations with the fp32 baseline).",
 )
 @click.option(
     "--state-dict",

@@ -1,9 +1,9 @@
 """Measuring candidates on this host with ONNX Runtime: outputs, accuracy, latency.
 
 Latency is measured, never assumed: int8 can be several times *slower* than fp32 on
-x86 (see docs/compiler.md). Candidates that will be compared are timed in
-interleaved rounds so that a slow period of the host (another process, frequency
-changes) hits all of them alike rather than whichever happened to run then.
+x86 (see docs/compiler.md). A candidate is timed alternately with the model it is compared
+with, several times, so that a slow period of the host (another process, frequency
+changes) hits both alike rather than whichever happened to run then.
 """
 
 from __future__ import annotations
@@ -34,18 +34,24 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """How hard to time each candidate (batch 1)."""
+    """How hard to time each candidate (batch 1).
+
+    :func:`measure_against` (what ``compile`` uses) opens each model ``alternations``
+    times, alternating with the model it is compared with, and each time runs ``warmup``
+    untimed calls, then ``total_runs // alternations`` timed ones. :func:`measure_calls`
+    times models side by side in ``rounds`` rounds of ``runs_per_round`` calls.
+    """
 
     warmup: int = 50
     rounds: int = 15
     runs_per_round: int = 40
-    # Before each timed block: a pause, so that the worker threads of the model timed
-    # just before stop spinning and park, then a few untimed calls. ONNX Runtime's idle
-    # workers spin before they park; with several multi-threaded sessions alive, the
-    # previous session's spinning workers compete for the cores the next one needs (on
-    # a 2-vCPU host the 2-thread fp32 CNN measured 72 µs instead of 48 µs in some runs
-    # without the pause). The second core must still be free: on a busy shared host a
-    # 2-thread model is timed as if it had one thread either way.
+    alternations: int = 3
+    # measure_calls only. Before each timed block: a pause, so that the worker threads of
+    # the model timed just before stop spinning and park, then a few untimed calls. ONNX
+    # Runtime's idle workers spin before they park; with several multi-threaded sessions
+    # alive, the previous session's spinning workers compete for the cores the next one
+    # needs (on a 2-vCPU host the 2-thread fp32 CNN measured 72 µs instead of 48 µs in
+    # some runs without the pause).
     pause_s: float = 0.01
     block_warmup: int = 5
 
@@ -134,35 +140,55 @@ def measure_against(
     candidates: Sequence[Callable[[], Callable[[], object]]],
     settings: LatencySettings,
 ) -> tuple[Latency, list[Latency]]:
-    """Batch-1 latency of each candidate, timed beside ``anchor`` with only the two alive.
+    """Batch-1 latency of each candidate against ``anchor``, each model timed alone.
 
     ``anchor`` and each of ``candidates`` are factories: they open the model (a session,
-    an interpreter) and return its zero-argument call. A device runs one model; with many
-    multi-threaded sessions alive, the idle workers of the others change what is measured,
-    and not alike for all models (the 2-thread int8 CNN of width 2 measured 1.47x faster
-    than fp32 with 17 sessions alive, 2.22x with the two alone; docs/compiler.md). So each
-    candidate is opened with a fresh anchor, the pair is timed in interleaved rounds
-    (:func:`measure_calls`), and both are released before the next pair.
+    an interpreter) and return its zero-argument call. A device runs one model, and how
+    many other models are open changes what is measured, not alike for all models: on the
+    2-vCPU host, the 2-thread int8 CNN of width 2 measured 1.47x faster than fp32 with 17
+    sessions open and interleaved, 2.22x with the two alone; the int8 MLP of width 4
+    1.46x beside fp32 in interleaved blocks and 2.25x alone (docs/compiler.md,
+    "Pipeline", step 5). So for each candidate, the anchor and the candidate are opened
+    one at a time, ``settings.alternations`` times each in alternating order; each opening
+    runs ``warmup`` untimed calls, then its share of ``total_runs`` timed ones in a steady
+    loop, and is released before the next.
 
-    Returns the anchor's latency over every pair's samples, and for each candidate its
-    latency scaled by (anchor over all pairs / anchor in its pair): the ratio of each
-    candidate to the anchor is the one measured side by side, so a host that got busier
-    during one pair does not make that candidate look slower than another.
+    Each pair's samples, the anchor's and the candidate's, are scaled by (anchor p50 over
+    all pairs / anchor p50 in that pair): each candidate's ratio to the anchor is the one
+    measured beside it, so a host that got busier while one candidate was timed does not
+    make it look slower than another. Returns the anchor's latency over every pair's
+    scaled samples (its p50 is the pooled one) and each candidate's.
     """
-    pooled: list[np.ndarray] = []
+    runs = max(1, settings.total_runs // max(1, settings.alternations))
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     for make in candidates:
-        base, cand = _sample_calls([anchor(), make()], settings)
-        pooled.append(base)
-        pairs.append((base, cand))
+        timed: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        for r in range(max(1, settings.alternations)):
+            for which in (0, 1) if r % 2 == 0 else (1, 0):
+                timed[which].append(_alone(anchor if which == 0 else make, settings.warmup, runs))
+        pairs.append((np.concatenate(timed[0]), np.concatenate(timed[1])))
     if not pairs:
-        return _latency(_sample_calls([anchor()], settings)[0]), []
-    anchor_lat = _latency(np.concatenate(pooled))
-    scaled = []
-    for base, cand in pairs:
-        k = anchor_lat.p50_ms / float(np.median(base))
-        scaled.append(_latency(cand * k))
-    return anchor_lat, scaled
+        return _latency(_alone(anchor, settings.warmup, settings.total_runs)), []
+    p50 = float(np.median(np.concatenate([base for base, _ in pairs])))
+    factors = [p50 / float(np.median(base)) for base, _ in pairs]
+    # The anchor's own samples are scaled the same way, so that its p95 (which a latency
+    # budget checks) does not include the drift between pairs that the candidates' lose.
+    anchor_lat = _latency(np.concatenate([base * k for (base, _), k in zip(pairs, factors, strict=True)]))
+    return anchor_lat, [_latency(cand * k) for (_, cand), k in zip(pairs, factors, strict=True)]
+
+
+def _alone(make: Callable[[], Callable[[], object]], warmup: int, runs: int) -> np.ndarray:
+    """Open a model, run ``warmup`` untimed calls and ``runs`` timed ones (ms); release it."""
+    call = make()
+    for _ in range(warmup):
+        call()
+    clock = time.perf_counter_ns
+    out = np.empty(runs)
+    for i in range(runs):
+        t0 = clock()
+        call()
+        out[i] = (clock() - t0) / 1e6
+    return out
 
 
 def _latency(ts: np.ndarray) -> Latency:

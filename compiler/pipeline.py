@@ -798,6 +798,11 @@ def _check_tflite_int8(arts: Sequence[_Artifact], rows: np.ndarray) -> None:
             )
 
 
+def _baseline_key(plan: Sequence[_Artifact]) -> str:
+    """The candidate a profile's others must beat: fp32 ONNX, else (LiteRT-only) fp32 TFLite."""
+    return "onnx-fp32" if any(a.key == "onnx-fp32" for a in plan) else "tflite-fp32"
+
+
 def _timing_call(art: _Artifact, threads: int, x1: np.ndarray) -> Callable[[], object]:
     assert art.model is not None
     if art.runtime == "litert":
@@ -976,18 +981,20 @@ def compile_model(
     preds = calib_logits.argmax(axis=-1) if classes is not None else calib_logits.ravel()
     reference = build_reference(calib.x, preds, classes=labels or classes)
 
-    # Latency: every distinct (model, threads) once, each beside the fp32 model with only
-    # the two alive (measure_against), per thread count.
+    # Latency: each candidate alternately with its profile's fp32 baseline, one model open
+    # at a time (measure_against), once per (thread count, baseline).
     prog.advance("timing candidates at batch 1")
-    by_threads: dict[int, dict[str, _Artifact]] = {}
+    groups: dict[tuple[int, str], dict[str, _Artifact]] = {}
     for p in profiles:
-        th = host_threads(p.runtime_options.intra_op_threads)
+        key = (host_threads(p.runtime_options.intra_op_threads), _baseline_key(plans[p.name]))
         for art in plans[p.name]:
             if art.model is not None and not art.error:
-                by_threads.setdefault(th, {})[art.sha256] = art
-    timings: dict[tuple[str, int], tuple[float, float]] = {}
-    for th, arts in sorted(by_threads.items()):
-        anchor = next((a for a in arts.values() if a.key == "onnx-fp32"), next(iter(arts.values())))
+                groups.setdefault(key, {})[art.sha256] = art
+    timings: dict[tuple[str, int, str], tuple[float, float]] = {}
+    for (th, base_key), arts in sorted(groups.items()):
+        anchor = next((a for a in arts.values() if a.key == base_key), None)
+        if anchor is None:  # the baseline failed to build: the profile selects nothing
+            continue
         others = [a for a in arts.values() if a is not anchor]
         base, lats = measure_against(
             functools.partial(_timing_call, anchor, th, calib.x),
@@ -995,7 +1002,7 @@ def compile_model(
             options.latency,
         )
         for a, m in zip([anchor, *others], [base, *lats], strict=True):
-            timings[(a.sha256, th)] = (m.p50_ms, m.p95_ms)
+            timings[(a.sha256, th, base_key)] = (m.p50_ms, m.p95_ms)
 
     # Selection per profile.
     records: dict[tuple[str, str], CandidateRecord] = {}
@@ -1003,7 +1010,7 @@ def compile_model(
     ordered: list[CandidateRecord] = []
     for p in profiles:
         th = host_threads(p.runtime_options.intra_op_threads)
-        baseline = "onnx-fp32" if any(a.key == "onnx-fp32" for a in plans[p.name]) else "tflite-fp32"
+        baseline = _baseline_key(plans[p.name])
         measured = []
         for art in plans[p.name]:
             rec = CandidateRecord(
@@ -1022,7 +1029,7 @@ def compile_model(
                 excluded_nodes=list(art.excluded_nodes),
             )
             records[(p.name, art.key)] = rec
-            t = timings.get((art.sha256, th))
+            t = timings.get((art.sha256, th, baseline))
             if t is not None:
                 rec.latency_ms_p50, rec.latency_ms_p95 = round(t[0], 5), round(t[1], 5)
                 rec.latency_threads = th
@@ -1118,6 +1125,9 @@ def compile_model(
             "metric": options.metric.name,
             "max_accuracy_drop": options.max_accuracy_drop,
             "latency": {
+                "method": "each model timed alone (one open at a time), alternating with its "
+                "profile's fp32 baseline; samples scaled by baseline p50 over all pairs / in its pair",
+                "alternations": options.latency.alternations,
                 "batch": 1,
                 "warmup": options.latency.warmup,
                 "runs": options.latency.total_runs,
