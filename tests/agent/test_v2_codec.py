@@ -1,0 +1,112 @@
+"""The V2 tensor codec (agent.v2) without a server: JSON written from numpy by orjson,
+read back exactly, and bad bodies refused with the place they went wrong."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agent.bundle import TensorSpec
+from agent.v2 import (
+    MAX_REQUEST_BYTES,
+    V2Error,
+    decode_infer_request,
+    decode_infer_response,
+    encode_infer_body,
+    encode_infer_request,
+    encode_infer_response,
+)
+
+DTYPES = ["float16", "float32", "float64", "int8", "int64", "uint8", "uint64", "bool"]
+
+
+def _values(dtype: str) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if dtype == "bool":
+        return rng.random((2, 3)) > 0.5
+    if dtype.startswith("float"):
+        return rng.standard_normal((2, 3)).astype(dtype) * np.asarray(1e3, dtype)
+    info = np.iinfo(dtype)
+    return np.array([[info.min, info.max, 0], [1, 2, 3]], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_json_request_round_trips_every_numeric_datatype_exactly(dtype: str) -> None:
+    x = _values(dtype)
+    body, header_length = encode_infer_request({"x": x}, binary=False)
+    assert header_length is None
+    decoded, _ = decode_infer_request(body, [TensorSpec(name="x", dtype=dtype, shape=[-1, 3])])
+    assert decoded["x"].dtype == x.dtype
+    np.testing.assert_array_equal(decoded["x"], x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_json_response_round_trips_every_numeric_datatype_exactly(dtype: str) -> None:
+    y = _values(dtype)
+    body, header_length = encode_infer_body("m", "1", {"y": y}, {})
+    assert header_length is None
+    out = decode_infer_response(body)
+    assert out["y"].dtype == y.dtype
+    np.testing.assert_array_equal(out["y"], y)
+
+
+def test_non_native_byte_order_and_strided_arrays_are_written_by_value() -> None:
+    x = np.arange(12, dtype=">f4").reshape(3, 4)[:, ::2]  # big-endian, not contiguous
+    body, _ = encode_infer_request({"x": x}, binary=False)
+    assert json.loads(body)["inputs"][0]["data"] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    decoded, _ = decode_infer_request(body, [TensorSpec(name="x", dtype="float32", shape=[3, 2])])
+    np.testing.assert_array_equal(decoded["x"], x.astype("<f4"))
+
+
+def test_strings_travel_as_json_lists() -> None:
+    s = np.array(["a", "β"], dtype=object)
+    body, _ = encode_infer_body("m", None, {"s": s}, {})
+    assert json.loads(body)["outputs"][0] == {"name": "s", "shape": [2], "datatype": "BYTES", "data": ["a", "β"]}
+
+
+def test_non_finite_outputs_are_null_and_decode_as_nan() -> None:
+    y = np.array([np.nan, np.inf, -np.inf, 1.5], np.float32)
+    body, _ = encode_infer_body("m", None, {"y": y}, {})
+    assert json.loads(body)["outputs"][0]["data"] == [None, None, None, 1.5]
+    out = decode_infer_response(body)["y"]
+    assert np.isnan(out[:3]).all() and out[3] == 1.5
+
+
+def test_encode_infer_response_is_plain_python_for_any_json_library() -> None:
+    resp = encode_infer_response("m", "1", {"y": np.ones((1, 2), np.float32)}, {"id": "r"})
+    assert json.loads(json.dumps(resp)) == {
+        "model_name": "m", "model_version": "1", "id": "r",
+        "outputs": [{"name": "y", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 1.0]}],
+    }
+
+
+SPEC = [TensorSpec(name="input", dtype="float32", shape=[-1, 4])]
+GOOD = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        (GOOD[:-7], 400, "not valid JSON"),  # truncated
+        (GOOD.replace(b"[1,2,3,4]", b"[1,NaN,3,4]"), 400, "not valid JSON"),  # not JSON
+        (GOOD.replace(b"[1,2,3,4]", b"[1,Infinity,3,4]"), 400, "not valid JSON"),
+        (b"\xff\xfe" + GOOD, 400, "not valid JSON"),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested too deep
+        (GOOD.replace(b"[1,2,3,4]", b'[1,"x",3,4]'), 400, "inputs[0]: data does not match datatype FP32"),
+        (GOOD.replace(b"[1,2,3,4]", b"[1,1e999,3,4]"), 400, "number is infinity"),
+        (b" " * (MAX_REQUEST_BYTES + 1), 413, "exceeds"),
+    ],
+)
+def test_bad_request_bodies_say_what_is_wrong(body: bytes, status: int, text: str) -> None:
+    with pytest.raises(V2Error) as ei:
+        decode_infer_request(body, SPEC)
+    assert ei.value.status == status and text in str(ei.value)
+
+
+def test_bad_response_bodies_are_a_bad_gateway() -> None:
+    for body in (b'{"outputs": [', b'{"outputs": [{"name": "y"}]}', b"NaN"):
+        with pytest.raises(V2Error) as ei:
+            decode_infer_response(body)
+        assert ei.value.status == 502
