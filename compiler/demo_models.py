@@ -238,15 +238,15 @@ def _train(
 
 
 def _train_digits(
-    module: nn.Module, seed: int, epochs: int, size: int
+    module: nn.Module, seed: int, epochs: int, size: int, lr: float = 3e-3
 ) -> tuple[nn.Module, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x_tr, y_tr, x_te, y_te = load_digits_split(size=size, seed=seed)
-    train_classifier(module, x_tr, y_tr, epochs=epochs, seed=seed)
+    train_classifier(module, x_tr, y_tr, epochs=epochs, seed=seed, lr=lr)
     return module, x_tr, y_tr, x_te, y_te
 
 
 def train_digits_cnn(
-    seed: int = 0, epochs: int = 15, size: int = 8, width: float = 1.0
+    seed: int = 0, epochs: int = 15, size: int = 8, width: float = 1.0, lr: float = 3e-3
 ) -> tuple[nn.Module, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train :class:`DigitsCNN`; returns ``(module, x_train, y_train, x_test, y_test)``.
 
@@ -254,15 +254,15 @@ def train_digits_cnn(
     reaches about 97% test accuracy.
     """
     torch.manual_seed(seed)
-    return _train_digits(DigitsCNN(size=size, width=width), seed, epochs, size)
+    return _train_digits(DigitsCNN(size=size, width=width), seed, epochs, size, lr)
 
 
 def train_digits_mlp(
-    seed: int = 0, epochs: int = 15, size: int = 8, width: float = 1.0
+    seed: int = 0, epochs: int = 15, size: int = 8, width: float = 1.0, lr: float = 3e-3
 ) -> tuple[nn.Module, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train :class:`DigitsMLP`; same return value as :func:`train_digits_cnn`."""
     torch.manual_seed(seed)
-    return _train_digits(DigitsMLP(size=size, width=width), seed, epochs, size)
+    return _train_digits(DigitsMLP(size=size, width=width), seed, epochs, size, lr)
 
 
 def export_pt2(module: nn.Module, example_x: np.ndarray | torch.Tensor, path: Path) -> Path:
