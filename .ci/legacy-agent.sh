@@ -29,7 +29,7 @@ PINS=(
   "onnx>=1.16,<1.17"               # tests build tiny models; 1.16 is numpy-1 built
   "datasketches==5.0.2"            # numpy-1 built; the sketch wire format is unchanged
   "paho-mqtt>=2.0,<3"
-  "orjson>=3.9"                    # V2 JSON (agent/v2.py)
+  "orjson>=3.10"                   # V2 JSON (agent/v2.py); float16 from 3.10
   "cryptography>=42"
   "tuf>=5,<8"
   "securesystemslib>=1.0"

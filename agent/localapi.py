@@ -1,8 +1,9 @@
 """The agent's localhost inference endpoint (Open Inference Protocol V2 over HTTP/1.1)
 and a small client for applications on the device.
 
-Only the standard library is used, so the agent extra stays small. The server binds
-127.0.0.1 only; it is for applications on the device, not for the network.
+The standard library serves it, and orjson writes and reads the V2 JSON
+(:mod:`agent.v2`), so the agent extra stays small. The server binds 127.0.0.1 only; it is
+for applications on the device, not for the network.
 
 The server is a small HTTP/1.1 implementation on ``socketserver`` (a thread per
 connection, keep-alive, ``Content-Length`` bodies, ``Expect: 100-continue``) rather

@@ -12,11 +12,13 @@ an output asking ``"parameters": {"binary_data": true}``, gets its outputs the s
 Decoding such a tensor is one ``np.frombuffer`` instead of parsing a JSON number list,
 which is what dominates a JSON request of more than a few hundred values.
 
-JSON is read and written with orjson, numbers straight from and to numpy arrays: for a
-1,024-value FP32 tensor, the standard library took 462 µs to encode and 296 µs to parse
-on the benchmark host, orjson 17 µs and 27 µs (docs/benchmarks.md). Like any strict JSON
-parser it refuses ``NaN`` and ``Infinity`` tokens (which are not JSON); a non-finite
-output value (NaN or ±inf) is written as ``null``, which decodes back to NaN.
+JSON is read and written with orjson, numbers straight from and to numpy arrays: a
+request with a 1,024-value FP32 tensor took 459 µs to encode and 318 µs to decode with
+the standard library on the benchmark host, 20 µs and 42 µs here
+(``benchmarks/v2_json_codec.py``; docs/benchmarks.md). Like any strict JSON parser it
+refuses ``NaN`` and ``Infinity`` tokens, which are not JSON; a non-finite output value
+(NaN or ±inf) is written as ``null``, which decodes back to NaN (send tensors with
+non-finite values, or ±inf that must survive, as binary data).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _NP_DTYPES = {k: np.dtype(v) for k, v in DATATYPES.items()}
 _WIRE_DTYPES = {k: d.newbyteorder("<") for k, d in _NP_DTYPES.items() if k != "BYTES"}
 _ORJSON_KINDS = frozenset("biuf")  # numpy kinds orjson writes itself (OPT_SERIALIZE_NUMPY)
+
+
+_NON_FINITE_HINT = " (NaN and Infinity are not JSON: send null, or the tensor as binary data)"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -95,11 +100,13 @@ def decode_infer_request(
         try:
             req = orjson.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:  # orjson's error is a JSONDecodeError
-            raise V2Error(f"request body is not valid JSON: {e}") from e
+            raise V2Error(f"request body is not valid JSON: {e}{_NON_FINITE_HINT}") from e
     else:
         req = body
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise V2Error("request must be an object with a non-empty 'inputs' list")
+    if "id" in req and not isinstance(req["id"], str):
+        raise V2Error(f"'id' must be a string, got {type(req['id']).__name__}")
     by_name = {s.name: s for s in specs}
     out: dict[str, np.ndarray] = {}
     offset = 0
@@ -125,7 +132,7 @@ def decode_infer_request(
                 raise V2Error(f"{where}: missing 'data'")
             try:
                 arr = np.asarray(t["data"], dtype=_NP_DTYPES[dt])
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 raise V2Error(f"{where}: data does not match datatype {dt}: {e}") from e
             if arr.size != math.prod(shape):
                 raise V2Error(f"{where}: {arr.size} values do not fill shape {shape}")
@@ -201,11 +208,22 @@ def _tensor_entry(
         data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype]).tobytes()
         t["parameters"] = {"binary_data_size": len(data)}
         chunks.append(data)
+    elif arr.dtype.kind in "OSU":  # BYTES: JSON strings; bytes (LiteRT string tensors) as UTF-8
+        t["data"] = [_text(v, name) for v in arr.ravel().tolist()]
     elif as_list or arr.dtype.kind not in _ORJSON_KINDS:
         t["data"] = arr.ravel().tolist()
     else:  # C-contiguous, native byte order: what orjson writes
         t["data"] = np.ascontiguousarray(arr.ravel(), dtype=arr.dtype.newbyteorder("="))
     return t
+
+
+def _text(v: Any, name: str) -> Any:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise V2Error(f"output {name!r}: a BYTES element is not UTF-8 text ({e}); JSON cannot carry it", 500) from e
+    return v
 
 
 def encode_infer_body(
@@ -283,7 +301,7 @@ def decode_infer_response(body: bytes, header_length: int | None = None) -> dict
                 out[o["name"]] = np.asarray(o["data"], dtype=_NP_DTYPES[o["datatype"]]).reshape(shape)
     except V2Error as e:
         raise V2Error(f"bad infer response: {e}", 502) from e
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
         raise V2Error(f"bad infer response: {e!r}", 502) from e
     return out
 

@@ -1034,7 +1034,8 @@ def main() -> int:
         "the per-call Python checks of `InferenceSession.run`; that is why it can be faster than `session.run`.",
         "HTTP rows: the server is a separate `edgefleet agent run` process (as an application on the device would "
         "see it); added latency = median HTTP request − median in-process `Agent.infer`, measured interleaved. The "
-        "JSON rows encode and decode on the client as `InferenceClient(binary=False)` does (`http.client`, keep-alive); "
+        "JSON goal row is `InferenceClient(binary=False)` (the agent's orjson codec); the stdlib-json rows encode and "
+        "decode with the standard library's `json` on `http.client` (keep-alive), as a client without this package would; "
         "the binary row is `InferenceClient` with the V2 binary tensor extension (`Inference-Header-Content-Length`, "
         "raw little-endian tensors in the body, outputs returned the same way).",
         "RSS is the resident set of the agent process from psutil (`memory_full_info`); MB = 10^6 bytes for the goal, "

@@ -66,5 +66,6 @@ def row(n: int, x: np.ndarray) -> str:
     ad = per_call_us(lambda: decode_infer_request(body, spec))
     return f"| {n} | {se:.1f} | {ae:.1f} | {sd:.1f} | {ad:.1f} | {se / ae:.1f}x | {sd / ad:.1f}x |"
 
+
 if __name__ == "__main__":
     main()

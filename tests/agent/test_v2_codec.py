@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from agent import v2
 from agent.bundle import TensorSpec
 from agent.v2 import (
-    MAX_REQUEST_BYTES,
     V2Error,
     decode_infer_request,
     decode_infer_response,
@@ -19,7 +19,8 @@ from agent.v2 import (
     encode_infer_response,
 )
 
-DTYPES = ["float16", "float32", "float64", "int8", "int64", "uint8", "uint64", "bool"]
+DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64",
+          "uint8", "uint16", "uint32", "uint64", "bool"]
 
 
 def _values(dtype: str) -> np.ndarray:
@@ -61,9 +62,29 @@ def test_non_native_byte_order_and_strided_arrays_are_written_by_value() -> None
 
 
 def test_strings_travel_as_json_lists() -> None:
-    s = np.array(["a", "β"], dtype=object)
-    body, _ = encode_infer_body("m", None, {"s": s}, {})
-    assert json.loads(body)["outputs"][0] == {"name": "s", "shape": [2], "datatype": "BYTES", "data": ["a", "β"]}
+    for s in (np.array(["a", "β"], dtype=object), np.array([b"a", "β".encode()], dtype=object),
+              np.array(["a", "β"])):
+        body, _ = encode_infer_body("m", None, {"s": s}, {})
+        assert json.loads(body)["outputs"][0] == {"name": "s", "shape": [2], "datatype": "BYTES", "data": ["a", "β"]}
+
+
+def test_bytes_that_are_not_text_name_the_output() -> None:
+    with pytest.raises(V2Error) as ei:
+        encode_infer_body("m", None, {"s": np.array([b"\xff"], dtype=object)}, {})
+    assert ei.value.status == 500 and "'s'" in str(ei.value)
+
+
+def test_zero_d_empty_and_mixed_binary_outputs() -> None:
+    outputs = {"scalar": np.float32(2.5) * np.ones((), np.float32), "empty": np.zeros((0, 3), np.int64),
+               "logits": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    request = {"outputs": [{"name": "scalar"}, {"name": "empty"},
+                           {"name": "logits", "parameters": {"binary_data": True}}]}
+    body, header_length = encode_infer_body("m", None, outputs, request)
+    assert header_length is not None
+    out = decode_infer_response(body, header_length)
+    for k, want in outputs.items():
+        assert out[k].shape == want.shape and out[k].dtype == want.dtype
+        np.testing.assert_array_equal(out[k], want)
 
 
 def test_non_finite_outputs_are_null_and_decode_as_nan() -> None:
@@ -90,19 +111,33 @@ GOOD = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,
     ("body", "status", "text"),
     [
         (GOOD[:-7], 400, "not valid JSON"),  # truncated
-        (GOOD.replace(b"[1,2,3,4]", b"[1,NaN,3,4]"), 400, "not valid JSON"),  # not JSON
+        (GOOD.replace(b"[1,2,3,4]", b"[1,NaN,3,4]"), 400, "NaN and Infinity are not JSON"),
         (GOOD.replace(b"[1,2,3,4]", b"[1,Infinity,3,4]"), 400, "not valid JSON"),
         (b"\xff\xfe" + GOOD, 400, "not valid JSON"),  # not UTF-8
-        (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested too deep
+        (b"[" * 2000 + b"]" * 2000, 400, "not valid JSON"),  # nested too deep
         (GOOD.replace(b"[1,2,3,4]", b'[1,"x",3,4]'), 400, "inputs[0]: data does not match datatype FP32"),
         (GOOD.replace(b"[1,2,3,4]", b"[1,1e999,3,4]"), 400, "number is infinity"),
-        (b" " * (MAX_REQUEST_BYTES + 1), 413, "exceeds"),
+        (GOOD.replace(b'{"inputs"', b'{"id":1180591620717411303424,"inputs"'), 400, "'id' must be a string"),
+        (GOOD.replace(b'{"inputs"', b'{"id":7,"inputs"'), 400, "'id' must be a string"),
+        (b" " * 4097, 413, "exceeds"),
     ],
 )
-def test_bad_request_bodies_say_what_is_wrong(body: bytes, status: int, text: str) -> None:
+def test_bad_request_bodies_say_what_is_wrong(
+    body: bytes, status: int, text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(v2, "MAX_REQUEST_BYTES", 4096)
     with pytest.raises(V2Error) as ei:
         decode_infer_request(body, SPEC)
     assert ei.value.status == status and text in str(ei.value)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("INT8", 300), ("UINT8", -1), ("INT64", 2**63)])
+def test_integers_out_of_range_for_their_datatype_are_refused(dtype: str, value: int) -> None:
+    np_dtype = {"INT8": "int8", "UINT8": "uint8", "INT64": "int64"}[dtype]
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": dtype, "data": [value]}]}).encode()
+    with pytest.raises(V2Error) as ei:
+        decode_infer_request(body, [TensorSpec(name="x", dtype=np_dtype, shape=[1])])
+    assert ei.value.status == 400 and "inputs[0]: data does not match datatype" in str(ei.value)
 
 
 def test_bad_response_bodies_are_a_bad_gateway() -> None:
