@@ -22,7 +22,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +355,75 @@ def _finish(
         exported=exported,
         module=module,
     )
+
+
+def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, str]:
+    """``model`` with its fixed batch dimension made symbolic, when the graph allows it.
+
+    Many ONNX files are exported with a batch of 1 built into the input and output
+    shapes; calibration, evaluation and self-tests run many rows per call. The first
+    dimension of the input, and of every output that has the same fixed size, becomes
+    ``batch``, and stale intermediate shapes are dropped. Then the result is checked: the
+    rewritten model run on ``2 × batch`` rows at once must give, row for row, what the
+    original gives batch by batch. Graphs with the batch built into their arithmetic (a
+    ``Reshape`` to ``[1, -1]``, say) fail that check and are refused.
+
+    Returns the model and a note for the report.
+
+    Raises:
+        ModelLoadError: the check failed (the message says how), or ``rows`` has fewer
+            than ``2 × batch`` rows to check with.
+    """
+    import onnxruntime as ort
+
+    batch = model.input.shape[0]
+    assert isinstance(batch, int) and batch > 0
+    where = f"model input {model.input.name!r} has a fixed batch size of {batch}"
+    advice = "export it with a dynamic batch dimension (a named first dimension in ONNX, a batch Dim in torch.export)"
+    need = 2 * batch
+    if len(rows) < need:
+        raise ModelLoadError(f"{where}; {need} calibration rows are needed to check it with a larger batch, "
+                             f"got {len(rows)}; {advice}")
+    proto = onnx.load_model_from_string(model.data)
+    for v in [*proto.graph.input, *proto.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_param = BATCH_DIM  # replaces the value (one field of a oneof)
+    del proto.graph.value_info[:]
+    data = proto.SerializeToString(deterministic=True)
+    x = np.ascontiguousarray(rows[:need], dtype=np.float32)
+
+    def session(m: bytes) -> Any:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 4  # a failed run is raised and reported; not logged as well
+        return ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
+
+    name = model.input.name
+    try:
+        before = session(model.data)
+        parts = [before.run(None, {name: x[i : i + batch]}) for i in range(0, need, batch)]
+    except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
+        raise ModelLoadError(f"{where}, and it does not run on calibration rows: "
+                             f"{str(e).splitlines()[0][:300]}") from e
+    try:
+        after = session(data).run(None, {name: x})
+    except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
+        raise ModelLoadError(f"{where}, built into the graph (running {need} rows at once failed: "
+                             f"{str(e).splitlines()[0][:300]}); {advice}") from e
+    for k, out in enumerate(model.outputs):
+        if any(p[k].ndim == 0 or p[k].shape[0] != batch for p in parts):
+            raise ModelLoadError(f"{where}, and output {out.name!r} is not batched along its first "
+                                 f"dimension (shape {list(parts[0][k].shape)}); {advice}")
+        want = np.concatenate([p[k] for p in parts])
+        got = after[k]
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale),
+                                                       equal_nan=True):
+            raise ModelLoadError(f"{where}, built into the graph: output {out.name!r} for {need} rows at once "
+                                 f"differs from {batch} rows at a time; {advice}")
+    ins, outs = onnx_tensor_infos(proto)
+    note = (f"input {model.input.name!r} had a fixed batch size of {batch}; its batch dimension was made "
+            f"dynamic, checked on {need} calibration rows (the same outputs as {batch} at a time)")
+    return replace(model, data=data, inputs=ins, outputs=outs), note
+

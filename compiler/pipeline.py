@@ -52,7 +52,14 @@ from compiler.measure import (
     run_batched,
 )
 from compiler.metrics import Metric, evaluate_metric, score
-from compiler.model_source import OPSET, OnnxModel, is_factory_spec, load_factory_model, load_model
+from compiler.model_source import (
+    OPSET,
+    OnnxModel,
+    is_factory_spec,
+    load_factory_model,
+    load_model,
+    with_dynamic_batch,
+)
 from compiler.quantize import (
     FP16_MAX,
     CalibrationMethodName,
@@ -856,13 +863,11 @@ def compile_model(
     train = load_npz(options.train.path, "train", need_labels=True) if options.train else None
     model = _load(model_path, calib, options)
     batch = model.input.shape[0] if model.input.shape else None
+    batch_note = None
     if isinstance(batch, int) and batch > 0:
-        # Calibration, evaluation and the self-test run many rows per call; finding out
-        # after every candidate is built helps nobody.
-        raise CompilerInputError(
-            f"model input {model.input.name!r} has a fixed batch size of {batch}; export it with a "
-            "dynamic batch dimension (a named first dimension in ONNX, a batch Dim in torch.export)"
-        )
+        # Calibration, evaluation and the self-test run many rows per call: make the batch
+        # dynamic when the graph allows it, or refuse before any candidate is built.
+        model, batch_note = with_dynamic_batch(model, calib.x)
     check_input_shape(calib, "calibration", model.input.shape)
     if eval_data is not None:
         check_input_shape(eval_data, "eval", model.input.shape)
@@ -1103,6 +1108,7 @@ def compile_model(
             "kind": model.source_kind,
             "input": {"name": model.input.name, "shape": model.input.spec_shape()},
             "outputs": [o.name for o in model.outputs],
+            **({"notes": [batch_note]} if batch_note else {}),
         },
         data={
             "calibration": {"path": str(calibration), "sha256": calib.sha256, "rows": calib.rows},

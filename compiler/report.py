@@ -119,6 +119,8 @@ class CompileReport(_Model):
 
     def print(self, console: Console) -> None:
         console.print(self.table())
+        for note in self.model.get("notes", []):
+            console.print(f"[yellow]model[/]: {note}")
         for line in self.skipped:
             console.print(f"[yellow]skipped[/]: {line}")
         for name, p in self.profiles.items():

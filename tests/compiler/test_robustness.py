@@ -4,6 +4,7 @@ IR versions the target runtime refuses, and input files that gave tracebacks."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import sys
 import zipfile
@@ -192,15 +193,59 @@ def test_fp16_is_blocked_when_activations_overflow_it(tmp_path: Path):
     assert not fp16.passed and any("overflow fp16" in r for r in fp16.reasons)
 
 
-def test_a_fixed_batch_input_is_refused_before_anything_is_built(tmp_path: Path):
+def _fixed(batch: int, reshape_to: list[int] | None = None, sum_over_batch: bool = False) -> bytes:
+    """_linear with its batch fixed in the I/O shapes, optionally with a Reshape to
+    ``reshape_to`` (a constant shape that builds the batch into the graph) or a sum over
+    the batch (rows that depend on each other)."""
     proto = onnx.load_model_from_string(_linear(ir=8))
-    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # [1, 4] instead of [n, 4]
+    g = proto.graph
+    if reshape_to is not None:
+        g.node[0].output[0] = "h"
+        g.initializer.append(numpy_helper.from_array(np.array(reshape_to, np.int64), "shape"))
+        g.node.append(helper.make_node("Reshape", ["h", "shape"], ["y"]))
+    if sum_over_batch:  # y = h + sum(h over the batch): same shape, rows depend on the batch
+        g.node[0].output[0] = "h"
+        g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+        g.node.append(helper.make_node("ReduceSum", ["h", "axes"], ["s"], keepdims=1))
+        g.node.append(helper.make_node("Add", ["h", "s"], ["y"]))
+    for v in (g.input[0], g.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = batch  # [batch, ...] instead of [n, ...]
+    return proto.SerializeToString()
+
+
+def test_a_fixed_batch_model_is_made_dynamic_when_the_graph_allows(tmp_path: Path):
     model = tmp_path / "fixed.onnx"
-    model.write_bytes(proto.SerializeToString())
-    calib = _write_npz(tmp_path / "calib.npz", x=np.zeros((8, 4), np.float32))
-    with pytest.raises(CompilerInputError, match="fixed batch size of 1; export it with a dynamic batch"):
+    model.write_bytes(_fixed(1))
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32, 4)).astype(np.float32)
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    ev = _write_npz(tmp_path / "eval.npz", x=x, y=rng.integers(0, 3, size=32))
+    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, ev, tmp_path / "out",
+                           CompileOptions(name="fixed", version="1.0.0", seed=0, latency=FAST))
+    assert report.model["input"]["shape"] == [-1, 4]
+    assert "fixed batch size of 1; its batch dimension was made dynamic" in report.model["notes"][0]
+    selected = next(c for c in report.candidates if c.selected)
+    b = unpack(tmp_path / "out" / (selected.bundle or ""), tmp_path / "u")
+    assert b.manifest.inputs[0].shape == [-1, 4]
+
+
+@pytest.mark.parametrize(("batch", "reshape_to", "sums", "rows", "message"), [
+    (1, [1, 3], False, 32, "built into the graph (running 2 rows at once failed"),  # Reshape to [1, 3]
+    (2, [2, 3], False, 32, "built into the graph (running 4 rows at once failed"),
+    (2, None, True, 32, "built into the graph: output 'y' for 4 rows at once differs from 2 rows at a time"),
+    (4, None, False, 6, "8 calibration rows are needed to check it with a larger batch, got 6"),
+])
+def test_a_fixed_batch_built_into_the_graph_is_refused_before_anything_is_built(
+    tmp_path: Path, batch: int, reshape_to: list[int] | None, sums: bool, rows: int, message: str
+):
+    model = tmp_path / "fixed.onnx"
+    model.write_bytes(_fixed(batch, reshape_to, sums))
+    x = np.random.default_rng(1).normal(size=(rows, 4)).astype(np.float32)
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    with pytest.raises(CompilerInputError, match=re.escape(message)) as ei:
         compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out",
                       CompileOptions(name="fixed", version="1.0.0", latency=FAST))
+    assert f"fixed batch size of {batch}" in str(ei.value) and "export it with a dynamic batch" in str(ei.value)
     assert not (tmp_path / "out").exists()
 
 
