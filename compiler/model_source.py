@@ -40,6 +40,7 @@ __all__ = [
     "is_factory_spec",
     "onnx_tensor_infos",
     "strip_exporter_metadata",
+    "with_dynamic_batch",
 ]
 
 OPSET = 18
@@ -363,10 +364,12 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
     Many ONNX files are exported with a batch of 1 built into the input and output
     shapes; calibration, evaluation and self-tests run many rows per call. The first
     dimension of the input, and of every output that has the same fixed size, becomes
-    ``batch``, and stale intermediate shapes are dropped. Then the result is checked: the
-    rewritten model run on ``2 × batch`` rows at once must give, row for row, what the
-    original gives batch by batch. Graphs with the batch built into their arithmetic (a
-    ``Reshape`` to ``[1, -1]``, say) fail that check and are refused.
+    ``batch``, and stale intermediate shapes are dropped. Then the result is checked on
+    calibration rows: run on ``2 × batch`` rows at once, and on 1 row (and ``batch + 1``
+    rows when the batch is over 1), the rewritten model must give, row for row, what the
+    original gives a batch at a time. Graphs with the batch built into their arithmetic
+    (a ``Reshape`` to ``[1, -1]``, a sum over the batch, rows mixed in pairs) fail that
+    check and are refused. Other batch sizes are not tried.
 
     Returns the model and a note for the report.
 
@@ -382,12 +385,13 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
     advice = "export it with a dynamic batch dimension (a named first dimension in ONNX, a batch Dim in torch.export)"
     need = 2 * batch
     if len(rows) < need:
-        raise ModelLoadError(f"{where}; {need} calibration rows are needed to check it with a larger batch, "
+        raise ModelLoadError(f"{where}; {need} calibration rows are needed to check it with other batch sizes, "
                              f"got {len(rows)}; {advice}")
     proto = onnx.load_model_from_string(model.data)
+    inits = {i.name for i in proto.graph.initializer}  # old IR versions list weights as inputs
     for v in [*proto.graph.input, *proto.graph.output]:
         dims = v.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+        if v.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].dim_param = BATCH_DIM  # replaces the value (one field of a oneof)
     del proto.graph.value_info[:]
     data = proto.SerializeToString(deterministic=True)
@@ -404,26 +408,42 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
         before = session(model.data)
         parts = [before.run(None, {name: x[i : i + batch]}) for i in range(0, need, batch)]
     except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
-        raise ModelLoadError(f"{where}, and it does not run on calibration rows: "
-                             f"{str(e).splitlines()[0][:300]}") from e
-    try:
-        after = session(data).run(None, {name: x})
-    except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
-        raise ModelLoadError(f"{where}, built into the graph (running {need} rows at once failed: "
-                             f"{str(e).splitlines()[0][:300]}); {advice}") from e
+        raise ModelLoadError(f"{where}, and it does not run on calibration rows: {_ort_error(e)}") from e
     for k, out in enumerate(model.outputs):
         if any(p[k].ndim == 0 or p[k].shape[0] != batch for p in parts):
             raise ModelLoadError(f"{where}, and output {out.name!r} is not batched along its first "
                                  f"dimension (shape {list(parts[0][k].shape)}); {advice}")
-        want = np.concatenate([p[k] for p in parts])
-        got = after[k]
-        scale = float(np.max(np.abs(want))) if want.size else 0.0
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale),
-                                                       equal_nan=True):
-            raise ModelLoadError(f"{where}, built into the graph: output {out.name!r} for {need} rows at once "
-                                 f"differs from {batch} rows at a time; {advice}")
+    want = [np.concatenate([p[k] for p in parts]) for k in range(len(model.outputs))]
+    after = session(data)
+    for n in sorted({need, 1, batch + 1} if batch > 1 else {need, 1}):
+        rows_n = f"{n} row{'s' if n != 1 else ''}"
+        try:
+            got = after.run(None, {name: x[:n]})
+        except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
+            raise ModelLoadError(f"{where}, built into the graph (running {rows_n} at once failed: "
+                                 f"{_ort_error(e)}); {advice}") from e
+        for k, out in enumerate(model.outputs):
+            w, g = want[k][:n], got[k]
+            if g.shape != w.shape:
+                raise ModelLoadError(f"{where}, built into the graph: output {out.name!r} for {rows_n} at once "
+                                     f"has shape {list(g.shape)}, expected {list(w.shape)}; {advice}")
+            finite = np.abs(w[np.isfinite(w)]) if np.issubdtype(w.dtype, np.floating) else np.abs(w)
+            scale = float(finite.max()) if finite.size else 0.0
+            if not np.allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+                diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
+                worst = float(np.nanmax(np.where(np.isfinite(diff), diff, np.nan))) if diff.size else 0.0
+                raise ModelLoadError(f"{where}, built into the graph: output {out.name!r} for {rows_n} at once "
+                                     f"differs from {batch} row{'s' if batch != 1 else ''} at a time (by up to {worst:.3g}); "
+                                     f"{advice}")
     ins, outs = onnx_tensor_infos(proto)
     note = (f"input {model.input.name!r} had a fixed batch size of {batch}; its batch dimension was made "
-            f"dynamic, checked on {need} calibration rows (the same outputs as {batch} at a time)")
+            f"dynamic, checked on calibration rows (the same outputs for {need} and 1 rows at once as "
+            f"{batch} at a time)")
     return replace(model, data=data, inputs=ins, outputs=outs), note
 
+
+def _ort_error(e: Exception) -> str:
+    """ONNX Runtime's message on one line, without its source path in the middle."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"/onnxruntime_src/\S+ \S+ ", "", text)
+    return text if len(text) <= 400 else text[:150] + " ... " + text[-240:]

@@ -862,17 +862,18 @@ def compile_model(
     eval_data = load_npz(eval_path, "eval") if eval_path is not None else None
     train = load_npz(options.train.path, "train", need_labels=True) if options.train else None
     model = _load(model_path, calib, options)
+    check_input_shape(calib, "calibration", model.input.shape)
+    if eval_data is not None:
+        check_input_shape(eval_data, "eval", model.input.shape)
+    if train is not None:
+        check_input_shape(train, "train", model.input.shape)
     batch = model.input.shape[0] if model.input.shape else None
     batch_note = None
     if isinstance(batch, int) and batch > 0:
         # Calibration, evaluation and the self-test run many rows per call: make the batch
         # dynamic when the graph allows it, or refuse before any candidate is built.
         model, batch_note = with_dynamic_batch(model, calib.x)
-    check_input_shape(calib, "calibration", model.input.shape)
-    if eval_data is not None:
-        check_input_shape(eval_data, "eval", model.input.shape)
     if train is not None:
-        check_input_shape(train, "train", model.input.shape)
         assert train.y is not None
         if train.y.ndim != 1 or train.y.dtype.kind not in "iu":
             raise DataFileError(f"train data {train.path}: 'y' must be 1-D integer class labels")
