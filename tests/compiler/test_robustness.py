@@ -218,15 +218,20 @@ def _fixed(batch: int, reshape_to: list[int] | None = None, sum_over_batch: bool
     return proto.SerializeToString()
 
 
-def test_a_fixed_batch_model_is_made_dynamic_when_the_graph_allows(tmp_path: Path):
-    model = tmp_path / "fixed.onnx"
-    model.write_bytes(_fixed(1))
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(32, 4)).astype(np.float32)
+def _compile_labelled(tmp_path: Path, model_bytes: bytes, rows: int, seed: int):
+    """Compile ``model_bytes`` (4 inputs, 3 classes) for x86-gateway-vnni on random rows."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(model_bytes)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 4)).astype(np.float32)
     calib = _write_npz(tmp_path / "calib.npz", x=x)
-    ev = _write_npz(tmp_path / "eval.npz", x=x, y=rng.integers(0, 3, size=32))
-    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, ev, tmp_path / "out",
-                           CompileOptions(name="fixed", version="1.0.0", seed=0, latency=FAST))
+    ev = _write_npz(tmp_path / "eval.npz", x=x, y=rng.integers(0, 3, size=rows))
+    return compile_model(model, [load_profile("x86-gateway-vnni")], calib, ev, tmp_path / "out",
+                         CompileOptions(name="m", version="1.0.0", seed=0, latency=FAST))
+
+
+def test_a_fixed_batch_model_is_made_dynamic_when_the_graph_allows(tmp_path: Path):
+    report = _compile_labelled(tmp_path, _fixed(1), 32, seed=3)
     assert report.model["input"]["shape"] == [-1, 4]
     assert "fixed batch size of 1; its batch dimension was made dynamic" in report.model["notes"][0]
     selected = next(c for c in report.candidates if c.selected)
@@ -313,14 +318,7 @@ def test_one_candidate_that_crashes_is_rejected_and_the_compile_goes_on(tmp_path
         raise RuntimeError("quantizer bug")
 
     monkeypatch.setattr(pipeline, "quantize_dynamic_int8", broken)
-    model = tmp_path / "lin.onnx"
-    model.write_bytes(_linear())
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(64, 4)).astype(np.float32)
-    calib = _write_npz(tmp_path / "calib.npz", x=x)
-    ev = _write_npz(tmp_path / "eval.npz", x=x, y=rng.integers(0, 3, size=64))
-    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, ev, tmp_path / "out",
-                           CompileOptions(name="lin", version="1.0.0", seed=0, latency=FAST))
+    report = _compile_labelled(tmp_path, _linear(), 64, seed=5)
     dyn = next(c for c in report.candidates if c.technique == "dynamic-int8")
     assert not dyn.passed and any("build failed: RuntimeError: quantizer bug" in r for r in dyn.reasons)
     assert sum(c.selected for c in report.candidates) == 1
