@@ -810,6 +810,16 @@ def _baseline_key(plan: Sequence[_Artifact]) -> str:
     return "onnx-fp32" if any(a.key == "onnx-fp32" for a in plan) else "tflite-fp32"
 
 
+def _open_error(art: _Artifact, threads: int, x1: np.ndarray) -> str | None:
+    """Why ``art`` cannot be opened and run once for timing at ``threads``, or None."""
+    try:
+        _timing_call(art, threads, x1)()
+    except Exception as e:  # noqa: BLE001 - runtimes raise untyped errors
+        log.warning("opening %s for timing failed", art.key, exc_info=True)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return None
+
+
 def _timing_call(art: _Artifact, threads: int, x1: np.ndarray) -> Callable[[], object]:
     assert art.model is not None
     if art.runtime == "litert":
@@ -1001,7 +1011,15 @@ def compile_model(
         anchor = next((a for a in arts.values() if a.key == base_key), None)
         if anchor is None:  # the baseline failed to build: the profile selects nothing
             continue
-        others = [a for a in arts.values() if a is not anchor]
+        # Open each model once first: one that cannot run at this thread count is rejected
+        # with the error, not the compile (an anchor that cannot: its profiles time nothing).
+        failed = {a.sha256: err for a in arts.values() if (err := _open_error(a, th, calib.x))}
+        for a in arts.values():
+            if a.sha256 in failed:
+                a.error = f"timing failed at {th} thread{'s' if th != 1 else ''}: {failed[a.sha256]}"
+        if anchor.sha256 in failed:
+            continue
+        others = [a for a in arts.values() if a is not anchor and a.sha256 not in failed]
         base, lats = measure_against(
             functools.partial(_timing_call, anchor, th, calib.x),
             [functools.partial(_timing_call, a, th, calib.x) for a in others],

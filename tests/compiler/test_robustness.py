@@ -337,3 +337,26 @@ def test_models_with_subgraphs_keep_their_ir_version_and_imports():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                           ir_version=10).SerializeToString()
     assert lowest_ir_version(m) == m
+
+
+def test_a_candidate_that_cannot_be_opened_for_timing_is_rejected_and_the_compile_goes_on(
+    tmp_path: Path, monkeypatch
+):
+    import compiler.pipeline as pipeline
+
+    real = pipeline._timing_call
+
+    def timing_call(art, threads, x1):
+        if art.technique == "dynamic-int8":
+            raise RuntimeError("cannot create the thread pool")
+        return real(art, threads, x1)
+
+    monkeypatch.setattr(pipeline, "_timing_call", timing_call)
+    report = _compile_labelled(tmp_path, _linear(), 64, seed=5)
+    dyn = next(c for c in report.candidates if c.technique == "dynamic-int8")
+    assert not dyn.passed and dyn.latency_ms_p50 is None
+    assert any(re.search(r"timing failed at \d+ threads?: RuntimeError: cannot create the thread pool", r)
+               for r in dyn.reasons)
+    timed = [c for c in report.candidates if c.technique != "dynamic-int8"]
+    assert all(c.latency_ms_p50 is not None for c in timed)
+    assert sum(c.selected for c in report.candidates) == 1
