@@ -8,7 +8,6 @@ changes) hits both alike rather than whichever happened to run then.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,6 @@ __all__ = [
     "host_threads",
     "ort_session",
     "run_batched",
-    "measure_latencies",
     "measure_calls",
     "measure_against",
 ]
@@ -111,17 +109,6 @@ def run_batched(
     except Exception as e:  # noqa: BLE001 - ORT raises untyped runtime errors
         raise TechniqueError(f"inference failed: {e}") from e
     return [np.concatenate([p[k] for p in parts], axis=0) for k in range(len(parts[0]))]
-
-
-def measure_latencies(
-    sessions: Sequence[ort.InferenceSession],
-    input_name: str,
-    x1: np.ndarray,
-    settings: LatencySettings,
-) -> list[Latency]:
-    """Batch-1 latency of each ONNX Runtime session (see :func:`measure_calls`)."""
-    feed = {input_name: np.ascontiguousarray(x1[:1])}
-    return measure_calls([functools.partial(s.run, None, feed) for s in sessions], settings)
 
 
 def measure_calls(calls: Sequence[Callable[[], object]], settings: LatencySettings) -> list[Latency]:

@@ -377,7 +377,7 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
         ModelLoadError: the check failed (the message says how), or ``rows`` has fewer
             than ``2 × batch`` rows to check with.
     """
-    import onnxruntime as ort
+    from compiler.measure import ort_session
 
     batch = model.input.shape[0]
     assert isinstance(batch, int) and batch > 0
@@ -397,15 +397,9 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
     data = proto.SerializeToString(deterministic=True)
     x = np.ascontiguousarray(rows[:need], dtype=np.float32)
 
-    def session(m: bytes) -> Any:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.log_severity_level = 4  # a failed run is raised and reported; not logged as well
-        return ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
-
     name = model.input.name
     try:
-        before = session(model.data)
+        before = ort_session(model.data, 1)
         parts = [before.run(None, {name: x[i : i + batch]}) for i in range(0, need, batch)]
     except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
         raise ModelLoadError(f"{where}, and it does not run on calibration rows: {_ort_error(e)}") from e
@@ -414,7 +408,11 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
             raise ModelLoadError(f"{where}, and output {out.name!r} is not batched along its first "
                                  f"dimension (shape {list(parts[0][k].shape)}); {advice}")
     want = [np.concatenate([p[k] for p in parts]) for k in range(len(model.outputs))]
-    after = session(data)
+    try:
+        after = ort_session(data, 1)
+    except Exception as e:  # noqa: BLE001 - TechniqueError, with ORT's message
+        raise ModelLoadError(f"{where}; with a dynamic batch ONNX Runtime cannot load it: {_ort_error(e)}; "
+                             f"{advice}") from e
     for n in sorted({need, 1, batch + 1} if batch > 1 else {need, 1}):
         rows_n = f"{n} row{'s' if n != 1 else ''}"
         try:
