@@ -291,7 +291,7 @@ class Agent:
         if pointer in ("none", "missing"):
             log.info("no model is active (slot pointer: %s)", pointer)
             return
-        active = self.slots.active_name()
+        active: SlotName | None = pointer if pointer in ("a", "b") else None  # type: ignore[assignment]
         order: list[SlotName] = [active] if active else []
         # Torn pointer: the slot the record committed last comes first; a slot it was
         # installing and never committed comes last.

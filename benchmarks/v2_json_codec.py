@@ -6,11 +6,12 @@ request as a client does (``json.dumps`` of ``tolist()``, against
 (``json.loads`` + ``np.asarray``, against ``agent.v2.decode_infer_request``), timed side
 by side with ``timeit``: median of 7 repeats, each the mean of enough calls for ~0.2 s.
 
-Run:  python benchmarks/v2_json_codec.py
+Run:  python benchmarks/v2_json_codec.py [--out docs/v2-json-codec-results.md]
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import platform
@@ -43,15 +44,27 @@ def stdlib_decode(body: bytes) -> np.ndarray:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, help="Also write the table to this file.")
+    args = ap.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    print(f"# V2 JSON codec, {cpu}, Python {platform.python_version()}, "
-          f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}")
-    print("| values | stdlib encode µs | agent encode µs | stdlib decode µs | agent decode µs | encode ratio | decode ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        f"# V2 JSON codec, {cpu}, Python {platform.python_version()}, "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}",
+        "",
+        "Command: `python benchmarks/v2_json_codec.py" + (f" --out {args.out}`" if args.out else "`"),
+        "",
+        "| values | stdlib encode µs | agent encode µs | stdlib decode µs | agent decode µs | encode ratio | decode ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
     rng = np.random.default_rng(0)
     for n in (64, 1024, 16384):
-        print(row(n, rng.standard_normal((1, n)).astype(np.float32)))
+        lines.append(row(n, rng.standard_normal((1, n)).astype(np.float32)))
+        print(lines[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 def row(n: int, x: np.ndarray) -> str:

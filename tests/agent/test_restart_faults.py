@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from agent.lifecycle import State
 from agent.runtimes.base import LoadedModel
@@ -241,3 +242,22 @@ def test_a_locked_spool_is_not_mistaken_for_a_damaged_one(tmp_path):
     again = Spool(path)
     assert again.reset_reason is None and len(again) == 1
     assert not list(tmp_path.glob("spool.sqlite.unreadable-*"))
+    again.close()
+    # The lock above is absorbed before it reaches the check; the check itself, on the
+    # errors SQLite raises for a held lock and for a file that is not a database:
+    from agent.spool import _damaged
+
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as busy:
+            sqlite3.connect(str(path), timeout=0).execute("INSERT INTO counters VALUES ('x', 1)")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not _damaged(busy.value)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database " * 512)
+    with pytest.raises(sqlite3.DatabaseError) as notadb:
+        sqlite3.connect(str(garbage)).execute("SELECT * FROM sqlite_master")
+    assert _damaged(notadb.value)

@@ -140,6 +140,12 @@ def test_integers_out_of_range_for_their_datatype_are_refused(dtype: str, value:
     assert ei.value.status == 400 and "inputs[0]: data does not match datatype" in str(ei.value)
 
 
+def test_the_non_finite_hint_is_given_only_when_the_body_has_such_a_token() -> None:
+    with pytest.raises(V2Error) as ei:
+        decode_infer_request(GOOD[:-7], SPEC)
+    assert "NaN" not in str(ei.value)
+
+
 def test_bad_response_bodies_are_a_bad_gateway() -> None:
     for body in (b'{"outputs": [', b'{"outputs": [{"name": "y"}]}', b"NaN"):
         with pytest.raises(V2Error) as ei:
