@@ -377,6 +377,7 @@ class Agent:
         seq = self._next_seq("seq.status")
         report = StatusReport(
             seq=seq,
+            seq_epoch=self.spool.epoch,
             deployment_id=rec.deployment_id,
             state=rec.state.value,
             outcome=outcome,  # type: ignore[arg-type]

@@ -111,6 +111,9 @@ class StatusReport(Payload):
     """Where a device's update lifecycle stands. ``seq`` increases per device."""
 
     seq: int = Field(ge=0)
+    seq_epoch: int | None = Field(
+        None, ge=0, description="Identifies the device's counter: a new one starts when its spool is recreated."
+    )
     deployment_id: str | None = None
     state: str = Field(max_length=32, description="Lifecycle state name.")
     outcome: Literal[

@@ -10,6 +10,7 @@ is over its byte bound, the oldest records of the lowest priority are dropped fi
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -92,15 +93,17 @@ class Spool:
                 " retain INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
-            # synchronous=NORMAL may lose the last commits to a power cut, and with them
-            # sequence numbers already sent; the clock has moved past them since. A full
-            # disk must not keep the agent from starting: the counters then stay.
+            # The spool's identity: a new one for every new file (53 bits, exact in JSON).
+            # A lock held by another process or a full disk must not keep the agent from
+            # starting: reports then go without an epoch (the hub compares seq as before).
             try:
-                self._db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name LIKE 'seq.%'",
-                                 (int(time.time() * 1000),))
+                self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES('spool.epoch', ?)",
+                                 (secrets.randbits(53),))
             except sqlite3.OperationalError as e:
-                log.warning("spool: sequence counters not moved up to the clock: %s", e)
+                log.warning("spool: no epoch written: %s", e)
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
+        row = self._db.execute("SELECT value FROM counters WHERE name = 'spool.epoch'").fetchone()
+        self.epoch: int | None = None if row is None else row[0]
 
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(
@@ -166,19 +169,25 @@ class Spool:
                 self._bump("delivered", 1)
 
     def next_seq(self, name: str) -> int:
-        """A persisted, strictly increasing counter (survives restarts).
+        """A persisted, strictly increasing counter (survives restarts) that never falls
+        behind the wall clock in milliseconds: each number is the larger of the last
+        one + 1 and the clock.
 
-        A new counter starts at the wall clock in milliseconds, not at 1, and counters
-        named ``seq.*`` move up to the clock at every start: the hub drops a device's
-        reports whose ``seq`` is not above the last it stored (and stores a telemetry
-        window once per ``seq``), so a device whose spool was wiped (a new SD card, a
-        reset, an unreadable spool set aside) or lost its last commits to a power cut
-        must not count from below where it was. That holds while the device sends fewer
-        reports than milliseconds pass, and its clock is not set far back."""
+        The hub drops a device's status reports whose ``seq`` is not above the last it
+        stored for the same spool (``epoch``), and stores a telemetry window once per
+        ``seq``. Following the clock keeps numbers above those already sent when the
+        last commits were lost to a power cut (``synchronous=NORMAL``) and while the
+        device sends fewer reports than milliseconds pass. A clock that starts behind
+        (a board without a real-time clock, before NTP) is caught up with as soon as
+        it is set. A new spool file (a new SD card, a reset, an unreadable spool set
+        aside) has a new ``epoch``, which tells the hub to start counting again."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES(?, ?)",
-                             (name, int(time.time() * 1000) - 1))
-            self._bump(name, 1)
+            # Two statements, not RETURNING: SQLite before 3.35 (Debian 11) lacks it.
+            self._db.execute(
+                "INSERT INTO counters(name, value) VALUES(?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = MAX(value + 1, excluded.value)",
+                (name, int(time.time() * 1000)),
+            )
             return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
     def counters(self) -> dict[str, int]:

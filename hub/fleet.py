@@ -165,10 +165,18 @@ def apply_status(
     Returns False when the report was ignored as a duplicate or out of order.
     """
     dev = _device(session, device_id)
-    if dev.last_status_seq is not None and status.seq <= dev.last_status_seq:
+    # A report counted in another spool (the device's was recreated: a new SD card, a
+    # reset) starts the count again, even below the last: its clock may be behind.
+    same_counter = status.seq_epoch is None or status.seq_epoch == dev.last_status_epoch
+    if same_counter and dev.last_status_seq is not None and status.seq <= dev.last_status_seq:
         log.debug("status from %s: seq %d <= %d, ignored", device_id, status.seq, dev.last_status_seq)
         return False
+    if not same_counter and dev.last_status_seq is not None:
+        log.info("status from %s: a new counter (seq_epoch %d, was %s) at seq %d", device_id,
+                 status.seq_epoch, dev.last_status_epoch, status.seq)
     dev.last_status_seq = status.seq
+    if status.seq_epoch is not None:
+        dev.last_status_epoch = status.seq_epoch
     dev.state = status.state
     dev.outcome = status.outcome
     dev.model = status.model

@@ -174,6 +174,10 @@ class DeviceBase(SQLModel):
 
 class Device(DeviceBase, table=True):
     last_status_seq: int | None = Field(default=None, sa_type=sa.BigInteger)
+    last_status_epoch: int | None = Field(
+        default=None, sa_type=sa.BigInteger,
+        description="The seq_epoch of last_status_seq: the device's spool it was counted in.",
+    )
     campaign_id: str | None = Field(
         default=None,
         max_length=64,

@@ -201,6 +201,32 @@ def test_spool_byte_count_follows_a_failed_push(tmp_path):
     assert Spool(tmp_path / "s.sqlite").next_seq("seq.x") > first
 
 
+def test_seq_catches_up_with_a_clock_set_late_and_a_new_spool_has_a_new_epoch(tmp_path, monkeypatch):
+    """A board without a real-time clock boots near 1970; NTP sets the clock later. The
+    numbers must jump to the clock then, not count on from 1970 until a restart."""
+    from types import SimpleNamespace
+
+    from agent import spool as spool_mod
+    from agent.spool import Spool
+
+    now = [100.0]
+    monkeypatch.setattr(spool_mod, "time", SimpleNamespace(time=lambda: now[0]))
+    sp = Spool(tmp_path / "s.sqlite")
+    assert [sp.next_seq("seq.x") for _ in range(3)] == [100_000, 100_001, 100_002]
+    now[0] = 1_800_000_000.0  # NTP
+    assert sp.next_seq("seq.x") == 1_800_000_000_000
+    assert sp.next_seq("seq.x") == 1_800_000_000_001  # faster than the clock: still increasing
+    epoch = sp.epoch
+    assert epoch is not None and epoch == Spool(tmp_path / "s.sqlite", set_aside=False).epoch
+    sp.close()
+    now[0] = 100.0  # the clock is wrong again after a restart: numbers never go back
+    again = Spool(tmp_path / "s.sqlite")
+    assert again.epoch == epoch and again.next_seq("seq.x") == 1_800_000_000_002
+    again.close()
+    fresh = Spool(tmp_path / "other.sqlite")
+    assert fresh.epoch not in (None, epoch)
+
+
 def test_a_torn_pointer_serves_the_slot_the_record_committed(bench):
     """1.0.0 in slot a, then 1.1.0 committed in slot b; the pointer is then torn. The
     agent must come back on 1.1.0, not fall back to the older slot."""

@@ -270,6 +270,32 @@ def test_shared_subscription_splits_telemetry_and_stores_each_window_once(
     assert sum(1 for n in got.values() if n > 0) > 1, got  # and the work was split
 
 
+def test_a_device_with_a_new_spool_is_heard_again_though_its_clock_is_behind(  # type: ignore[no-untyped-def]
+    hub: HubHarness, device_factory: DeviceFactory, session_mosquitto
+) -> None:
+    """A re-flashed board without a real-time clock counts from its (early) clock in a new
+    spool: its reports are below the last the hub stored, in another ``seq_epoch``."""
+    dev = device_factory(session_mosquitto.url)
+    dev.hello(model="tiny:1.0.0")
+    wait_until(lambda: _device(hub, dev.device_id).get("profile"))
+    dev.publish("status", protocol.StatusReport(seq=1_800_000_000_000, seq_epoch=7, state="committed",
+                                                outcome="installed", model="tiny:1.0.0"))
+    hub.settle()
+    assert wait_until(lambda: _device(hub, dev.device_id)["state"] == "committed")
+    # The new spool: seq from a clock years behind.
+    dev.publish("status", protocol.StatusReport(seq=1_600_000_000_000, seq_epoch=8, state="idle",
+                                                outcome="idle", model=None))
+    # Within the new counter, order holds again; a report without an epoch (an older
+    # agent) is compared as before.
+    dev.publish("status", protocol.StatusReport(seq=1_599_999_999_999, seq_epoch=8, state="failed",
+                                                outcome="failed"))
+    dev.publish("status", protocol.StatusReport(seq=1_500_000_000_000, state="failed", outcome="failed"))
+    time.sleep(0.3)
+    hub.settle()
+    d = _device(hub, dev.device_id)
+    assert (d["state"], d["model"]) == ("idle", None)
+
+
 def test_order_sensitive_messages_stay_on_one_client(
     shared_hub: HubHarness, device_factory: DeviceFactory, session_mosquitto  # type: ignore[no-untyped-def]
 ) -> None:
