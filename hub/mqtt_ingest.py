@@ -637,6 +637,8 @@ class MqttIngest:
                 if batch:
                     self._apply(batch)
                 self._flush_errors()
+            except Exception:  # the thread outlives any one batch
+                log.exception("ingest: a batch of %d messages failed", len(batch))
             finally:
                 with self._idle:
                     self._in_flight -= len(items)
@@ -673,9 +675,11 @@ class MqttIngest:
         decoded = [d for it in batch if (d := self._decode(it)) is not None]
         if not decoded:
             return
+        # Not only SQLAlchemyError: SQLite's driver raises OverflowError for an integer
+        # over 64 bits, unwrapped. One message the database refuses must cost only itself.
         try:
             self._write(decoded)
-        except SQLAlchemyError:
+        except Exception:
             if len(decoded) == 1:
                 it = decoded[0].item
                 log.exception("could not store %s from %s; message dropped", it.kind, it.device_id)
@@ -684,7 +688,7 @@ class MqttIngest:
             for one in decoded:
                 try:
                     self._write([one])
-                except SQLAlchemyError:
+                except Exception:
                     log.exception("could not store %s from %s; message dropped", one.item.kind, one.item.device_id)
 
     def _note_offset(self, device_id: str, offset: float | None) -> None:
@@ -713,7 +717,7 @@ class MqttIngest:
             self.errors.record(item.kind, item.device_id, e)
         except InvalidFeedback as e:
             self.errors.record(item.kind, item.device_id, PayloadError(str(e), e.kind))
-        except (SQLAlchemyError, OSError):
+        except Exception:  # SQLAlchemyError, OSError, OverflowError (SQLite): this message only
             log.exception("could not store %s from %s; message dropped", item.kind, item.device_id)
         else:
             self._known_devices.add(item.device_id)

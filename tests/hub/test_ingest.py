@@ -86,20 +86,25 @@ def test_malformed_payloads_are_counted_and_harmless(
         "oversized": b'{"v": 1, "pad": "' + b"x" * (protocol.MAX_JSON_PAYLOAD + 10) + b'"}',
         "version": json.dumps({**json.loads(good), "v": 99}).encode(),
         "schema": json.dumps({"v": 1, "seq": -1}).encode(),
+        # Over a signed 64-bit column: SQLite's driver raised OverflowError, which stopped
+        # the ingest thread for every device.
+        "seq over 64 bits": json.dumps({**json.loads(good), "seq": 2**63}).encode(),
     }
     for payload in bad.values():
         dev.publish("telemetry", payload)
     dev.publish("status", b"[1, 2, 3]")
+    dev.publish("status", json.dumps({"v": 1, "seq": 1, "seq_epoch": 2**64, "state": "idle",
+                                      "outcome": "idle"}).encode())
     other = protocol.Hello(device_id="someone-else", profile="p", agent_version="1", runtimes={})
     dev.publish("hello", other)
     dev.publish("repo/get", b"{nope")
     dev.publish("telemetry", good)  # still works afterwards
     time.sleep(0.3)
     hub.settle()
-    wait_until(lambda: hub.client.get("/api/v1/stats/payload-errors").json()["total"] >= 8)
+    wait_until(lambda: hub.client.get("/api/v1/stats/payload-errors").json()["total"] >= 10)
     stats = hub.client.get("/api/v1/stats/payload-errors").json()
     # Truncated JSON is "not_json" too; the status list is "schema" (not an object).
-    assert stats["by_kind"] == {"not_json": 3, "oversized": 1, "version": 1, "schema": 2, "device_mismatch": 1}
+    assert stats["by_kind"] == {"not_json": 3, "oversized": 1, "version": 1, "schema": 4, "device_mismatch": 1}
     assert stats["by_topic"]["telemetry"]["not_json"] == 2
     assert stats["by_topic"]["hello"] == {"device_mismatch": 1}
     assert stats["by_topic"]["repo/get"] == {"not_json": 1}
