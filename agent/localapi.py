@@ -59,6 +59,11 @@ _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/in
 _FEEDBACK_KEYS = frozenset({"label", "prediction", "request_id", "score", "ts"})
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 60.0
+_BUSY_BODY = b'{"error": "too many connections; retry later"}'
+_TOO_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required",
             413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
@@ -98,6 +103,9 @@ class _Handler(socketserver.StreamRequestHandler):
 
     models: ModelServer  # set on the subclass
     feedback: Callable[..., None] | None = None  # Agent.feedback, when the agent serves labels
+    # Each socket read or write; an idle keep-alive connection or a client stalled
+    # mid-request is closed after it (InferenceClient reconnects to a closed idle one).
+    timeout = IDLE_TIMEOUT_S
     rbufsize = 1 << 16
     wbufsize = 0  # every response is one write of header + body
 
@@ -150,13 +158,15 @@ class _Handler(socketserver.StreamRequestHandler):
         if not version.startswith("HTTP/1."):
             raise _BadRequest(505, f"unsupported protocol {version[:20]!r}")
         headers: dict[str, str] = {}
+        lines = 0  # not len(headers): a repeated name would never reach the limit
         while True:
             line = rfile.readline(_MAX_LINE + 1)
             if not line:
                 raise ConnectionError("client closed the connection mid-request")
             if line in (b"\r\n", b"\n"):
                 break
-            if len(line) > _MAX_LINE or len(headers) >= _MAX_HEADERS:
+            lines += 1
+            if len(line) > _MAX_LINE or lines > _MAX_HEADERS:
                 raise _BadRequest(431, "request header fields too large")
             name, sep, value = line.decode("latin-1").partition(":")
             if not sep or not name or name[0] in " \t" or name != name.rstrip():
@@ -305,14 +315,42 @@ def _error_body(message: str) -> bytes:
     return _json({"error": message})
 
 
-class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class _Bounded(socketserver.ThreadingMixIn):
+    """A thread per connection, at most ``MAX_CONNECTIONS`` at once: the next one is
+    answered 503 with Retry-After and closed, so that clients that hold connections
+    open cannot take the device's memory one thread at a time."""
+
     daemon_threads = True
+    _busy: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._busy.acquire(blocking=False):
+            try:
+                request.sendall(_TOO_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._busy.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._busy.release()
+
+
+class _TcpServer(_Bounded, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class _UnixServer(_Bounded, socketserver.UnixStreamServer):
+    pass
 
 
 class LocalApi:
@@ -322,18 +360,20 @@ class LocalApi:
     """
 
     def __init__(self, models: ModelServer, port: int = 0, *, socket_path: Path | None = None,
-                 feedback: Callable[..., None] | None = None):
+                 feedback: Callable[..., None] | None = None, max_connections: int = MAX_CONNECTIONS):
         handler = type("Handler", (_Handler,), {"models": models, "feedback": staticmethod(feedback) if feedback else None})
         self._servers: list[socketserver.BaseServer] = []
         self.port = 0
         if port:
             httpd = _TcpServer(("127.0.0.1", port), handler)
+            httpd._busy = threading.BoundedSemaphore(max_connections)
             self.port = httpd.server_address[1]
             self._servers.append(httpd)
         self.socket_path = socket_path
         if socket_path is not None:
             socket_path.unlink(missing_ok=True)
             unix = _UnixServer(str(socket_path), handler)
+            unix._busy = threading.BoundedSemaphore(max_connections)
             os.chmod(socket_path, 0o660)
             self._servers.append(unix)
 

@@ -149,6 +149,39 @@ def test_http_keep_alive_expect_and_bad_requests(served):
         (b"POST /v2/models/lin/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (1 << 40), b"413"),
         (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
         (b"DELETE /v2 HTTP/1.1\r\nConnection: close\r\n\r\n", b"501"),
+        (b"GET /v2 HTTP/1.1\r\n" + b"X-A: 1\r\n" * 5000 + b"\r\n", b"431"),  # one name, repeated
     ]:
         out = _raw(port, request)
         assert out.startswith(b"HTTP/1.1 " + status), (request[:40], out[:80])
+
+
+def test_connections_are_bounded_and_stalled_clients_time_out(monkeypatch):
+    """Clients that open connections and stop mid-request hold a thread each: past
+    ``max_connections`` the next is answered 503 at once, and a stalled one is closed
+    after the handler's timeout, which frees its place."""
+    import time
+
+    from agent import localapi
+    from agent.serving import ModelServer
+
+    monkeypatch.setattr(localapi._Handler, "timeout", 0.5)
+    api = localapi.LocalApi(ModelServer(), free_port(), max_connections=2)
+    api.start()
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", api.port), timeout=5) for _ in range(2)]
+        for s in stalled:
+            s.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+        time.sleep(0.2)
+        busy = _raw(api.port, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in busy
+        assert json.loads(busy.split(b"\r\n\r\n", 1)[1])["error"].startswith("too many connections")
+        for s in stalled:
+            assert s.recv(100) == b""  # closed by the server after its timeout
+            s.close()
+        deadline = time.monotonic() + 5
+        while not (ok := _raw(api.port, b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n")
+                   ).startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ok.startswith(b"HTTP/1.1 200")
+    finally:
+        api.stop()
