@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 import agent
 from agent import topics
@@ -53,7 +54,9 @@ from agent.lifecycle import (
 from agent.localapi import LocalApi
 from agent.profiles import Profile, load_profile
 from agent.protocol import (
+    MAX_COUNT,
     MAX_FEEDBACK_ITEMS,
+    MAX_JSON_PAYLOAD,
     Deployment,
     Feedback,
     Hello,
@@ -221,10 +224,10 @@ class Agent:
                 model=ref, request_id=request_id, ts=time.time() if ts is None else ts,
                 label=label, prediction=prediction, score=score,
             )
-        except ValueError as e:  # pydantic.ValidationError is a ValueError
-            raise ValueError(f"feedback: {e}") from e
-        if type(rec.label) is not type(rec.prediction):
-            raise ValueError("feedback: label and prediction must have the same type")
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"feedback: {where + ': ' if where else ''}{err['msg']}") from e
         with self._labels_lock:
             if len(self._labels) >= self.settings.feedback_max_pending:
                 self.feedback_dropped += 1
@@ -237,8 +240,8 @@ class Agent:
     def _flush_feedback(self) -> None:
         with self._labels_lock:
             labels, self._labels = self._labels, []
-        for k in range(0, len(labels), MAX_FEEDBACK_ITEMS):
-            msg = Feedback(seq=self._next_seq("seq.feedback"), items=labels[k : k + MAX_FEEDBACK_ITEMS])
+        for part in _feedback_parts(labels):
+            msg = Feedback(seq=self._next_seq("seq.feedback"), items=part)
             self.spool.push(Priority.DRIFT, topics.device_topic(self.settings.device_id, "feedback"), encode(msg))
 
     @property
@@ -912,6 +915,23 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return status_from_disk(self.data_dir) | {"model": self.model_ref, "conditions": sorted(self._conditions)}
+
+
+def _feedback_parts(labels: list[LabelRecord]) -> list[list[LabelRecord]]:
+    """``labels`` in order, split into messages the hub takes: at most
+    MAX_FEEDBACK_ITEMS items and MAX_JSON_PAYLOAD bytes each (1,000 labels with score
+    maps of 25 classes come to about 320 KB). One label always fits: the contract bounds
+    its fields."""
+    parts: list[list[LabelRecord]] = []
+    todo = [labels[k : k + MAX_FEEDBACK_ITEMS] for k in range(0, len(labels), MAX_FEEDBACK_ITEMS)][::-1]
+    while todo:
+        part = todo.pop()
+        if len(part) > 1 and len(encode(Feedback(seq=MAX_COUNT, items=part))) > MAX_JSON_PAYLOAD:
+            half = len(part) // 2
+            todo += [part[half:], part[:half]]
+        else:
+            parts.append(part)
+    return parts
 
 
 def status_from_disk(data_dir: Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 import agent
 from agent.serving import ModelServer, NoModelError
@@ -282,8 +283,10 @@ class _Handler(socketserver.StreamRequestHandler):
         prediction of ``name`` (default version: the one active now), sent to the hub
         with the next telemetry interval (edgefleet extension, not part of V2)."""
         try:
-            obj = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            # orjson, as for infer: it refuses deep nesting and integers over 64 bits with
+            # a JSONDecodeError, where json raises RecursionError or a bare ValueError.
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
             return 400, _error_body(f"feedback body is not JSON: {e}"), None
         if not isinstance(obj, dict):
             return 400, _error_body("feedback body must be a JSON object"), None

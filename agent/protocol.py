@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from typing import Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import PayloadError
 
@@ -237,8 +237,42 @@ class ChunkHeader(BaseModel):
 Label = int | str
 
 
+MAX_LABEL_CHARS: Final = 128
+MAX_SCORE_LABELS: Final = 1000
+
+
+def check_label(v: Any) -> Any:
+    """The rules a label (or prediction) keeps wherever it is stored: an integer of at
+    most 53 bits (exact in JSON) or a string of 1-128 characters, never a boolean.
+    Raises ValueError saying which rule it broke."""
+    if isinstance(v, bool):
+        raise ValueError("labels must be integers or strings, not booleans")
+    if isinstance(v, str) and not 1 <= len(v) <= MAX_LABEL_CHARS:
+        raise ValueError(f"string labels must be 1-{MAX_LABEL_CHARS} characters, got {len(v)}")
+    if isinstance(v, int) and abs(v) > 2**53:
+        raise ValueError("integer labels must fit 53 bits")
+    return v
+
+
+def check_score(v: Any) -> Any:
+    """A score map holds 1-1000 labels."""
+    if isinstance(v, dict) and not 1 <= len(v) <= MAX_SCORE_LABELS:
+        raise ValueError(f"score maps hold 1-{MAX_SCORE_LABELS} labels, got {len(v)}")
+    return v
+
+
+def check_model_ref(v: str) -> str:
+    """``name:version``, both parts present."""
+    name, sep, version = v.partition(":")
+    if not sep or not name or not version:
+        raise ValueError(f"model must be name:version, got {v[:40]!r}")
+    return v
+
+
 class LabelRecord(BaseModel):
-    """One prediction whose true label became known on the device."""
+    """One prediction whose true label became known on the device. The rules are the
+    hub's (``hub.monitoring.FeedbackItem`` applies the same checks), so a label the
+    device accepts is never refused when it arrives."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
     model: str = Field(min_length=3, max_length=129, description="name:version that predicted.")
@@ -254,10 +288,24 @@ class LabelRecord(BaseModel):
 
     @field_validator("label", "prediction", mode="before")
     @classmethod
-    def _no_bool(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            raise ValueError("labels must be integers or strings, not booleans")
-        return v
+    def _label(cls, v: Any) -> Any:
+        return check_label(v)  # before: in lax mode pydantic would take True as 1
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, v: Any) -> Any:
+        return check_score(v)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @model_validator(mode="after")
+    def _same_type(self) -> LabelRecord:
+        if type(self.label) is not type(self.prediction):
+            raise ValueError("label and prediction must have the same type")
+        return self
 
 
 class Feedback(Payload):

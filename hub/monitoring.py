@@ -47,6 +47,7 @@ from sqlmodel import Session, col, select
 from agent.bundle import Reference, SemVer, unpack
 from agent.errors import BundleError, PayloadError
 from agent.protocol import Feedback as AgentFeedback
+from agent.protocol import check_label, check_model_ref, check_score
 from agent.sketch import LATENCY_EDGES_MS, DriftSketch
 from hub import drift
 from hub.db import Database
@@ -583,20 +584,12 @@ class FeedbackItem(BaseModel):
     @field_validator("label", "prediction")
     @classmethod
     def _label(cls, v: _Label) -> _Label:
-        if isinstance(v, bool):
-            raise ValueError("labels must be integers or strings, not booleans")
-        if isinstance(v, str) and not 1 <= len(v) <= 128:
-            raise ValueError("string labels must be 1-128 characters")
-        if isinstance(v, int) and abs(v) > 2**53:
-            raise ValueError("integer labels must fit 53 bits")
-        return v
+        return check_label(v)  # the contract's rules: what a device accepts is stored
 
     @field_validator("score")
     @classmethod
     def _score(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
-        if isinstance(v, dict) and not 1 <= len(v) <= 1000:
-            raise ValueError("score maps hold 1-1000 labels")
-        return v
+        return check_score(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> FeedbackItem:
@@ -604,9 +597,7 @@ class FeedbackItem(BaseModel):
             raise ValueError("label and prediction must have the same type")
         if self.request_id is None and self.ts is None:
             raise ValueError("give request_id or ts")
-        name, sep, version = self.model.partition(":")
-        if not sep or not name or not version:
-            raise ValueError("model must be name:version")
+        check_model_ref(self.model)
         return self
 
 

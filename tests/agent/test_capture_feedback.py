@@ -193,6 +193,12 @@ def test_zip_bomb_and_pickles_are_refused():
         ([{"model": "m:1", "ts": 1.0, "label": 1}], "prediction"),
         ([{"model": "m:1", "ts": float("nan"), "label": 1, "prediction": 1}], "ts"),
         ([{"model": "m:1", "ts": -5, "label": 1, "prediction": 1}], "ts"),
+        # The hub's rules, so that a batch the device sends is never refused there:
+        ([{"model": "m:1", "ts": 1.0, "label": "x" * 129, "prediction": "y"}], "1-128 characters"),
+        ([{"model": "m:1", "ts": 1.0, "label": 2**53 + 1, "prediction": 1}], "53 bits"),
+        ([{"model": "m:1", "ts": 1.0, "label": 1, "prediction": 1, "score": {}}], "1-1000 labels"),
+        ([{"model": "m1.0", "ts": 1.0, "label": 1, "prediction": 1}], "name:version"),
+        ([{"model": "m:1", "ts": 1.0, "label": 1, "prediction": "1"}], "same type"),
         ([], "items"),
         ([{"model": "m:1", "ts": 1.0, "label": 1, "prediction": 1}] * (MAX_FEEDBACK_ITEMS + 1), "items"),
     ],
@@ -301,9 +307,17 @@ def test_local_http_feedback_route(bench):
             ("lin", True, 1, "boolean"),
             ("lin", 1, "x", "same type"),
             ("other", 1, 1, "not served"),
+            ("lin", "x" * 200, "y", "label: .*1-128 characters"),
         ]:
-            with pytest.raises(V2Error, match=match):
+            with pytest.raises(V2Error, match=match) as e:
                 client.feedback(model, label, pred)
+            assert e.value.status == 400 or match == "not served"
+        with pytest.raises(V2Error, match="1-1000 labels"):
+            client.feedback("lin", 1, 1, score={})
+        for body in (b'{"label": ' + b"9" * 5000 + b', "prediction": 1}', b"[" * 100_000):
+            with pytest.raises(V2Error, match="not JSON") as e:
+                client._request("POST", "/v2/models/lin/feedback", body, {"Content-Type": "application/json"})
+            assert e.value.status == 400
         with pytest.raises(V2Error, match="unknown feedback fields"):
             client._call("POST", "/v2/models/lin/feedback", {"label": 1, "prediction": 1, "extra": 1})
         with pytest.raises(V2Error, match="not JSON"):
@@ -314,3 +328,21 @@ def test_local_http_feedback_route(bench):
     items = [i for m in got for i in decode(Feedback, m).items]
     assert [(i.request_id, i.label, i.prediction, i.model) for i in items] == [
         ("req-1", 2, 1, man.ref), ("req-2", 0, 0, man.ref)]
+
+
+def test_feedback_is_split_into_messages_the_hub_takes():
+    """1,000 labels with 25-class score maps encode to about 320 KB, over the 256 KiB a
+    payload may be: the whole batch was refused at the hub."""
+    from agent.daemon import _feedback_parts
+    from agent.protocol import MAX_JSON_PAYLOAD, LabelRecord, encode
+
+    score = {f"class-{k:02d}": 0.04 for k in range(25)}
+    labels = [LabelRecord(model="m:1.0.0", request_id=f"r{i}", ts=1.0, label=i % 25, prediction=0, score=score)
+              for i in range(2500)]
+    parts = _feedback_parts(labels)
+    assert [x for p in parts for x in p] == labels  # all of them, in order
+    assert len(parts) > 3 and all(1 <= len(p) <= 1000 for p in parts)
+    for p in parts:
+        data = encode(Feedback(seq=2**63 - 1, items=p))
+        assert len(data) <= MAX_JSON_PAYLOAD and len(decode(Feedback, data).items) == len(p)
+    assert _feedback_parts([]) == [] and _feedback_parts(labels[:3]) == [labels[:3]]
