@@ -66,9 +66,28 @@ def v2_datatype(dtype: str) -> str:
 
 
 def _check_shape(shape: Any, where: str) -> list[int]:
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    # type() is int, not isinstance: JSON true is a bool, and bool is an int subclass.
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise V2Error(f"{where}: shape must be a list of non-negative integers")
     return shape
+
+
+def _json_tensor(data: Any, dt: str) -> np.ndarray:
+    """JSON values as an array of V2 datatype ``dt``. Integer and BOOL tensors take
+    exactly what they can hold: numpy would truncate 1.9 to 1 and (before numpy 2)
+    wrap 300 to 44 in INT8 without a word. Their values are checked one by one in
+    Python, which integer inputs (token ids, indices) can afford; float tensors are not."""
+    dtype = _NP_DTYPES[dt]
+    arr = np.asarray(data, dtype=dtype)
+    if dtype.kind not in "iub" or arr.size == 0:
+        return arr
+    values = np.asarray(data, dtype=object)  # the same nesting, the JSON values as they came
+    want = bool if dtype.kind == "b" else int
+    if not all(type(v) is want for v in values.flat):
+        raise ValueError("values must be " + ("true or false" if want is bool else "integers"))
+    if want is int and not (values == arr).all():
+        raise ValueError(f"values out of range for {dt}")
+    return arr
 
 
 def decode_infer_request(
@@ -116,6 +135,8 @@ def decode_infer_request(
         name = t.get("name")
         if name not in by_name:
             raise V2Error(f"{where}: unknown input {name!r}; model inputs are {sorted(by_name)}")
+        if name in out:
+            raise V2Error(f"{where}: input {name!r} is given twice")
         spec = by_name[name]
         dt = t.get("datatype")
         if dt not in DATATYPES:
@@ -130,7 +151,7 @@ def decode_infer_request(
             if "data" not in t:
                 raise V2Error(f"{where}: missing 'data'")
             try:
-                arr = np.asarray(t["data"], dtype=_NP_DTYPES[dt])
+                arr = _json_tensor(t["data"], dt)
             except (ValueError, TypeError, OverflowError) as e:
                 raise V2Error(f"{where}: data does not match datatype {dt}: {e}") from e
             if arr.size != math.prod(shape):

@@ -120,6 +120,8 @@ GOOD = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,
         (GOOD.replace(b'{"inputs"', b'{"id":1180591620717411303424,"inputs"'), 400, "'id' must be a string"),
         (GOOD.replace(b'{"inputs"', b'{"id":7,"inputs"'), 400, "'id' must be a string"),
         (b" " * 4097, 413, "exceeds"),
+        (GOOD.replace(b'"shape":[1,4]', b'"shape":[true,4]'), 400, "shape must be a list of non-negative"),
+        (GOOD.replace(b'{"inputs":[', b'{"inputs":[' + GOOD[11:-2] + b","), 400, "inputs[1]: input 'input' is given twice"),
     ],
 )
 def test_bad_request_bodies_say_what_is_wrong(
@@ -138,6 +140,32 @@ def test_integers_out_of_range_for_their_datatype_are_refused(dtype: str, value:
     with pytest.raises(V2Error) as ei:
         decode_infer_request(body, [TensorSpec(name="x", dtype=np_dtype, shape=[1])])
     assert ei.value.status == 400 and "inputs[0]: data does not match datatype" in str(ei.value)
+
+
+@pytest.mark.parametrize(("dtype", "data", "text"), [
+    ("INT32", [1.9, -2.7], "values must be integers"),  # numpy would truncate them to 1, -2
+    ("INT64", [1, 2.0], "values must be integers"),
+    ("UINT8", [True, False], "values must be integers"),
+    ("BOOL", [0, 1], "values must be true or false"),
+    ("INT8", [[1, 2], [3, 300]], "out of"),  # numpy 2: "out of bounds"; before: the check here
+])
+def test_json_values_an_integer_or_bool_tensor_cannot_hold_are_refused(dtype: str, data: list, text: str) -> None:
+    np_dtype = v2._NP_DTYPES[dtype]
+    body = json.dumps({"inputs": [{"name": "x", "shape": np.shape(data), "datatype": dtype, "data": data}]})
+    with pytest.raises(V2Error) as ei:
+        decode_infer_request(body.encode(), [TensorSpec(name="x", dtype=np_dtype.name, shape=list(np.shape(data)))])
+    assert ei.value.status == 400 and text in str(ei.value), str(ei.value)
+
+
+def test_nested_and_empty_integer_and_bool_data_are_taken() -> None:
+    for dtype, data, shape in [("INT64", [[1, -2], [3, 2**62]], [2, 2]), ("BOOL", [[True], [False]], [2, 1]),
+                               ("INT32", [], [0, 3]), ("UINT64", [2**64 - 1], [1])]:
+        np_dtype = v2._NP_DTYPES[dtype]
+        body = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": dtype, "data": data}]}).encode()
+        spec = TensorSpec(name="x", dtype=np_dtype.name, shape=[-1] + shape[1:])
+        got, _ = decode_infer_request(body, [spec])
+        np.testing.assert_array_equal(got["x"], np.asarray(data, dtype=np_dtype).reshape(shape))
+        assert got["x"].dtype == np_dtype
 
 
 def test_the_non_finite_hint_is_given_only_when_the_body_has_such_a_token() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -31,3 +33,15 @@ def test_non_finite_and_bad_json():
     with pytest.raises(V2Error, match="NaN and Infinity are not JSON"):
         decode_infer_request(b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[NaN]}]}',
                              [TensorSpec(name="x", dtype="float32", shape=[1])])
+
+
+@pytest.mark.parametrize(("dtype", "data", "text"), [
+    ("INT8", [1, 300], "out of"),  # numpy 1.x wraps 300 to 44 without a word
+    ("INT32", [1.9, 2], "values must be integers"),  # and truncates 1.9 to 1
+    ("UINT8", [-1], "out of"),
+])
+def test_integer_json_values_are_taken_exactly(dtype: str, data: list, text: str):
+    np_dtype = {"INT8": "int8", "INT32": "int32", "UINT8": "uint8"}[dtype]
+    body = json.dumps({"inputs": [{"name": "x", "shape": [len(data)], "datatype": dtype, "data": data}]}).encode()
+    with pytest.raises(V2Error, match=text):
+        decode_infer_request(body, [TensorSpec(name="x", dtype=np_dtype, shape=[-1])])
