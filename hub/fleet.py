@@ -127,12 +127,19 @@ def apply_hello(
     A *live* hello (published on connect and delivered at once, not a retained copy)
     also measures the device's clock offset: hub receive time minus the device's send
     time. Returns that offset, or None for a retained hello.
+
+    A retained copy sent before the last message the hub took from the device (a
+    starting hub gets every device's retained hello again) changes nothing: the
+    device's model has moved on since, as its later status reports said.
     """
     dev = _device(session, device_id)
     offset = None
     if live:
         offset = now.timestamp() - hello.ts
         dev.clock_offset_s = offset
+    elif dev.last_seen is not None and hello.ts + (dev.clock_offset_s or 0.0) <= dev.last_seen.timestamp():
+        log.debug("hello from %s: a retained copy older than the last message, ignored", device_id)
+        return None
     dev.profile = hello.profile
     dev.agent_version = hello.agent_version
     dev.runtimes = dict(hello.runtimes)

@@ -301,6 +301,31 @@ def test_a_device_with_a_new_spool_is_heard_again_though_its_clock_is_behind(  #
     assert (d["state"], d["model"]) == ("idle", None)
 
 
+def test_a_restarted_hub_keeps_the_model_a_later_status_reported(  # type: ignore[no-untyped-def]
+    hub_factory, db_url, session_mosquitto, device_factory
+) -> None:
+    """The agent publishes its (retained) hello on connect only; after an update its
+    status says the new model. A starting hub gets both retained messages again: the
+    old hello must not take the device back to its old model (a rollback would then be
+    signed for the wrong version)."""
+    first = hub_factory(db_url, session_mosquitto.url)
+    dev = device_factory(session_mosquitto.url)
+    dev.hello(model="tiny:1.0.0")
+    wait_until(lambda: _device(first, dev.device_id).get("model") == "tiny:1.0.0")
+    dev.publish("status", protocol.StatusReport(seq=7, state="committed", outcome="installed",
+                                                model="tiny:2.0.0", previous_model="tiny:1.0.0"))
+    wait_until(lambda: _device(first, dev.device_id).get("model") == "tiny:2.0.0")
+    first.client.__exit__(None, None, None)
+    again = hub_factory(db_url, session_mosquitto.url)
+    time.sleep(1.0)  # the retained hello and status are delivered on subscribe
+    again.settle()
+    d = _device(again, dev.device_id)
+    assert (d["model"], d["previous_model"]) == ("tiny:2.0.0", "tiny:1.0.0")
+    # A live hello (the device reconnects) is taken as before.
+    dev.hello(model="tiny:2.0.0", tags=["moved"])
+    wait_until(lambda: _device(again, dev.device_id).get("tags") == ["moved"])
+
+
 def test_order_sensitive_messages_stay_on_one_client(
     shared_hub: HubHarness, device_factory: DeviceFactory, session_mosquitto  # type: ignore[no-untyped-def]
 ) -> None:
