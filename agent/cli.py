@@ -132,7 +132,10 @@ def agent_status(data_dir: Path, as_json: bool) -> None:
 
     from agent.daemon import status_from_disk
 
-    st = status_from_disk(data_dir)
+    try:
+        st = status_from_disk(data_dir)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from e
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

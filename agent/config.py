@@ -114,6 +114,21 @@ class AgentSettings(BaseModel):
             raise ValueError("must not be empty (an empty path would mean the current folder)")
         return v
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        from agent.connection import parse_broker_url
+
+        parse_broker_url(v)  # ValueError says what a broker URL looks like
+        return v
+
+    @field_validator("repository_url")
+    @classmethod
+    def _repository_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"must be an http:// or https:// URL of the hub, got {v[:80]!r}")
+        return v
+
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, v: str) -> str:

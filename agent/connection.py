@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -41,11 +42,16 @@ def parse_broker_url(url: str) -> BrokerAddress:
     Raises:
         ValueError: not an mqtt/mqtts URL with a host.
     """
+    shown = re.sub(r"//[^@/]*@", "//***@", url)[:200]  # never echo a password
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts", "tcp") or not u.hostname:
-        raise ValueError(f"broker URL must look like mqtt://host:port, got {url!r}")
+        raise ValueError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {shown!r}")
+    try:
+        port = u.port
+    except ValueError as e:
+        raise ValueError(f"broker URL {shown!r}: {e}") from None
     tls = u.scheme == "mqtts"
-    return BrokerAddress(u.hostname, u.port or (8883 if tls else 1883), tls, u.username, u.password)
+    return BrokerAddress(u.hostname, port or (8883 if tls else 1883), tls, u.username, u.password)
 
 
 Handler = Callable[[str, bytes], None]

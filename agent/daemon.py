@@ -935,9 +935,18 @@ def _feedback_parts(labels: list[LabelRecord]) -> list[list[LabelRecord]]:
 
 
 def status_from_disk(data_dir: Path) -> dict[str, Any]:
-    """What ``edgefleet agent status`` shows; works whether or not the agent runs."""
+    """What ``edgefleet agent status`` shows; works whether or not the agent runs, and
+    writes nothing.
+
+    Raises:
+        FileNotFoundError: ``data_dir`` holds none of an agent's files (a typo, or a
+            folder no agent has used), rather than report it as an idle device.
+    """
+    if not any((data_dir / name).exists() for name in ("state.json", "slots", "spool.sqlite")):
+        raise FileNotFoundError(f"{data_dir} is not an agent's data folder: it has no state.json, slots/ "
+                                "or spool.sqlite (an agent creates them when it first starts)")
     rec = StateStore(data_dir / "state.json").load()
-    slots = Slots(data_dir / "slots")
+    slots = Slots(data_dir / "slots", create=False)
     active = slots.active_name()
     slot_info = {}
     for s in ("a", "b"):

@@ -71,10 +71,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Slots:
-    def __init__(self, root: Path, limits: BundleLimits = BundleLimits()):
+    def __init__(self, root: Path, limits: BundleLimits = BundleLimits(), *, create: bool = True):
+        """``create=False`` (readers such as ``edgefleet agent status``) writes nothing."""
         self.root = root
         self.limits = limits
-        root.mkdir(parents=True, exist_ok=True)
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
         self._pointer = root / "pointer.json"
 
     def active_name(self) -> SlotName | None:

@@ -156,6 +156,13 @@ def test_agent_status_of_a_data_dir_a_device_left(bench):
     assert res.exit_code == 0 and man.ref in res.output and "committed" in res.output
 
 
+def test_agent_status_of_a_folder_no_agent_used_says_so_and_writes_nothing(tmp_path: Path):
+    (tmp_path / "hub.db").write_bytes(b"")  # e.g. a hub's folder, given by mistake
+    res = CliRunner().invoke(cli, ["agent", "status", "--data-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "is not an agent's data folder" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub.db"]
+
+
 @pytest.mark.parametrize("env, message", [
     ({"EDGEFLEET_TELEMETRY_INTERVAL": "inf"}, "EDGEFLEET_TELEMETRY_INTERVAL: Input should be a finite number"),
     ({"EDGEFLEET_HOOK_TIMEOUT": "1e10"}, "EDGEFLEET_HOOK_TIMEOUT: Input should be less than or equal to 86400"),
@@ -165,6 +172,11 @@ def test_agent_status_of_a_data_dir_a_device_left(bench):
     ({"EDGEFLEET_DATA_DIR": ""}, "EDGEFLEET_DATA_DIR: Value error, must not be empty"),
     ({"EDGEFLEET_TAGS": "[" * 5000 + "]" * 5000}, "EDGEFLEET_TAGS: tags takes JSON"),  # too deep to parse
     ({"EDGEFLEET_API_PORT": "81", "edgefleet_api_port": "82"}, "both set api_port"),
+    ({"EDGEFLEET_BROKER_URL": "127.0.0.1:1883"}, "EDGEFLEET_BROKER_URL: Value error, broker URL must look like"),
+    ({"EDGEFLEET_BROKER_URL": "http://hub:1883"}, "broker URL must look like mqtt://host:port"),
+    ({"EDGEFLEET_BROKER_URL": "mqtt://hub:99999"}, "EDGEFLEET_BROKER_URL: Value error, broker URL 'mqtt://hub:99999': Port"),
+    ({"EDGEFLEET_BROKER_URL": "mqtt://dev:s3cret@:1883"}, "'mqtt://***@:1883'"),  # no host; the password not shown
+    ({"EDGEFLEET_REPOSITORY_URL": "hub:8080/api/v1/repository/"}, "EDGEFLEET_REPOSITORY_URL: Value error, must be an http"),
 ])
 def test_unusable_values_are_refused_by_name(tmp_path: Path, env: dict[str, str], message: str):
     """Durations must be finite and sane (an infinite wait crashes the thread that waits);
