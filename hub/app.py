@@ -92,7 +92,7 @@ def start_hub(settings: HubSettings) -> Hub:
     broker: EmbeddedBroker | None = None
     broker_url = settings.broker_url
     if broker_url is None:
-        broker = EmbeddedBroker("127.0.0.1", settings.embedded_broker_port)
+        broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port)
         broker.start()
         broker_url = broker.url
     captures = CaptureArchive(settings.data_dir / "captures", settings.capture_max_bytes)
@@ -127,20 +127,21 @@ async def _campaign_loop(hub: Hub) -> None:
     while True:
         try:
             await asyncio.to_thread(hub.campaigns.tick)
-        except SQLAlchemyError:
+        except Exception:  # any error: a loop that ends would stop every campaign until a restart
             log.exception("campaign engine tick failed; retrying")
         await asyncio.sleep(hub.settings.campaign_tick_s)
 
 
 def create_app(
-    settings: HubSettings, *, on_ready: Callable[[Hub], None] | None = None
+    settings: HubSettings, *, on_ready: Callable[[Hub], None] | None = None, started: Hub | None = None
 ) -> FastAPI:
-    """The hub as an ASGI app; its lifespan owns every background part."""
+    """The hub as an ASGI app; its lifespan owns every background part (``started``: a
+    hub already started with :func:`start_hub`, which the lifespan then stops)."""
     from hub.api import install
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub = await asyncio.to_thread(start_hub, settings)
+        hub = started if started is not None else await asyncio.to_thread(start_hub, settings)
         app.state.hub = hub
         tasks = [asyncio.create_task(_maintenance(hub)), asyncio.create_task(_campaign_loop(hub))]
         if on_ready is not None:

@@ -60,7 +60,9 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        """Where a client on this machine connects (loopback when listening on every address)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
+        return f"mqtt://[{host}]:{self.port}" if ":" in host else f"mqtt://{host}:{self.port}"
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -85,7 +87,14 @@ class EmbeddedBroker:
 
         async def _start() -> None:
             broker = _Broker(self._config(), loop=loop)
-            await broker.start()
+            # amqtt logs a failed start with a traceback; BrokerStartError carries the
+            # same reason to the caller, which reports it once.
+            amqtt_log = logging.getLogger("amqtt.broker")
+            was_disabled, amqtt_log.disabled = amqtt_log.disabled, True
+            try:
+                await broker.start()
+            finally:
+                amqtt_log.disabled = was_disabled
             self._broker = broker
             server = broker._servers["default"].instance  # the asyncio.Server
             if server is not None and server.sockets:

@@ -72,36 +72,55 @@ def hub_group() -> None:
               help="Data folder (SQLite, repository, keys).  [default: ./edgefleet-hub]")
 @click.option("--db", "db_url", help="Database URL, e.g. postgresql+psycopg://user@host/db.")
 @click.option("--broker", "broker_url", help="MQTT broker URL; without it an embedded broker starts.")
+@click.option("--mqtt-listen", metavar="[HOST:]PORT",
+              help="Where the embedded broker listens, e.g. 0.0.0.0:1883 for devices on the network "
+                   "(no authentication: see docs/security.md).  [default: 127.0.0.1, a free port]")
 @click.option("--host", help="API listen address.  [default: 127.0.0.1]")
 @click.option("--port", type=int, help="API listen port (0 picks one).  [default: 8080]")
-def serve_command(data_dir: Path | None, db_url: str | None, broker_url: str | None,
+def serve_command(data_dir: Path | None, db_url: str | None, broker_url: str | None, mqtt_listen: str | None,
                   host: str | None, port: int | None) -> None:
     """Start the hub and serve until interrupted."""
     from pydantic import ValidationError
 
     from hub.app import Hub
     from hub.config import HubSettings
-    from hub.server import serve
+    from hub.server import HubStartError, serve
 
     overrides: dict[str, Any] = {
         k: v for k, v in {"data_dir": data_dir, "db_url": db_url, "broker_url": broker_url,
                           "host": host, "port": port}.items() if v is not None
     }
+    if mqtt_listen is not None:
+        if broker_url is not None:
+            raise click.UsageError("--mqtt-listen sets up the embedded broker; with --broker there is none")
+        listen_host, _, listen_port = mqtt_listen.rpartition(":")
+        if not listen_port.isdigit() or not 0 < int(listen_port) <= 65535:
+            raise click.BadParameter(f"{mqtt_listen!r}: expected [HOST:]PORT with a port 1-65535",
+                                     param_hint="--mqtt-listen")
+        overrides["embedded_broker_port"] = int(listen_port)
+        if listen_host:
+            overrides["embedded_broker_host"] = listen_host.strip("[]")
     try:
         settings = HubSettings(**overrides)
     except ValidationError as e:
-        raise click.ClickException(f"bad hub settings: {e}") from e
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise click.ClickException(f"bad hub settings: {problems}") from e
 
     def ready(hub: Hub, url: str) -> None:
         console.print(f"[bold green]edgefleet hub[/] ready at [bold]{url}[/] (API docs {url}/docs)")
-        kind = "embedded" if hub.broker is not None else "external"
-        console.print(f"  MQTT broker ({kind}): {hub.broker_url}")
+        if hub.broker is None:
+            console.print(f"  MQTT broker (external): {hub.broker_url}")
+        elif hub.broker.host in ("0.0.0.0", "::"):
+            console.print(f"  MQTT broker (embedded): listening on {hub.broker.host} port {hub.broker.port}; "
+                          f"devices use mqtt://<this machine's address>:{hub.broker.port}")
+        else:
+            console.print(f"  MQTT broker (embedded): {hub.broker_url}")
         console.print(f"  database: {hub.db.engine.url.render_as_string(hide_password=True)}")
         console.print(f"  trusted root for devices: {hub.root_json_path}")
 
     try:
         serve(settings, on_ready=ready)
-    except OSError as e:
+    except (OSError, HubStartError) as e:
         raise click.ClickException(f"cannot start the hub: {e}") from e
 
 
@@ -113,12 +132,37 @@ def models_group() -> None:
     """Model bundles in the hub's registry."""
 
 
+def _selected_bundles(out_dir: Path) -> list[Path]:
+    """The bundle ``edgefleet compile`` selected for each profile, from its report.json."""
+    report_path = out_dir / "report.json"
+    try:
+        report = json.loads(report_path.read_text())
+        chosen = {name: info.get("selected") for name, info in report["profiles"].items()}
+    except FileNotFoundError as e:
+        raise click.BadParameter(f"{out_dir} has no report.json: give bundle files, or the --out folder of "
+                                 "`edgefleet compile`", param_hint="BUNDLES") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise click.BadParameter(f"{report_path} is not a compile report ({e})", param_hint="BUNDLES") from e
+    for profile, name in sorted(chosen.items()):
+        console.print(f"{profile}: " + (f"selected {name}" if name else "[yellow]nothing selected[/] (see report.json)"))
+    paths = [out_dir / name for name in chosen.values() if isinstance(name, str)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise click.BadParameter(f"{out_dir} lacks bundles its report selected: {', '.join(missing)}",
+                                 param_hint="BUNDLES")
+    return sorted(set(paths))
+
+
 @models_group.command("push")
-@click.argument("bundles", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_hub_option
 def models_push(bundles: tuple[Path, ...], hub_url: str) -> None:
-    """Upload bundle files; each is verified and signed by the hub."""
+    """Upload bundle files; each is verified and signed by the hub.
+
+    A folder written by `edgefleet compile --out` uploads the bundle its report.json
+    selected for each profile (the others are candidates it measured and set aside).
+    """
+    bundles = tuple(p for b in bundles for p in (_selected_bundles(b) if b.is_dir() else [b]))
     rows: list[dict[str, Any]] = []
     failed = 0
     with _client(hub_url) as c, Progress(

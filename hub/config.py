@@ -15,8 +15,10 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agent.connection import parse_broker_url
 
 __all__ = ["HubSettings"]
 
@@ -43,6 +45,11 @@ class HubSettings(BaseSettings):
         None,
         description="MQTT broker, mqtt://host:port. Default: start an embedded broker on "
         "127.0.0.1.",
+    )
+    embedded_broker_host: str = Field(
+        "127.0.0.1",
+        description="Address the embedded broker listens on; 0.0.0.0 lets devices on the network in "
+        "(it has no authentication: see docs/security.md).",
     )
     embedded_broker_port: int = Field(
         0, ge=0, le=65535, description="Port of the embedded broker; 0 picks a free one."
@@ -88,6 +95,13 @@ class HubSettings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.data_dir / 'hub.db').resolve()}"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_broker_url(v)  # ValueError says what a broker URL looks like
+        return v
 
     def resolve_passphrase(self) -> bytes:
         """The key passphrase, generating and storing one on first use.

@@ -7,11 +7,18 @@ import socket
 from collections.abc import Callable
 
 import uvicorn
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from hub.app import Hub, create_app
+from hub.app import Hub, create_app, start_hub
+from hub.broker import BrokerStartError
 from hub.config import HubSettings
 
-__all__ = ["serve", "bind_socket"]
+__all__ = ["serve", "bind_socket", "HubStartError"]
+
+
+class HubStartError(Exception):
+    """Something the hub needs kept it from starting; the message says what."""
 
 _QUIET = ("amqtt", "transitions", "uvicorn.access", "httpx")
 
@@ -42,8 +49,13 @@ def serve(
 ) -> None:
     """Serve the hub until interrupted. ``on_ready(hub, api_url)`` runs once it is up.
 
+    The hub starts before the web server, so that what keeps it from starting is one
+    error here, not a traceback from inside the server's start-up.
+
     Raises:
         OSError: the API address cannot be bound.
+        HubStartError: the database, the embedded broker, the key passphrase or the data
+            folder kept the hub from starting; the message says which and why.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in _QUIET:
@@ -51,6 +63,20 @@ def serve(
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     url = f"http://{settings.host}:{port}"
-    app = create_app(settings, on_ready=(lambda hub: on_ready(hub, url)) if on_ready else None)
+    try:
+        hub = start_hub(settings)
+    except SQLAlchemyError as e:
+        sock.close()
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise HubStartError(f"cannot use the database {shown}: {first}") from e
+    except BrokerStartError as e:
+        sock.close()
+        raise HubStartError(f"cannot start the embedded MQTT broker on {settings.embedded_broker_host}:"
+                            f"{settings.embedded_broker_port}: {e}") from e
+    except (ValueError, OSError) as e:
+        sock.close()
+        raise HubStartError(str(e)) from e
+    app = create_app(settings, on_ready=(lambda hub: on_ready(hub, url)) if on_ready else None, started=hub)
     config = uvicorn.Config(app, log_level=log_level, log_config=None, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])

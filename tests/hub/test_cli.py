@@ -86,3 +86,59 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "cannot reach the hub" in r.output and "Traceback" not in r.output
     r = runner.invoke(deploy_command, ["tiny:1.0.0", "--device", "x", "--hub", "http://127.0.0.1:9"])
     assert r.exit_code == 1 and "cannot reach the hub" in r.output
+
+
+def test_hub_serve_reports_what_kept_it_from_starting_in_one_line(tmp_path: Path) -> None:
+    """A database it cannot reach, a broker URL that is not one, a broker port that is
+    taken: one "Error:" line each, and the process exits (before: tracebacks from inside
+    the web server's start-up, exit 3)."""
+    import socket
+
+    from hub.cli import hub_group
+
+    runner = CliRunner()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        for args, message in [
+            (["--db", "postgresql+psycopg://postgres@127.0.0.1:1/none"],
+             "cannot start the hub: cannot use the database postgresql+psycopg://postgres@127.0.0.1:1/none: "),
+            (["--broker", "http://127.0.0.1:1883"], "bad hub settings: broker_url: Value error, broker URL must"),
+            (["--mqtt-listen", f"127.0.0.1:{taken.getsockname()[1]}"],
+             "cannot start the hub: cannot start the embedded MQTT broker on 127.0.0.1:"),
+            (["--mqtt-listen", "1883", "--broker", "mqtt://h:1"], "with --broker there is none"),
+            (["--mqtt-listen", "host:99999"], "expected [HOST:]PORT"),
+        ]:
+            r = runner.invoke(hub_group, ["serve", "--data-dir", str(tmp_path / "hub"), "--port", "0", *args])
+            assert r.exit_code in (1, 2) and message in r.output, (args, r.output)
+            assert "Traceback" not in r.output
+    finally:
+        taken.close()
+
+
+def test_cli_push_of_a_compile_folder_uploads_what_it_selected(live_hub: tuple[str, Hub], tmp_path: Path) -> None:
+    """`compile --out build/` writes every candidate it measured; two of them may share
+    (profile, format, precision), e.g. int8 per-channel and per-tensor, which the
+    registry keys on. Pushing the folder uploads the selection of each profile only."""
+    url, _hub = live_hub
+    out = tmp_path / "build"
+    out.mkdir()
+    chosen = make_bundle(out, precision="int8", seed=1)
+    make_bundle(out, precision="int8", seed=2)  # the candidate set aside
+    (out / "report.json").write_text(json.dumps({"profiles": {
+        "x86-gateway-vnni": {"selected": chosen.name}, "rpi4-arm64": {"selected": None}}}))
+    runner = CliRunner()
+    r = runner.invoke(models_group, ["push", str(out), "--hub", url])
+    assert r.exit_code == 0, r.output
+    assert f"selected {chosen.name}" in r.output and "rpi4-arm64: nothing selected" in r.output
+    models = json.loads(runner.invoke(models_group, ["list", "--json", "--hub", url]).output)
+    (bundle,) = models[0]["versions"][0]["bundles"]
+    assert bundle["precision"] == "int8"
+    for report, message in [(None, "has no report.json"), ("{", "is not a compile report"),
+                            ('{"profiles": {"p": {"selected": "gone.efb"}}}', "lacks bundles its report selected: gone.efb")]:
+        (out / "report.json").unlink(missing_ok=True)
+        if report is not None:
+            (out / "report.json").write_text(report)
+        r = runner.invoke(models_group, ["push", str(out), "--hub", url])
+        assert r.exit_code == 2 and message in r.output, r.output
