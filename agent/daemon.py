@@ -641,8 +641,12 @@ class Agent:
                 log.exception("deployment %s: unexpected error in state %s", rec.deployment_id, rec.state)
                 rec.error, rec.error_kind = f"unexpected error in {rec.state.value}: {type(e).__name__}: {e}", "internal"
                 event = Event.FAIL
-            log.info("deployment %s: %s --%s--> %s", rec.deployment_id, rec.state, event,
-                     next_state(rec.state, event))
+            if event in (Event.REJECT, Event.FAIL):  # the reason belongs in the device's own log too
+                log.warning("deployment %s: %s --%s--> %s: %s: %s", rec.deployment_id, rec.state, event,
+                            next_state(rec.state, event), rec.error_kind, rec.error)
+            else:
+                log.info("deployment %s: %s --%s--> %s", rec.deployment_id, rec.state, event,
+                         next_state(rec.state, event))
             rec.state = next_state(rec.state, event)
         if self._stop.is_set() and rec.state not in TERMINAL:
             return

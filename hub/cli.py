@@ -29,7 +29,9 @@ _TERMINAL = {"installed", "failed", "rolled_back", "rejected", "skipped"}
 _STYLE = {"installed": "green", "failed": "red", "rejected": "red", "rolled_back": "yellow",
           "skipped": "dim", "pending": "cyan", "in_progress": "cyan"}
 
-console = Console()
+# Piped output (logs, files, grep) keeps whole table cells instead of 80 columns.
+console = Console() if Console().is_terminal else Console(width=160)
+err_console = Console(stderr=True)
 
 
 def _hub_option(f: F) -> F:
@@ -420,8 +422,9 @@ def rollout_create(model: str, select_expr: str, waves: str, soak: str, gates: t
         return
     skipped = camp["counts"].get("skipped", 0)
     n = sum(v for k, v in camp["counts"].items() if k != "skipped")
-    console.print(f"campaign [bold]{camp['id']}[/]: {camp['model']} to {n} devices in "
-                  f"{len(camp['waves'])} waves" + (f" ({skipped} skipped)" if skipped else ""), highlight=False)
+    # The summary on stderr, the id alone on stdout: id=$(edgefleet rollout create ...)
+    err_console.print(f"campaign [bold]{camp['id']}[/]: {camp['model']} to {n} devices in "
+                      f"{len(camp['waves'])} waves" + (f" ({skipped} skipped)" if skipped else ""), highlight=False)
     click.echo(camp["id"])
 
 

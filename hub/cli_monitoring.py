@@ -23,7 +23,7 @@ from hub._client import HubClient, HubClientError, default_hub_url
 
 __all__ = ["drift_group", "alerts_group", "captures_group", "MonitoringClient"]
 
-console = Console()
+console = Console() if Console().is_terminal else Console(width=160)  # piped: whole cells
 _STATUS_STYLE = {"ok": "green", "warn": "yellow", "alert": "bold red",
                  "warning": "yellow", "critical": "bold red", "open": "red", "resolved": "green"}
 

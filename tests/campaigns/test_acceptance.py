@@ -33,10 +33,12 @@ def _transitions(fleet: Fleet, cid: str) -> list[tuple[str, str]]:
 
 def test_clean_run_completes_in_three_waves(fleet_factory) -> None:
     f: Fleet = fleet_factory()
-    out = _cli(f, "create", V2, "--select", "all", "--waves", "10,50,100", "--soak", "1s",
-               "--gate", "install_failures<=0", "--gate", "health_failures<=0", "--gate", "psi<=0.25",
-               "--json")
-    cid = json.loads(out)["id"]
+    res = CliRunner().invoke(rollout_group, [
+        "create", V2, "--select", "all", "--waves", "10,50,100", "--soak", "1s", "--gate", "install_failures<=0",
+        "--gate", "health_failures<=0", "--gate", "psi<=0.25", "--hub", f.hub.url], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cid = res.stdout.strip()  # the id alone on stdout (the summary goes to stderr): id=$(... create ...)
+    assert f"campaign {cid}: {V2} to 50 devices in 3 waves" in res.stderr
     c = f.wait_state(cid, {"completed", "paused", "rolled_back", "aborted"})
     assert c["state"] == "completed", c["reason"]
     status = json.loads(_cli(f, "status", cid, "--json"))
