@@ -173,6 +173,7 @@ class Agent:
             )
         self._labels: list[LabelRecord] = []
         self._labels_lock = threading.Lock()
+        self._report_lock = threading.Lock()
         self.feedback_dropped = 0
         self._pending: queue.Queue[Deployment | None] = queue.Queue()
         self._stop = threading.Event()
@@ -373,27 +374,30 @@ class Agent:
         return b.manifest.ref if b else None
 
     def _report(self) -> None:
-        rec = self.record
-        outcome = OUTCOME.get(rec.state, "in_progress")
-        if rec.state == State.FAILED and rec.rejected:
-            outcome = "rejected"
-        seq = self._next_seq("seq.status")
-        report = StatusReport(
-            seq=seq,
-            seq_epoch=self.spool.epoch,
-            deployment_id=rec.deployment_id,
-            state=rec.state.value,
-            outcome=outcome,  # type: ignore[arg-type]
-            model=self.model_ref,
-            previous_model=self._previous_ref(),
-            target_model=rec.model,
-            error=rec.error,
-            error_kind=rec.error_kind,
-            conditions=sorted(self._conditions),
-        )
-        self.spool.push(
-            Priority.STATUS, topics.device_topic(self.settings.device_id, "status"), encode(report), retain=True
-        )
+        # One report at a time (the lifecycle and MQTT threads both report): the record
+        # is read, numbered and queued together, so the later state has the higher seq
+        # (the hub drops the lower).
+        with self._report_lock:
+            rec = self.record
+            outcome = OUTCOME.get(rec.state, "in_progress")
+            if rec.state == State.FAILED and rec.rejected:
+                outcome = "rejected"
+            report = StatusReport(
+                seq=self._next_seq("seq.status"),
+                seq_epoch=self.spool.epoch,
+                deployment_id=rec.deployment_id,
+                state=rec.state.value,
+                outcome=outcome,  # type: ignore[arg-type]
+                model=self.model_ref,
+                previous_model=self._previous_ref(),
+                target_model=rec.model,
+                error=rec.error,
+                error_kind=rec.error_kind,
+                conditions=sorted(self._conditions),
+            )
+            self.spool.push(
+                Priority.STATUS, topics.device_topic(self.settings.device_id, "status"), encode(report), retain=True
+            )
 
     def _next_seq(self, name: str) -> int:
         return self.spool.next_seq(name)

@@ -26,7 +26,7 @@ from typing import Literal
 from agent.bundle import Bundle, BundleLimits, open_unpacked, unpack
 from agent.errors import BundleError, DiskSpaceError
 
-__all__ = ["SlotName", "Slots", "other", "atomic_write", "fsync_dir", "set_aside_unreadable"]
+__all__ = ["SlotName", "Slots", "other", "atomic_write", "fsync_path", "set_aside_unreadable"]
 
 SlotName = Literal["a", "b"]
 
@@ -35,7 +35,8 @@ def other(slot: SlotName) -> SlotName:
     return "b" if slot == "a" else "a"
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,7 +65,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -137,11 +138,17 @@ class Slots:
         try:
             bundle = unpack(bundle_file, staging, self.limits)
             (staging / ".sha256").write_text(sha256)
+            # The files' data reaches the disk before the rename that makes them the
+            # slot: otherwise a power cut soon after could leave a renamed folder of
+            # empty or short files (ext4 does not order data before renames).
+            for f in staging.iterdir():
+                fsync_path(f)
+            fsync_path(staging)
             target = self.path(slot)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
-            fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -227,6 +227,40 @@ def test_seq_catches_up_with_a_clock_set_late_and_a_new_spool_has_a_new_epoch(tm
     assert fresh.epoch not in (None, epoch)
 
 
+def test_an_installed_slot_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A power cut after the rename must not find a slot of empty files: every unpacked
+    file and the staging folder are flushed first, the slots folder after."""
+    import hashlib
+    import os
+
+    from agent import slots as slots_mod
+    from agent.slots import Slots
+    from tests.support import linear_bundle
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    f = tmp_path / "b.efb"
+    linear_bundle(f)
+    s = Slots(tmp_path / "slots")
+    monkeypatch.setattr(slots_mod.os, "fsync", fsync)
+    monkeypatch.setattr(slots_mod.os, "replace", replace)
+    s.install(f, "a", sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    at = events.index(("replace", str(s.path("a"))))
+    before = {path.rsplit("/", 1)[-1] for kind, path in events[:at] if kind == "fsync"}
+    assert {p.name for p in s.path("a").iterdir()} <= before  # every file of the slot
+    assert any(n.startswith(".staging-a-") for n in before)  # and the folder that held them
+    assert events[at + 1:] == [("fsync", str(s.root))]
+
+
 def test_a_torn_pointer_serves_the_slot_the_record_committed(bench):
     """1.0.0 in slot a, then 1.1.0 committed in slot b; the pointer is then torn. The
     agent must come back on 1.1.0, not fall back to the older slot."""
