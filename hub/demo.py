@@ -53,10 +53,10 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
         report = compile_model(pt2, [load_profile(p) for p in PROFILES], calib, ev,
                                workdir / "compiled", CompileOptions(name=MODEL, version=VERSION))
         table = Table(title="compiled candidates (this host)")
-        for col in ("profile", "format", "precision", "size", "p50 ms", "accuracy", "selected"):
+        for col in ("profile", "format", "precision", "technique", "size", "p50 ms", "accuracy", "selected"):
             table.add_column(col)
         for c in report.candidates:
-            table.add_row(c.profile, c.format, c.precision, f"{c.size_bytes / 1024:.0f} KiB",
+            table.add_row(c.profile, c.format, c.precision, c.technique, f"{c.size_bytes / 1024:.0f} KiB",
                           f"{c.latency_ms_p50:.3f}" if c.latency_ms_p50 is not None else "-",
                           f"{c.accuracy:.4f}" if c.accuracy is not None else "-",
                           "yes" if c.selected else "")
@@ -119,7 +119,7 @@ def run_demo(workdir: Path, devices: int = 5, console: Console | None = None) ->
 
             status.update("[6/6] waiting for telemetry")
             wait_until(lambda: _telemetry(client, ids), 30, 0.5, "telemetry from every device")
-            tel = Table(title="telemetry received by the hub (latest window per device)")
+            tel = Table(title="telemetry received by the hub (the window with the most inferences, per device)")
             for col in ("device", "model", "inferences", "errors", "p50 ms", "p95 ms", "RSS MiB"):
                 tel.add_column(col, no_wrap=True)
             for dev_id in ids:
