@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from sqlmodel import Session, SQLModel, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -102,6 +102,8 @@ def _session(hub: HubDep) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(_session)]
 SelectQ = Annotated[str | None, Query(max_length=512, description="Cohort selector, e.g. profile=rpi4,tag=canary.")]
+# Row ids are signed 64-bit columns: a larger id is a 422 here, not an overflow in the driver.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Row id.")]
 
 
 @router.get("/api/v1/drift/{name}", response_model=DriftResult, tags=["monitoring"],
@@ -175,7 +177,7 @@ def list_captures(
 @router.get("/api/v1/captures/{capture_id}/npz", tags=["monitoring"],
             summary="One captured sample as .npz: in/<input name> and out/<output name> arrays",
             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
-def get_capture(capture_id: int, hub: HubDep, session: SessionDep) -> Response:
+def get_capture(capture_id: RowId, hub: HubDep, session: SessionDep) -> Response:
     row = session.get(CapturedSample, capture_id)
     if row is None:
         raise NotFound(f"no captured sample {capture_id}")

@@ -16,11 +16,24 @@ this module does the IO around it:
   device is ever updated twice.
 - **Results** come from the agents' status reports, which :mod:`hub.fleet` folds into
   the deployment rows (duplicates and out-of-order reports are already dropped there).
-- **Gates** are measured per wave from telemetry rows and drift sketches
-  (:func:`wave_metrics`) and judged by :func:`hub.rollout.evaluate_gates`.
+  A wave never passes while a device started in it has no result, online or not: a
+  device whose deployment reached the broker more than the engine's report timeout
+  ago (``report_timeout_s``, default 30 minutes) without a result is ``timed_out``,
+  which counts as an install failure (a result arriving later is still folded in).
+  A wave none of whose devices could be started (all offline) is *held*, with the
+  reason in the campaign's status, until one comes online; it never passes untested.
+- **Gates** are measured from telemetry rows and drift sketches (:func:`wave_metrics`)
+  and judged by :func:`hub.rollout.evaluate_gates`. Count gates are cumulative (every
+  wave so far, less the failures an operator's override accepted) and are watched
+  while the campaign runs and completes, so a failure reported after its wave passed
+  still stops the campaign; quality gates measure the wave itself.
 - **Rollback** deploys each updated device's previous version through
   :func:`hub.deployments.create_deployment` with ``allow_downgrade`` (which signs the
-  permission into the TUF metadata), again with the deployment id saved first.
+  permission into the TUF metadata), again with the deployment id saved first: one
+  deployment per previous version and per 10,000 devices. A device is marked sent only
+  once the broker acknowledged it, so the others are retried on the next tick; a
+  previous version the hub cannot deploy (not in the registry) makes its devices
+  ``revert_failed`` with the reason, and the other groups go on.
 
 One engine runs per hub (:class:`CampaignEngine`, ticked from the app's lifespan).
 Operator commands and engine ticks take the same lock, so a command never races a
@@ -30,6 +43,7 @@ transition.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import uuid
@@ -62,6 +76,7 @@ from hub.errors import (
     BrokerUnavailable,
     CampaignNotFound,
     HubError,
+    InvalidRequest,
     ModelNotFound,
 )
 from hub.models import (
@@ -90,6 +105,7 @@ from hub.rollout import (
     WaveMetrics,
     WaveSpec,
     apply_command,
+    capped_event,
     evaluate_gates,
     next_state,
     parse_gate,
@@ -99,6 +115,7 @@ from hub.rollout import (
 from hub.selector import Selector, parse_selector
 
 __all__ = [
+    "DEFAULT_REPORT_TIMEOUT_S",
     "CampaignCreate",
     "CommandRequest",
     "WavePublic",
@@ -119,9 +136,14 @@ D = DeviceState
 _STARTABLE = frozenset({CampaignState.RUNNING, CampaignState.SOAKING,
                         CampaignState.AWAITING_APPROVAL, CampaignState.COMPLETING})
 _IN_FLIGHT = frozenset({D.DEPLOYING, D.REVERTING})
+_NOT_IN_WAVE = frozenset({D.SKIPPED, D.CANCELLED})  # recorded, but never part of a wave's size
 _BEFORE_WINDOW = timedelta(minutes=10)  # old-version baseline looked at before a device's start
 _MIN_PSI_ROWS = 50
 _PUBLISH_BATCH = 500  # deploy messages sent before waiting for their acknowledgements
+_ROLLBACK_CHUNK = 10_000  # devices per rollback deployment: DeploymentCreate.devices' max_length
+DEFAULT_REPORT_TIMEOUT_S = 1800.0
+"""How long the engine waits, by default, for the result of a device whose deployment
+reached the broker before counting it ``timed_out`` (an install failure)."""
 
 
 # --------------------------------------------------------------------------- API shapes
@@ -133,8 +155,10 @@ class CampaignCreate(SQLModel):
     waves: str = PydanticField("100", max_length=1000,
                                description="Cumulative waves: percentages (10,50,100) or counts (1n,...,100).")
     soak_s: float = PydanticField(0.0, ge=0, le=30 * 86400, description="Soak time per wave, seconds.")
-    gates: list[str] = PydanticField(default_factory=list, max_length=20,
-                                     description="Gates like install_failures<=1, psi<=0.25.")
+    gates: list[str] = PydanticField(
+        default_factory=list, max_length=20,
+        description="Gates like install_failures<=1, psi<=0.25, error_rate<=0.05 min=500 (min=: the "
+                    "least inferences error_rate and p95_regression judge on; default 200).")
     approve_waves: bool = PydanticField(False, description="Wait for an operator's approval between waves.")
     rate_per_min: int | None = PydanticField(None, ge=1, le=100_000, description="Most devices started per minute.")
     on_fail: Literal["pause", "rollback"] = PydanticField("pause", description="What a failed gate does.")
@@ -154,7 +178,9 @@ class WavePublic(SQLModel):
     cumulative: int = PydanticField(description="Devices updated by the end of this wave.")
     size: int = PydanticField(description="Devices in this wave (skipped ones excluded).")
     counts: dict[str, int] = PydanticField(description="Devices of this wave by state.")
-    status: str = PydanticField(description="waiting, running, soaking, passed, failed, overridden.")
+    status: str = PydanticField(
+        description="waiting, running, held (none of its devices online to start), soaking, passed, "
+                    "failed, overridden.")
     verdicts: list[dict[str, Any]] = PydanticField(default_factory=list)
     metrics: dict[str, Any] | None = None
 
@@ -237,10 +263,14 @@ def _admission(
 
 
 def _claim(session: Session, device_id: str, campaign_id: str) -> bool:
+    # synchronize_session=False: the default evaluated the criteria against every
+    # Device loaded in the session, per claim, which made a 10,000-device campaign
+    # take minutes to create; no caller reads campaign_id from a loaded Device after.
     res = session.execute(
         update(Device)
         .where(col(Device.device_id) == device_id, col(Device.campaign_id).is_(None))
         .values(campaign_id=campaign_id)
+        .execution_options(synchronize_session=False)
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -297,7 +327,7 @@ def _transition(
     """Save ``c``'s move on ``event`` and its audit entry (same transaction)."""
     old = CampaignState(c.state)
     c.saves += 1
-    if c.saves > MAX_SAVES and event != Event.LOOPED and old in ACTIVE:
+    if capped_event(old, event, c.saves) != event:
         event, reason = Event.LOOPED, f"more than {MAX_SAVES} state saves; stopped"
     new = next_state(old, event)
     if event in (Event.NEXT_WAVE, Event.APPROVE):
@@ -385,7 +415,21 @@ def _get(session: Session, campaign_id: str) -> Campaign:
     return c
 
 
-def _wave_status(c: Campaign, k: int) -> str:
+def _held_reason(k: int, members: Iterable[tuple[str, bool]]) -> str | None:
+    """Why wave ``k`` is held, or None. Pure.
+
+    ``members`` are (state, online) of the wave's devices. A wave is held when it has
+    devices and none of them could be started: every one is pending and offline.
+    Passing it would judge its gates on no data and start the next wave untested.
+    """
+    ms = [(st, online) for st, online in members if st not in _NOT_IN_WAVE]
+    if not ms or any(st != D.PENDING or online for st, online in ms):
+        return None
+    return (f"wave {k + 1} held: none of its {len(ms)} devices is online, so none could be started; "
+            f"it waits for one to come online (pause, abort or roll back to stop it)")
+
+
+def _wave_status(c: Campaign, k: int, held: bool = False) -> str:
     res = c.wave_results[k] if k < len(c.wave_results) else None
     if res is not None:
         if res.get("overridden_by"):
@@ -397,6 +441,8 @@ def _wave_status(c: Campaign, k: int) -> str:
         state = CampaignState(c.state)
         if state == CampaignState.SOAKING:
             return "soaking"
+        if state == CampaignState.RUNNING and held:
+            return "held"
         if state in ACTIVE:
             return "running" if state != CampaignState.PAUSED else "paused"
         return state.value
@@ -420,6 +466,8 @@ def get_campaign(session: Session, campaign_id: str) -> CampaignPublic:
     by_wave: dict[int, Counter[str]] = defaultdict(Counter)
     for cd, _ in rows:
         by_wave[cd.wave][cd.state] += 1
+    held = _held_reason(c.wave_index, [(cd.state, dev.online) for cd, dev in rows
+                                       if cd.wave == c.wave_index]) is not None
     cumulative = 0
     waves: list[WavePublic] = []
     for k, spec in enumerate(specs):
@@ -429,7 +477,7 @@ def get_campaign(session: Session, campaign_id: str) -> CampaignPublic:
         res = c.wave_results[k] if k < len(c.wave_results) else {}
         waves.append(WavePublic(
             index=k, target=str(spec), cumulative=cumulative, size=size,
-            counts=dict(counts), status=_wave_status(c, k),
+            counts=dict(counts), status=_wave_status(c, k, held and k == c.wave_index),
             verdicts=list(res.get("verdicts", [])), metrics=res.get("metrics"),
         ))
     devices = [
@@ -543,30 +591,44 @@ def _merge_predictions(rows: Iterable[DriftSketchRow]) -> tuple[Any, int]:
     return m.predictions.counts, int(m.predictions.counts.sum())
 
 
+def _accepted(c: Campaign) -> tuple[int, int]:
+    """(install, health) failures an operator accepted: those the gates had counted
+    when the latest overridden wave tripped (its saved metrics are cumulative)."""
+    for res in reversed(c.wave_results):
+        if res.get("overridden_by"):
+            m = res.get("metrics") or {}
+            return int(m.get("install_failures") or 0), int(m.get("health_failures") or 0)
+    return 0, 0
+
+
 def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> WaveMetrics:
     """Measure wave ``wave`` of ``c`` since the wave started.
 
-    - failures: the wave's device states;
+    - started, failures: cumulative over this wave and every earlier one (device
+      states; ``timed_out`` counts as an install failure), with the failures an
+      operator's override accepted alongside (:class:`hub.rollout.WaveMetrics`);
     - error rate: telemetry of the wave's updated devices on the target model;
     - p95 regression: per device, median p95 on the target model over median p95 on
-      its previous model in the 10 minutes before it was started; the median ratio;
+      its previous model in the 10 minutes before it was started; the median ratio,
+      with the inferences behind it (the smaller of the new- and old-version sums);
     - psi: predictions merged from the drift sketches of the wave's updated devices
       (target model) against a control cohort of campaign devices still waiting on
       their old model, over the same span; in the last wave, where no such cohort is
       left, against the same devices' own sketches from before their update.
     """
     since = c.wave_started or c.created
-    devs = session.exec(
-        select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, CampaignDevice.wave == wave)
+    so_far = session.exec(
+        select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, col(CampaignDevice.wave) <= wave)
     ).all()
-    started = [d for d in devs if d.started is not None]
-    updated = [d for d in devs if d.state in (D.UPDATED, D.REVERTING, D.REVERTED)]
-    install_failures = sum(d.state == D.FAILED for d in devs)
-    health_failures = sum(d.state == D.HEALTH_FAILED for d in devs)
+    started = sum(d.started is not None for d in so_far)
+    timed_out = sum(d.state == D.TIMED_OUT for d in so_far)
+    install_failures = sum(d.state == D.FAILED for d in so_far) + timed_out
+    health_failures = sum(d.state == D.HEALTH_FAILED for d in so_far)
+    updated = [d for d in so_far if d.wave == wave and d.state in (D.UPDATED, D.REVERTING, D.REVERTED)]
     upd_ids = [d.device_id for d in updated]
 
     error_rate: float | None = None
-    inferences = 0
+    inferences = p95_new = p95_old = 0
     p95_ratio: float | None = None
     if upd_ids:
         # Columns rather than ORM objects, and grouped by device once: a 1,000-device
@@ -588,11 +650,14 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
         ratios: list[float] = []
         for d in updated:
             mine = timed.get(d.device_id, [])
-            new = _median(t.p95_ms for t in mine if t.model == c.model and t.received >= since)
-            old = _median(t.p95_ms for t in mine
-                          if t.model == d.from_model and d.started and t.received < d.started)
+            new_t = [t for t in mine if t.model == c.model and t.received >= since]
+            old_t = [t for t in mine if t.model == d.from_model and d.started and t.received < d.started]
+            new = _median(t.p95_ms for t in new_t)
+            old = _median(t.p95_ms for t in old_t)
             if new is not None and old:
                 ratios.append(new / old)
+                p95_new += sum(t.inference_count for t in new_t)
+                p95_old += sum(t.inference_count for t in old_t)
         p95_ratio = _median(ratios)
 
     psi_v: float | None = None
@@ -628,9 +693,10 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
                 and rows_ctl >= _MIN_PSI_ROWS and len(canary) == len(control)):
             psi_v = drift.psi(control, canary)
     return WaveMetrics(
-        started=len(started), install_failures=install_failures, health_failures=health_failures,
+        started=started, install_failures=install_failures, health_failures=health_failures,
         error_rate=error_rate, inferences=inferences, p95_regression=p95_ratio, psi=psi_v,
-        psi_rows=(rows_ctl, rows_can),
+        psi_rows=(rows_ctl, rows_can), p95_inferences=min(p95_new, p95_old), timed_out=timed_out,
+        accepted=_accepted(c),
     )
 
 
@@ -644,6 +710,11 @@ class CampaignEngine:
     current state's work and saves at most one transition, in one transaction; the
     MQTT side effects (publishing deployments) follow the commit. Every step is
     idempotent, so a step cut short by a crash is simply redone after restart.
+
+    ``report_timeout_s`` is how long a device whose deployment the broker acknowledged
+    may stay without a result before it counts ``timed_out`` (an install failure, as
+    an AWS IoT job execution's in-progress timeout does). It is one setting for every
+    campaign the engine drives.
     """
 
     def __init__(
@@ -653,12 +724,23 @@ class CampaignEngine:
         publisher: Publisher,
         *,
         health_window_s: float = 5.0,
+        report_timeout_s: float = DEFAULT_REPORT_TIMEOUT_S,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        """Raises:
+            ValueError: ``report_timeout_s`` is not a finite number of seconds longer
+                than the health window and at most 30 days.
+        """
+        if not (math.isfinite(report_timeout_s) and health_window_s < report_timeout_s <= 30 * 86400):
+            raise ValueError(
+                f"report_timeout_s must be longer than the health window ({health_window_s:g} s) "
+                f"and at most 30 days, got {report_timeout_s!r}"
+            )
         self.db = db
         self.repository = repository
         self.publisher = publisher
         self.health_window_s = health_window_s
+        self.report_timeout_s = report_timeout_s
         self.clock = clock
         self.lock = threading.RLock()
 
@@ -691,6 +773,7 @@ class CampaignEngine:
                 self._sync(s, c, now)
                 state = CampaignState(c.state)
                 if state in ACTIVE and state != CampaignState.ROLLING_BACK:
+                    self._expire(s, c, now)
                     self._admit_late(s, c, now)
                 if state in _STARTABLE:
                     self._start_devices(s, c, now)
@@ -707,12 +790,13 @@ class CampaignEngine:
 
         Only rows whose deployment reached an outcome are loaded: a device still
         installing has nothing to fold, and loading every in-flight device on every
-        tick was most of the engine's time in a 1,000-device wave.
+        tick was most of the engine's time in a 1,000-device wave. A ``timed_out``
+        device's late result is folded in like any other (it did install, or it failed).
         """
         rows = s.exec(
             select(CampaignDevice, DeploymentDevice)
             .join(DeploymentDevice, (col(DeploymentDevice.device_id) == col(CampaignDevice.device_id)) & (
-                ((col(CampaignDevice.state) == D.DEPLOYING)
+                (col(CampaignDevice.state).in_([D.DEPLOYING, D.TIMED_OUT])
                  & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.deployment_id)))
                 | ((col(CampaignDevice.state) == D.REVERTING)
                    & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))))
@@ -720,7 +804,7 @@ class CampaignEngine:
         ).all()
         for cd, dd in rows:
             new: DeviceState | None = None
-            if cd.state == D.DEPLOYING:
+            if cd.state in (D.DEPLOYING, D.TIMED_OUT):
                 new = {"installed": D.UPDATED, "failed": D.FAILED, "rejected": D.FAILED,
                        "rolled_back": D.HEALTH_FAILED}.get(dd.outcome)
                 if dd.outcome == "failed" and dd.state is None:
@@ -731,9 +815,38 @@ class CampaignEngine:
                 if dd.outcome == "failed" and dd.state is None:
                     new = None
             if new is not None:
+                late = cd.state == D.TIMED_OUT
                 cd.state, cd.finished, cd.updated = new.value, now, now
-                cd.detail = dd.error if new in (D.FAILED, D.HEALTH_FAILED, D.REVERT_FAILED) else cd.detail
+                if new in (D.FAILED, D.HEALTH_FAILED, D.REVERT_FAILED):
+                    cd.detail = dd.error
+                elif late:
+                    cd.detail = f"reported {dd.outcome} after its report timed out"
                 s.add(cd)
+
+    def _expire(self, s: Session, c: Campaign, now: datetime) -> None:
+        """Devices sent their deployment more than ``report_timeout_s`` ago without a
+        result become ``timed_out``, an install failure for the gates.
+
+        The clock starts when the broker acknowledged the deployment (``updated`` is
+        set then, see :meth:`_publish`), so a broker outage does not time devices out.
+        """
+        deadline = now - timedelta(seconds=self.report_timeout_s)
+        late = s.exec(
+            select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, CampaignDevice.state == D.DEPLOYING,
+                                         col(CampaignDevice.published).is_(True),
+                                         col(CampaignDevice.updated) <= deadline)
+        ).all()
+        if not late:
+            return
+        why = f"no result within {self.report_timeout_s:g} s of its deployment reaching the broker"
+        for cd in late:
+            cd.state, cd.finished, cd.updated, cd.detail = D.TIMED_OUT.value, now, now, why
+            s.add(cd)
+        ids = sorted(cd.device_id for cd in late)
+        audit.record(s, actor=audit.ENGINE_ACTOR, action="campaign.timed_out", campaign_id=c.id,
+                     target=c.model, reason=why, ts=now,
+                     detail={"devices": ids[:100], "count": len(ids), "report_timeout_s": self.report_timeout_s})
+        log.warning("campaign %s: %d devices timed out (%s)", c.id, len(ids), why)
 
     def _admit_late(self, s: Session, c: Campaign, now: datetime) -> None:
         have = set(s.exec(select(CampaignDevice.device_id).where(CampaignDevice.campaign_id == c.id)).all())
@@ -785,7 +898,8 @@ class CampaignEngine:
             s.add(cd)
 
     def _plan_reverts(self, s: Session, c: Campaign, now: datetime) -> None:
-        """Rolling back: give every updated device a rollback deployment id.
+        """Rolling back: give every updated device a rollback deployment id, one per
+        previous version and per 10,000 devices (what one deployment takes).
 
         A device still installing is left to finish first (it is reverted on a later
         tick once it reports), so the rollback deployment is signed as a downgrade
@@ -810,10 +924,12 @@ class CampaignEngine:
             else:
                 groups[cd.from_model].append(cd)
         for _model, cds in sorted(groups.items()):
-            rb = uuid.uuid4().hex
-            for cd in cds:
-                cd.state, cd.rollback_deployment_id, cd.published, cd.updated = D.REVERTING.value, rb, False, now
-                s.add(cd)
+            for k in range(0, len(cds), _ROLLBACK_CHUNK):
+                rb = uuid.uuid4().hex
+                for cd in cds[k:k + _ROLLBACK_CHUNK]:
+                    cd.state, cd.rollback_deployment_id, cd.published, cd.updated = (
+                        D.REVERTING.value, rb, False, now)
+                    s.add(cd)
         s.execute(
             update(CampaignDevice)
             .where(col(CampaignDevice.campaign_id) == c.id, col(CampaignDevice.state) == D.PENDING)
@@ -821,7 +937,19 @@ class CampaignEngine:
         )
 
     def _advance(self, s: Session, c: Campaign, state: CampaignState, now: datetime) -> None:
-        """Decide the state's event, if any, and save the transition."""
+        """Decide the state's event, if any, and save the transition.
+
+        - running: count gates (cumulative) are checked on every tick, so a bad canary
+          stops early. The wave settles once no device of it or an earlier wave is in
+          flight (started, no result: online or not, until it times out) or about to
+          start (pending and online); a wave none of whose devices could be started
+          is held instead, with the reason saved on the campaign.
+        - soaking: when the soak is over and nothing started is still in flight, every
+          gate is judged.
+        - completing: count gates are still checked, so a late failure fails the
+          campaign per ``on_fail``; it completes once nothing is pending or in flight.
+        - rolling_back: done when no device is updated, installing or reverting.
+        """
         # Plain columns, not ORM objects: this runs every tick over every device.
         devs = s.exec(
             select(CampaignDevice.wave, CampaignDevice.state, Device.online)
@@ -829,31 +957,40 @@ class CampaignEngine:
             .where(CampaignDevice.campaign_id == c.id)
         ).all()
         gates = [Gate.from_dict(g) for g in c.gates]
+        count_gates = [g for g in gates if g.metric in ("install_failures", "health_failures")]
         event: Event | None = None
         reason: str | None = None
         detail: dict[str, Any] = {}
-        last = c.wave_index >= len(c.waves) - 1
-        res = c.wave_results[c.wave_index] if c.wave_index < len(c.wave_results) else None
+        k = c.wave_index
+        last = k >= len(c.waves) - 1
+        res = c.wave_results[k] if k < len(c.wave_results) else None
         overridden = bool(res and res.get("overridden_by"))
+        in_flight = any(st == D.DEPLOYING for wave, st, _ in devs if wave <= k)
         if state == CampaignState.RUNNING:
-            count_gates = [g for g in gates if g.metric in ("install_failures", "health_failures") and not g.rate]
-            if count_gates and not overridden:
-                m = wave_metrics(s, c, c.wave_index, now)
-                failed = [v for v in evaluate_gates(count_gates, m) if not v.passed]
-                if failed:
-                    event, reason, detail = self._trip(c, m, failed, evaluate_gates(gates, m))
-            if event is None and all(
-                not online or st not in (D.PENDING, D.DEPLOYING)
-                for wave, st, online in devs if wave <= c.wave_index
+            # Only absolute counts while a wave runs: a rate over the few devices
+            # that answered first would trip on one early failure.
+            early = [g for g in count_gates if not g.rate]
+            if early and not overridden:
+                event, reason, detail = self._check_counts(s, c, early, gates, now)
+            if event is None and not in_flight and not any(
+                online and st == D.PENDING for wave, st, online in devs if wave <= k
             ):
-                event, reason = Event.SETTLED, f"wave {c.wave_index + 1} settled"
+                held = _held_reason(k, [(st, online) for wave, st, online in devs if wave == k])
+                if held is None:
+                    event, reason = Event.SETTLED, f"wave {k + 1} settled"
+                elif c.reason != held:
+                    c.reason, c.updated = held, now
+                    s.add(c)
+                    audit.record(s, actor=audit.ENGINE_ACTOR, action="campaign.held", campaign_id=c.id,
+                                 target=c.model, reason=held, ts=now, detail={"wave": k})
+                    log.warning("campaign %s: %s", c.id, held)
         elif state == CampaignState.SOAKING:
             soak_end = (c.soak_started or now) + timedelta(seconds=0 if overridden else c.soak_s)
-            if now >= soak_end:
+            if now >= soak_end and not in_flight:
                 if overridden:
-                    passed, reason = True, f"wave {c.wave_index + 1} passed (overridden by {res['overridden_by']})"  # type: ignore[index]
+                    passed, reason = True, f"wave {k + 1} passed (overridden by {res['overridden_by']})"  # type: ignore[index]
                 else:
-                    m = wave_metrics(s, c, c.wave_index, now)
+                    m = wave_metrics(s, c, k, now)
                     verdicts = evaluate_gates(gates, m)
                     self._save_result(c, m, verdicts)
                     failed = [v for v in verdicts if not v.passed]
@@ -861,7 +998,10 @@ class CampaignEngine:
                     if failed:
                         event, reason, detail = self._trip(c, m, failed, verdicts)
                     else:
-                        reason = f"wave {c.wave_index + 1} passed its gates"
+                        reason = f"wave {k + 1} passed its gates"
+                        blind = [str(v.gate) for v in verdicts if v.value is None]
+                        if blind:  # passed, but say which gates could not judge
+                            reason += f"; no or not enough data for {', '.join(blind)}"
                         detail = {"verdicts": [v.as_dict() for v in verdicts]}
                 if passed:
                     pending = any(st in (D.PENDING, D.DEPLOYING) for _, st, _ in devs)
@@ -870,14 +1010,29 @@ class CampaignEngine:
                     else:
                         event = Event.NEEDS_APPROVAL if c.approve_waves else Event.NEXT_WAVE
         elif state == CampaignState.COMPLETING:
-            if not any(st in (D.PENDING, D.DEPLOYING) for _, st, _ in devs):
+            if count_gates:
+                event, reason, detail = self._check_counts(s, c, count_gates, gates, now)
+            if event is None and not any(st in (D.PENDING, D.DEPLOYING) for _, st, _ in devs):
                 event, reason = Event.DRAINED, "every returning device was updated"
         elif state == CampaignState.ROLLING_BACK:
             if not any(st in (D.UPDATED, D.DEPLOYING, D.REVERTING) for _, st, _ in devs):
                 n = sum(st == D.REVERTED for _, st, _ in devs)
+                bad = sum(st == D.REVERT_FAILED for _, st, _ in devs)
                 event, reason = Event.REVERTED, f"{n} devices back on their previous version"
+                if bad:
+                    reason += f"; {bad} could not be reverted (see their detail)"
         if event is not None:
             _transition(s, c, event, actor=audit.ENGINE_ACTOR, reason=reason, now=now, detail=detail)
+
+    def _check_counts(
+        self, s: Session, c: Campaign, count_gates: Sequence[Gate], gates: Sequence[Gate], now: datetime
+    ) -> tuple[Event | None, str | None, dict[str, Any]]:
+        """The trip of a failed count gate (cumulative failures so far), or no event."""
+        m = wave_metrics(s, c, c.wave_index, now)
+        failed = [v for v in evaluate_gates(count_gates, m) if not v.passed]
+        if not failed:
+            return None, None, {}
+        return self._trip(c, m, failed, evaluate_gates(gates, m))
 
     def _save_result(self, c: Campaign, m: WaveMetrics, verdicts: Sequence[Any]) -> None:
         results = list(c.wave_results)
@@ -901,7 +1056,15 @@ class CampaignEngine:
     # ---- side effects (after the commit)
 
     def _publish(self, campaign_id: str) -> None:
-        """Publish what the saved state says is due and not yet acknowledged."""
+        """Publish what the saved state says is due and not yet acknowledged.
+
+        Only devices the broker acknowledged are marked ``published`` (their
+        ``updated`` time then starts the report timeout); the others are retried on
+        the next tick with the same deployment id. A rollback group whose previous
+        version cannot be deployed (:class:`ModelNotFound`, :class:`InvalidRequest`:
+        bad data, which no retry mends) turns its devices ``revert_failed`` with the
+        reason; the other groups go on.
+        """
         with self.db.session() as s:
             todo = s.exec(
                 select(CampaignDevice).where(CampaignDevice.campaign_id == campaign_id,
@@ -934,7 +1097,7 @@ class CampaignEngine:
                                      col(CampaignDevice.device_id).in_(ids),
                                      col(CampaignDevice.deployment_id) == dep_id,
                                      col(CampaignDevice.state) == D.DEPLOYING)
-                              .values(published=True))
+                              .values(published=True, updated=self.clock()))
                 s.commit()
                 failed = [(cd.device_id, err) for cd, err in zip(part, results, strict=True) if err is not None]
                 if failed:
@@ -946,14 +1109,40 @@ class CampaignEngine:
                 if cd.state == D.REVERTING and cd.rollback_deployment_id and cd.from_model:
                     groups[(cd.rollback_deployment_id, cd.from_model)].append(cd.device_id)
             for (rb, model), ids in groups.items():
-                create_deployment(
-                    s, self.repository, self.publisher,
-                    DeploymentCreate(model=model, devices=ids, allow_downgrade=True,
-                                     created_by=f"campaign:{c.id}"),
-                    health_window_s=self.health_window_s, deployment_id=rb,
-                )
-                s.execute(update(CampaignDevice)
-                          .where(col(CampaignDevice.campaign_id) == c.id,
-                                 col(CampaignDevice.rollback_deployment_id) == rb)
-                          .values(published=True))
+                try:
+                    dep = create_deployment(
+                        s, self.repository, self.publisher,
+                        DeploymentCreate(model=model, devices=ids, allow_downgrade=True,
+                                         created_by=f"campaign:{c.id}"),
+                        health_window_s=self.health_window_s, deployment_id=rb,
+                    )
+                except (ModelNotFound, InvalidRequest) as e:
+                    s.rollback()
+                    now = self.clock()
+                    why = f"cannot roll back to {model}: {e}"
+                    s.execute(update(CampaignDevice)
+                              .where(col(CampaignDevice.campaign_id) == c.id,
+                                     col(CampaignDevice.rollback_deployment_id) == rb,
+                                     col(CampaignDevice.state) == D.REVERTING)
+                              .values(state=D.REVERT_FAILED, finished=now, updated=now, detail=why))
+                    audit.record(s, actor=audit.ENGINE_ACTOR, action="campaign.revert_failed", campaign_id=c.id,
+                                 target=model, reason=why, ts=now,
+                                 detail={"devices": sorted(ids)[:100], "count": len(ids)})
+                    s.commit()
+                    log.error("campaign %s: %s (%d devices)", c.id, why, len(ids))
+                    continue
+                except BrokerUnavailable as e:
+                    s.rollback()
+                    log.warning("campaign %s: rollback publish stopped (%s); will retry", c.id, e)
+                    break
+                # A row the broker did not acknowledge reads failed with no lifecycle state.
+                unacked = [d.device_id for d in dep.devices if d.outcome == "failed" and d.state is None]
+                q = update(CampaignDevice).where(col(CampaignDevice.campaign_id) == c.id,
+                                                 col(CampaignDevice.rollback_deployment_id) == rb,
+                                                 col(CampaignDevice.state) == D.REVERTING)
+                if unacked:
+                    q = q.where(col(CampaignDevice.device_id).not_in(unacked))
+                    log.warning("campaign %s: rollback publish to %d devices failed (first: %s); will retry",
+                                c.id, len(unacked), unacked[0])
+                s.execute(q.values(published=True))
                 s.commit()

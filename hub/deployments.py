@@ -229,9 +229,15 @@ def create_deployment(
     version are re-signed with ``allow_downgrade`` before anything is published.
 
     ``deployment_id`` makes the call idempotent for callers that save the id before
-    calling (the campaign engine): when that deployment already exists, its devices
-    that have not answered yet are sent the same desired state again (agents ignore a
-    deployment id they already know) and nothing new is recorded.
+    calling (the campaign engine): when that deployment already exists, those of its
+    devices listed in ``request`` that have not answered yet are sent the same desired
+    state again (agents ignore a deployment id they already know) and nothing new is
+    recorded.
+
+    A device the broker does not acknowledge is recorded ``failed`` with no lifecycle
+    state and the error "could not publish: ..." (a first call and a repeat alike),
+    so the caller can tell which devices to retry; a repeat that reaches it sets it
+    back to ``pending``.
 
     Raises:
         InvalidRequest: bad model reference or device id.
@@ -244,7 +250,7 @@ def create_deployment(
     if deployment_id is not None:
         existing = session.get(Deployment, deployment_id)
         if existing is not None:
-            return _republish(session, publisher, existing, health_window_s)
+            return _republish(session, publisher, existing, health_window_s, set(request.devices))
     name, version = parse_model_ref(request.model)
     ref = f"{name}:{version}"
     device_ids = _unique(request.devices)
@@ -326,7 +332,7 @@ def create_deployment(
 
 
 def _republish(
-    session: Session, publisher: Publisher, dep: Deployment, health_window_s: float
+    session: Session, publisher: Publisher, dep: Deployment, health_window_s: float, only: set[str]
 ) -> DeploymentPublic:
     if not publisher.connected:
         raise BrokerUnavailable("the hub is not connected to the MQTT broker")
@@ -334,17 +340,19 @@ def _republish(
         select(DeploymentDevice).where(DeploymentDevice.deployment_id == dep.id)
     ).all()
     due = [row for row in rows
-           if row.target_path is not None and row.outcome in ("pending", "failed") and row.state is None]
+           if row.device_id in only and row.target_path is not None
+           and row.outcome in ("pending", "failed") and row.state is None]
     results = publisher.publish_many(
         [deployment_message(row.device_id, dep.id, dep.model, str(row.target_path), health_window_s)
          for row in due],
         qos=DEPLOY_QOS, retain=DEPLOY_RETAIN,
     )
-    failed = next((err for err in results if err is not None), None)
-    if failed is not None:
-        raise failed
-    for row in due:
-        if row.outcome == "failed":
+    for row, err in zip(due, results, strict=True):
+        if err is not None:
+            row.outcome, row.error, row.updated = "failed", f"could not publish: {err}", utcnow()
+            session.add(row)
+            log.warning("deployment %s: publish to %s failed again: %s", dep.id, row.device_id, err)
+        elif row.outcome == "failed":
             row.outcome, row.error, row.updated = "pending", None, utcnow()
             session.add(row)
     session.commit()

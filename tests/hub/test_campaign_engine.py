@@ -4,16 +4,19 @@ ingest would; time is a controlled clock."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 from sqlmodel import select
 
 from agent import protocol
 from hub import fleet, registry
 from hub.campaigns import (
+    DEFAULT_REPORT_TIMEOUT_S,
     CampaignCreate,
     CampaignEngine,
     CommandRequest,
@@ -23,8 +26,10 @@ from hub.campaigns import (
 )
 from hub.db import Database
 from hub.errors import BrokerUnavailable, CommandRefused, InvalidSelector, ModelNotFound
-from hub.models import AuditEntry, CampaignDevice, Device
+from hub.models import AuditEntry, Campaign, CampaignDevice, Device
 from hub.repository import Repository
+from hub.rollout import MAX_SAVES
+from hub.telemetry import TelemetryIn, store_telemetry
 from tests.hub.bundles import make_bundle
 
 
@@ -76,6 +81,21 @@ class Env:
             fleet.apply_hello(s, device_id, protocol.Hello(
                 device_id=device_id, profile="x86-gateway-vnni", agent_version="t",
                 runtimes={"onnxruntime": "1.32.0"}, model=model, tags=tags or []), self.clock())
+
+    def offline(self, device_id: str) -> None:
+        """The broker's last will for ``device_id``: it is offline."""
+        with self.db.session() as s:
+            fleet.apply_presence(s, device_id, protocol.Presence(online=False), self.clock())
+
+    def telemetry(self, device_id: str, model: str, inferences: int, errors: int = 0,
+                  p95_ms: float = 1.0) -> None:
+        self.seq[device_id] = self.seq.get(device_id, 0) + 1
+        t = self.clock().timestamp()
+        with self.db.session() as s:
+            store_telemetry(s, [TelemetryIn(device_id, protocol.Telemetry(
+                seq=self.seq[device_id], window_start=t - 10, window_end=t, model=model,
+                inference_count=inferences, error_count=errors,
+                latency=protocol.LatencyStats(p95_ms=p95_ms)), self.clock())])
 
     def report(self, device_id: str, outcome: str, model: str, deployment_id: str) -> None:
         self.seq[device_id] = self.seq.get(device_id, 0) + 1
@@ -246,3 +266,284 @@ def test_bad_requests(env: Env) -> None:
         env.create(model="tiny:9.0.0")
     with pytest.raises(InvalidSelector):
         env.create(select="colour=red")
+
+
+# --------------------------------------------------------------------------- results that never come
+
+
+def _states(env: Env, cid: str) -> dict[str, str]:
+    return {d.device_id: d.state for d in env.status(cid).devices}
+
+
+def test_wave_none_of_whose_devices_is_online_is_held_not_passed(env: Env) -> None:
+    for i in range(5):
+        env.hello(f"d{i}")
+    env.offline("d0")  # the canary
+    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"])
+    for _ in range(4):
+        env.tick(1)
+    st = env.status(cid)
+    assert (st.state, st.wave_index, env.pub.sent) == ("running", 0, [])
+    assert st.waves[0].status == "held"
+    assert (st.reason or "").startswith("wave 1 held: none of its 1 devices is online")
+    with env.db.session() as s:
+        held = s.exec(select(AuditEntry).where(AuditEntry.campaign_id == cid,
+                                               AuditEntry.action == "campaign.held")).all()
+        assert len(held) == 1  # said once, not on every tick
+    env.hello("d0")  # back: the canary is started and judged like any other
+    env.tick()
+    assert [d for d, _ in env.pub.sent] == ["d0"] and env.status(cid).waves[0].status == "running"
+    env.answer_all()
+    env.tick()
+    env.tick()
+    st = env.status(cid)
+    assert st.wave_index == 1 and st.waves[0].status == "passed"
+
+
+def test_started_device_without_result_blocks_its_wave_then_times_out(env: Env) -> None:
+    env.engine = CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=600,
+                                clock=env.clock)
+    for i in range(5):
+        env.hello(f"d{i}")
+    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"])
+    env.tick()
+    dep0 = env.pub.sent[0][1].deployment_id
+    env.offline("d0")  # sent the deployment, then its last will: it never reports
+    for step in (1, 1, 597):  # 599 s after the broker acknowledged it
+        env.tick(step)
+    st = env.status(cid)
+    assert (st.state, st.wave_index, _states(env, cid)["d0"]) == ("running", 0, "deploying")
+    assert [d for d, _ in env.pub.sent] == ["d0"]
+    env.tick(2)  # past the report timeout: an install failure, and the gate trips
+    st = env.status(cid)
+    assert st.state == "paused" and _states(env, cid)["d0"] == "timed_out"
+    assert "install_failures<=0 failed: 1 (1 of 1 devices so far, 1 timed out)" in (st.reason or "")
+    assert [d for d, _ in env.pub.sent] == ["d0"]
+    # A result that comes after all is folded in.
+    env.hello("d0")
+    env.report("d0", "installed", "tiny:2.0.0", dep0)
+    env.tick()
+    d0 = {d.device_id: d for d in env.status(cid).devices}["d0"]
+    assert d0.state == "updated" and d0.detail == "reported installed after its report timed out"
+
+
+def test_timed_out_device_without_gates_does_not_hold_the_campaign(env: Env) -> None:
+    for i in range(3):
+        env.hello(f"d{i}")
+    cid = env.create(waves="1n,100", soak_s=0)
+    env.tick()
+    env.offline("d0")
+    env.tick(DEFAULT_REPORT_TIMEOUT_S - 1)
+    assert env.status(cid).wave_index == 0
+    env.tick(2)
+    env.tick()
+    env.tick()
+    st = env.status(cid)
+    assert st.wave_index == 1 and _states(env, cid)["d0"] == "timed_out"
+
+
+@pytest.mark.parametrize("timeout", [0, 1, -5, float("inf"), float("nan"), 31 * 86400])
+def test_report_timeout_is_validated(env: Env, timeout: float) -> None:
+    with pytest.raises(ValueError, match="report_timeout_s must be longer than the health window"):
+        CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=timeout)
+
+
+# --------------------------------------------------------------------------- late failures
+
+
+@pytest.mark.parametrize(
+    ("back_during", "on_fail", "final"),
+    [
+        ("running", "pause", "paused"),  # a wave-1 device failing during wave 2 is gated in wave 2
+        ("completing", "rollback", "rolled_back"),  # ... and while completing
+    ],
+)
+def test_failure_reported_after_its_wave_passed_is_gated(
+    env: Env, back_during: str, on_fail: str, final: str
+) -> None:
+    for i in range(4):
+        env.hello(f"d{i}")
+    env.offline("d1")  # in the canary wave with d0, but offline: it does not hold the wave
+    cid = env.create(waves="2n,100", soak_s=0, gates=["install_failures<=0"], on_fail=on_fail)
+    env.tick()
+    env.answer_all()
+    env.tick()
+    env.tick()
+    assert env.status(cid).wave_index == 1 and env.status(cid).waves[0].status == "passed"
+    env.tick()
+    assert sorted(d for d, _ in env.pub.sent) == ["d0", "d2", "d3"]
+    if back_during == "completing":
+        env.answer_all()
+        env.tick()
+        env.tick()
+        assert env.status(cid).state == "completing"
+    env.hello("d1")
+    env.tick()
+    dep1 = next(dep.deployment_id for d, dep in env.pub.sent if d == "d1")
+    env.report("d1", "failed", "tiny:1.0.0", dep1)
+    env.tick()
+    st = env.status(cid)
+    assert st.state in ("paused", "rolling_back")
+    assert "install_failures<=0 failed: 1 (1 of 4 devices so far)" in (st.reason or "")
+    env.answer_all()
+    env.tick()
+    env.answer_all(model="tiny:1.0.0")
+    env.tick()
+    assert env.status(cid).state == final
+
+
+def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
+    for i in range(6):
+        env.hello(f"d{i}")
+    cid = env.create(waves="2n,4n,100", soak_s=0, gates=["install_failures<=0"])
+    env.tick()
+    (d0, dep0), (d1, dep1) = [(d, dep.deployment_id) for d, dep in env.pub.sent]
+    env.report(d0, "failed", "tiny:1.0.0", dep0)
+    env.tick()
+    assert env.status(cid).state == "paused"
+    assert env.command(cid, "resume")  # accepts d0's failure
+    env.report(d1, "installed", "tiny:2.0.0", dep1)
+    for _ in range(3):
+        env.tick()
+    assert env.status(cid).wave_index == 1 and env.status(cid).state == "running"
+    env.tick()
+    sent = {d: dep.deployment_id for d, dep in env.pub.sent}
+    env.report("d2", "installed", "tiny:2.0.0", sent["d2"])
+    env.report("d3", "failed", "tiny:1.0.0", sent["d3"])  # one the operator never saw
+    env.tick()
+    st = env.status(cid)
+    assert st.state == "paused"
+    assert "install_failures<=0 failed: 1 (2 of 4 devices so far, 1 accepted by an override)" in (st.reason or "")
+
+
+# --------------------------------------------------------------------------- rollback faults
+
+
+def test_rollback_publish_not_acknowledged_is_retried(env: Env) -> None:
+    for i in range(3):
+        env.hello(f"d{i}")
+    cid = env.create(waves="100")
+    env.tick()
+    env.answer_all()
+    env.tick()
+    assert env.command(cid, "rollback")
+    real = env.pub.publish_many
+
+    def no_ack_for_d1(
+        messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
+    ) -> list[BrokerUnavailable | None]:
+        out = real([m for m in messages if "/d1/" not in m[0]], qos=qos, retain=retain)
+        return [BrokerUnavailable("no ack within 10s") if "/d1/" in m[0] else out.pop(0) for m in messages]
+
+    env.pub.publish_many = no_ack_for_d1  # type: ignore[method-assign]
+    env.tick()
+    env.pub.publish_many = real  # type: ignore[method-assign]
+    with env.db.session() as s:
+        published = {cd.device_id: cd.published for cd in s.exec(select(CampaignDevice)).all()}
+    assert published == {"d0": True, "d1": False, "d2": True}
+    env.tick()
+    assert sorted(d for d, dep in env.pub.sent if dep.model == "tiny:1.0.0") == ["d0", "d1", "d2"]
+    env.answer_all()
+    env.tick()
+    st = env.status(cid)
+    assert st.state == "rolled_back" and st.counts == {"reverted": 3}
+
+
+def test_rollback_to_a_version_the_hub_lacks_fails_those_devices_only(env: Env) -> None:
+    env.hello("a0", model="tiny:0.9.0")  # never uploaded to this hub
+    env.hello("b0", model="tiny:1.0.0")
+    cid = env.create(waves="100", on_fail="rollback")
+    env.tick()
+    env.answer_all()
+    env.tick()
+    assert env.command(cid, "rollback")
+    env.tick()
+    assert [(d, dep.model) for d, dep in env.pub.sent if dep.model != "tiny:2.0.0"] == [("b0", "tiny:1.0.0")]
+    env.answer_all()
+    env.tick()
+    st = env.status(cid)
+    devs = {d.device_id: d for d in st.devices}
+    assert devs["a0"].state == "revert_failed"
+    assert devs["a0"].detail == "cannot roll back to tiny:0.9.0: no model tiny:0.9.0"
+    assert devs["b0"].state == "reverted"
+    assert st.state == "rolled_back" and "1 could not be reverted" in (st.reason or "")
+
+
+def test_rollback_at_the_save_cap_still_finishes(env: Env) -> None:
+    env.hello("d0")
+    cid = env.create(waves="100")
+    env.tick()
+    env.answer_all()
+    env.tick()
+    with env.db.session() as s:
+        c = s.get(Campaign, cid)
+        assert c is not None
+        c.saves = MAX_SAVES - 1
+        s.add(c)
+    assert env.command(cid, "rollback")  # the last save under the cap
+    env.tick()
+    env.answer_all()
+    env.tick()  # reverted: a move into a terminal state is never replaced by "looped"
+    assert env.status(cid).state == "rolled_back"
+
+
+def test_rollback_of_more_devices_than_one_deployment_takes(env: Env) -> None:
+    n = 10_001
+    with env.db.session() as s:
+        fleet.ensure_devices(s, [f"d{i:05d}" for i in range(n)], env.clock())
+        s.execute(update(Device).values(profile="x86-gateway-vnni", runtimes={"onnxruntime": "1.32.0"},
+                                        model="tiny:1.0.0", online=True))
+    cid = env.create(waves="100")
+    with env.db.session() as s:  # as if every device had installed 2.0.0
+        s.execute(update(CampaignDevice).values(state="updated", started=env.clock()))
+        s.execute(update(Device).values(model="tiny:2.0.0"))
+    assert env.command(cid, "rollback")
+    env.tick()
+    with env.db.session() as s:
+        rows = s.exec(select(CampaignDevice.rollback_deployment_id, CampaignDevice.state,
+                             CampaignDevice.published)).all()
+    assert {(st, pub) for _, st, pub in rows} == {("reverting", True)}
+    assert sorted(Counter(rb for rb, _, _ in rows).values()) == [1, 10_000]
+    assert len({d for d, dep in env.pub.sent if dep.model == "tiny:1.0.0"}) == n
+
+
+# --------------------------------------------------------------------------- small samples
+
+
+@pytest.mark.parametrize(
+    ("gate", "inferences", "errors", "new_p95", "want"),
+    [
+        ("error_rate<=0.01", 1, 1, 1.0, "passed"),  # one inference: not enough data
+        ("error_rate<=0.01", 199, 199, 1.0, "passed"),
+        ("error_rate<=0.01", 300, 30, 1.0, "paused"),
+        ("error_rate<=0.01 min=1", 1, 1, 1.0, "paused"),
+        ("p95_regression<=1.2", 1, 0, 5.0, "passed"),
+        ("p95_regression<=1.2", 300, 0, 5.0, "paused"),
+        ("p95_regression<=1.2 min=1", 1, 0, 5.0, "paused"),
+    ],
+)
+def test_quality_gates_need_a_minimum_sample(
+    env: Env, gate: str, inferences: int, errors: int, new_p95: float, want: str
+) -> None:
+    for i in range(4):
+        env.hello(f"d{i}")
+    env.telemetry("d0", "tiny:1.0.0", inferences, p95_ms=1.0)  # the old version's baseline
+    env.tick(1)
+    cid = env.create(waves="1n,100", soak_s=60, gates=[gate])
+    env.tick()
+    env.answer_all()
+    env.tick()
+    assert env.status(cid).state == "soaking"
+    env.telemetry("d0", "tiny:2.0.0", inferences, errors, p95_ms=new_p95)
+    env.tick(61)
+    st = env.status(cid)
+    verdict = st.waves[0].verdicts[0]
+    if want == "passed":
+        assert st.wave_index == 1 and st.waves[0].status == "passed"
+        assert verdict["value"] is None and verdict["note"].startswith(f"not enough data: {inferences} inferences")
+        with env.db.session() as s:
+            reasons = s.exec(select(AuditEntry.reason).where(AuditEntry.campaign_id == cid,
+                                                             AuditEntry.action == "campaign.transition")).all()
+        assert f"wave 1 passed its gates; no or not enough data for {gate}" in reasons
+    else:
+        assert st.state == "paused" and verdict["passed"] is False

@@ -138,8 +138,8 @@ def test_gates_parse_and_judge() -> None:
     for bad in ("psi>=0.2", "latency<=1", "psi<=5%", "install_failures<=1.5"):
         with pytest.raises(InvalidCampaign):
             parse_gate(bad)
-    m = WaveMetrics(started=10, install_failures=1, health_failures=3, error_rate=0.01, inferences=100,
-                    p95_regression=1.5, psi=None)
+    m = WaveMetrics(started=10, install_failures=1, health_failures=3, error_rate=0.01, inferences=1000,
+                    p95_regression=1.5, psi=None, p95_inferences=1000)
     verdicts = evaluate_gates(
         [parse_gate(g) for g in ("install_failures<=1", "health_failures<=20%", "error_rate<=0.05",
                                  "p95_regression<=1.2", "psi<=0.25")], m)
