@@ -105,7 +105,8 @@ def start_hub(settings: HubSettings) -> Hub:
         queue_size=settings.ingest_queue_size,
     )
     ingest.start()
-    engine = CampaignEngine(db, repo, ingest, health_window_s=settings.deployment_health_window_s)
+    engine = CampaignEngine(db, repo, ingest, health_window_s=settings.deployment_health_window_s,
+                            report_timeout_s=settings.campaign_report_timeout_s)
     return Hub(settings, db, repo, ingest, broker_url, engine, captures, broker)
 
 

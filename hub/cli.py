@@ -349,7 +349,7 @@ _CAMPAIGN_STYLE = {"completed": "green", "rolled_back": "yellow", "aborted": "re
                    "rolling_back": "yellow", "awaiting_approval": "magenta"}
 _DEVICE_STATE_STYLE = {"updated": "green", "reverted": "yellow", "failed": "red", "health_failed": "red",
                        "revert_failed": "red", "skipped": "dim", "cancelled": "dim", "pending": "cyan",
-                       "deploying": "cyan", "reverting": "yellow"}
+                       "deploying": "cyan", "reverting": "yellow", "timed_out": "red"}
 _CAMPAIGN_DONE = {"completed", "rolled_back", "aborted"}
 
 
@@ -390,7 +390,8 @@ def _campaign_view(c: dict[str, Any]) -> Table:
 @click.option("--soak", default="0s", show_default=True, help="Soak time per wave (30s, 5m, 1h).")
 @click.option("--gate", "gates", multiple=True,
               help="install_failures<=N|N%, health_failures<=N|N%, error_rate<=R, "
-                   "p95_regression<=X, psi<=P (repeatable).")
+                   "p95_regression<=X, psi<=P (repeatable); error_rate and p95_regression take "
+                   "' min=N', the least inferences they judge on (default 200).")
 @click.option("--approve-waves", is_flag=True, help="Wait for 'rollout approve' before each next wave.")
 @click.option("--rate", help="Most devices started per minute, e.g. 20/min.")
 @click.option("--on-fail", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)

@@ -15,7 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.connection import parse_broker_url
@@ -91,6 +91,18 @@ class HubSettings(BaseSettings):
     deployment_health_window_s: float = Field(
         5.0, ge=0, le=86400, description="Health window sent with each deployment, seconds."
     )
+    campaign_report_timeout_s: float = Field(
+        1800.0, gt=0, le=30 * 86400,
+        description="A campaign device whose deployment reached the broker this long ago without a result "
+        "counts as timed_out, an install failure for the gates. Longer than the health window.",
+    )
+
+    @model_validator(mode="after")
+    def _timeout_after_health_window(self) -> HubSettings:
+        if self.campaign_report_timeout_s <= self.deployment_health_window_s:
+            raise ValueError(f"campaign_report_timeout_s ({self.campaign_report_timeout_s:g}) must be longer "
+                             f"than deployment_health_window_s ({self.deployment_health_window_s:g})")
+        return self
 
     @property
     def database_url(self) -> str:
