@@ -772,8 +772,9 @@ class CampaignEngine:
                 now = self.clock()
                 self._sync(s, c, now)
                 state = CampaignState(c.state)
-                if state in ACTIVE and state != CampaignState.ROLLING_BACK:
+                if state in ACTIVE:
                     self._expire(s, c, now)
+                if state in ACTIVE and state != CampaignState.ROLLING_BACK:
                     self._admit_late(s, c, now)
                 if state in _STARTABLE:
                     self._start_devices(s, c, now)
@@ -825,14 +826,18 @@ class CampaignEngine:
 
     def _expire(self, s: Session, c: Campaign, now: datetime) -> None:
         """Devices sent their deployment more than ``report_timeout_s`` ago without a
-        result become ``timed_out``, an install failure for the gates.
+        result become ``timed_out``, an install failure for the gates; while rolling
+        back, devices sent their rollback as long ago without a result become
+        ``revert_failed``, so that one device that never comes back cannot keep a
+        rollback (which cannot be aborted) open for good.
 
         The clock starts when the broker acknowledged the deployment (``updated`` is
         set then, see :meth:`_publish`), so a broker outage does not time devices out.
         """
         deadline = now - timedelta(seconds=self.report_timeout_s)
+        states = [D.DEPLOYING, D.REVERTING] if c.state == CampaignState.ROLLING_BACK else [D.DEPLOYING]
         late = s.exec(
-            select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, CampaignDevice.state == D.DEPLOYING,
+            select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, col(CampaignDevice.state).in_(states),
                                          col(CampaignDevice.published).is_(True),
                                          col(CampaignDevice.updated) <= deadline)
         ).all()
@@ -840,7 +845,8 @@ class CampaignEngine:
             return
         why = f"no result within {self.report_timeout_s:g} s of its deployment reaching the broker"
         for cd in late:
-            cd.state, cd.finished, cd.updated, cd.detail = D.TIMED_OUT.value, now, now, why
+            expired = D.REVERT_FAILED if cd.state == D.REVERTING else D.TIMED_OUT
+            cd.state, cd.finished, cd.updated, cd.detail = expired.value, now, now, why
             s.add(cd)
         ids = sorted(cd.device_id for cd in late)
         audit.record(s, actor=audit.ENGINE_ACTOR, action="campaign.timed_out", campaign_id=c.id,
@@ -1144,5 +1150,5 @@ class CampaignEngine:
                     q = q.where(col(CampaignDevice.device_id).not_in(unacked))
                     log.warning("campaign %s: rollback publish to %d devices failed (first: %s); will retry",
                                 c.id, len(unacked), unacked[0])
-                s.execute(q.values(published=True))
+                s.execute(q.values(published=True, updated=self.clock()))  # starts the report timeout
                 s.commit()

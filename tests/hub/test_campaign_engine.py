@@ -469,6 +469,32 @@ def test_rollback_to_a_version_the_hub_lacks_fails_those_devices_only(env: Env) 
     assert st.state == "rolled_back" and "1 could not be reverted" in (st.reason or "")
 
 
+def test_a_rollback_does_not_wait_for_good_on_a_device_that_never_answers(env: Env) -> None:
+    """A rollback cannot be aborted; a device that went away after it was sent its
+    rollback must not keep the campaign in rolling_back for ever."""
+    for i in range(3):
+        env.hello(f"d{i}")
+    cid = env.create(waves="100")
+    env.tick()
+    env.answer_all()
+    env.tick()
+    assert env.command(cid, "rollback")
+    env.tick()
+    env.offline("d1")
+    for device_id, dep in list(env.pub.sent):
+        if dep.model == "tiny:1.0.0" and device_id != "d1":
+            env.report(device_id, "installed", "tiny:1.0.0", dep.deployment_id)
+    env.tick()
+    env.tick(DEFAULT_REPORT_TIMEOUT_S - 5)
+    assert env.status(cid).state == "rolling_back"
+    env.tick(10)
+    env.tick()
+    st = env.status(cid)
+    d1 = {d.device_id: d for d in st.devices}["d1"]
+    assert st.state == "rolled_back" and "1 could not be reverted" in (st.reason or "")
+    assert d1.state == "revert_failed" and d1.detail.startswith("no result within 1800 s")
+
+
 def test_rollback_at_the_save_cap_still_finishes(env: Env) -> None:
     env.hello("d0")
     cid = env.create(waves="100")
