@@ -125,8 +125,19 @@ class AgentSettings(BaseModel):
     @field_validator("repository_url")
     @classmethod
     def _repository_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"must be an http:// or https:// URL of the hub, got {v[:80]!r}")
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        from agent.connection import shown_url
+
+        u = urlsplit(v)
+        if u.scheme.lower() not in ("http", "https") or not u.hostname:
+            raise ValueError(f"must be an http:// or https:// URL of the hub, got {shown_url(v)!r}")
+        try:
+            _ = u.port  # urlsplit checks the port only when asked
+        except ValueError:
+            raise ValueError(f"{shown_url(v)!r}: the port must be a number from 0 to 65535") from None
         return v
 
     @field_validator("device_id")

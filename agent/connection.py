@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,20 +35,32 @@ class BrokerAddress:
     password: str | None = None
 
 
+def shown_url(url: str) -> str:
+    """``url`` fit for a message: everything between the scheme and the last ``@``
+    (user and password, whatever characters the password holds) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    elif not sep and "@" in url:
+        scheme, rest = "", "***@" + url.rsplit("@", 1)[1]
+    return (f"{scheme}{sep}{rest}")[:200]
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...``.
 
     Raises:
         ValueError: not an mqtt/mqtts URL with a host.
     """
-    shown = re.sub(r"//[^@/]*@", "//***@", url)[:200]  # never echo a password
+    shown = shown_url(url)
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts", "tcp") or not u.hostname:
         raise ValueError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {shown!r}")
     try:
         port = u.port
-    except ValueError as e:
-        raise ValueError(f"broker URL {shown!r}: {e}") from None
+    except ValueError:  # not urlparse's text: with a '/' in a password it quotes part of it
+        hint = " (a password with '/', '?' or '#' in it must be percent-encoded)" if "@" in url else ""
+        raise ValueError(f"broker URL {shown!r}: the port must be a number from 0 to 65535{hint}") from None
     tls = u.scheme == "mqtts"
     return BrokerAddress(u.hostname, port or (8883 if tls else 1883), tls, u.username, u.password)
 

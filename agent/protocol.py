@@ -177,10 +177,10 @@ class Telemetry(Payload):
     )
     feedback_dropped: int = Field(0, ge=0, le=MAX_COUNT, description="Labels dropped because too many were pending.")
     observe_skipped: int = Field(
-        0, ge=0, description="Requests served but not sketched, because sketching fell behind (so far)."
+        0, ge=0, le=MAX_COUNT, description="Requests served but not sketched, because sketching fell behind (so far)."
     )
     observe_unsampled: int = Field(
-        0, ge=0, description="Requests served but left out of the sketch by its rate limit, "
+        0, ge=0, le=MAX_COUNT, description="Requests served but left out of the sketch by its rate limit, "
         "drift_max_rows_per_s (so far)."
     )
 
@@ -247,6 +247,8 @@ def check_label(v: Any) -> Any:
     Raises ValueError saying which rule it broke."""
     if isinstance(v, bool):
         raise ValueError("labels must be integers or strings, not booleans")
+    if isinstance(v, float):  # pydantic would turn 1e17 into an int past the 53 bits
+        raise ValueError("labels must be integers or strings, not numbers with a fraction or exponent")
     if isinstance(v, str) and not 1 <= len(v) <= MAX_LABEL_CHARS:
         raise ValueError(f"string labels must be 1-{MAX_LABEL_CHARS} characters, got {len(v)}")
     if isinstance(v, int) and abs(v) > 2**53:
@@ -255,9 +257,14 @@ def check_label(v: Any) -> Any:
 
 
 def check_score(v: Any) -> Any:
-    """A score map holds 1-1000 labels."""
-    if isinstance(v, dict) and not 1 <= len(v) <= MAX_SCORE_LABELS:
-        raise ValueError(f"score maps hold 1-{MAX_SCORE_LABELS} labels, got {len(v)}")
+    """A score map holds 1-1000 labels, each a string label's 1-128 characters (so
+    that one label with its scores always fits a payload)."""
+    if isinstance(v, dict):
+        if not 1 <= len(v) <= MAX_SCORE_LABELS:
+            raise ValueError(f"score maps hold 1-{MAX_SCORE_LABELS} labels, got {len(v)}")
+        long = next((k for k in v if not 1 <= len(k) <= MAX_LABEL_CHARS), None)
+        if long is not None:
+            raise ValueError(f"score map labels must be 1-{MAX_LABEL_CHARS} characters, got {len(long)}")
     return v
 
 

@@ -75,17 +75,34 @@ def _check_shape(shape: Any, where: str) -> list[int]:
 def _json_tensor(data: Any, dt: str) -> np.ndarray:
     """JSON values as an array of V2 datatype ``dt``. Integer and BOOL tensors take
     exactly what they can hold: numpy would truncate 1.9 to 1 and (before numpy 2)
-    wrap 300 to 44 in INT8 without a word. Their values are checked one by one in
-    Python, which integer inputs (token ids, indices) can afford; float tensors are not."""
+    wrap 300 to 44 in INT8 without a word.
+
+    The checks run in numpy on the array numpy infers (its dtype says whether every
+    value was an integer, or a boolean; min and max say whether they fit). Only where
+    numpy cannot tell (integers past int64 mixed with others come out as float64 or
+    object) are the values checked one by one in Python."""
     dtype = _NP_DTYPES[dt]
-    arr = np.asarray(data, dtype=dtype)
-    if dtype.kind not in "iub" or arr.size == 0:
-        return arr
-    values = np.asarray(data, dtype=object)  # the same nesting, the JSON values as they came
-    want = bool if dtype.kind == "b" else int
-    if not all(type(v) is want for v in values.flat):
-        raise ValueError("values must be " + ("true or false" if want is bool else "integers"))
-    if want is int and not (values == arr).all():
+    if dtype.kind not in "iub":
+        return np.asarray(data, dtype=dtype)
+    raw = np.asarray(data)
+    if raw.size == 0:
+        return raw.astype(dtype)
+    if dtype.kind == "b":
+        if raw.dtype.kind != "b":
+            raise ValueError("values must be true or false")
+        return raw
+    if raw.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise ValueError(f"values out of range for {dt}")
+        return raw.astype(dtype)
+    if raw.dtype.kind == "b":
+        raise ValueError("values must be integers")
+    values = np.asarray(data, dtype=object)  # float64 or object: the JSON values as they came
+    if not all(type(v) is int for v in values.flat):
+        raise ValueError("values must be integers")
+    arr = np.asarray(data, dtype=dtype)  # numpy 2 raises OverflowError out of range
+    if not (values == arr).all():  # numpy 1.x wraps instead
         raise ValueError(f"values out of range for {dt}")
     return arr
 

@@ -197,6 +197,9 @@ def test_zip_bomb_and_pickles_are_refused():
         ([{"model": "m:1", "ts": 1.0, "label": "x" * 129, "prediction": "y"}], "1-128 characters"),
         ([{"model": "m:1", "ts": 1.0, "label": 2**53 + 1, "prediction": 1}], "53 bits"),
         ([{"model": "m:1", "ts": 1.0, "label": 1, "prediction": 1, "score": {}}], "1-1000 labels"),
+        ([{"model": "m:1", "ts": 1.0, "label": 1e17, "prediction": 1}], "fraction or exponent"),  # not an int past 2^53
+        ([{"model": "m:1", "ts": 1.0, "label": 1, "prediction": 1, "score": {"x" * 129: 0.5}}],
+         "score map labels must be 1-128"),
         ([{"model": "m1.0", "ts": 1.0, "label": 1, "prediction": 1}], "name:version"),
         ([{"model": "m:1", "ts": 1.0, "label": 1, "prediction": "1"}], "same type"),
         ([], "items"),

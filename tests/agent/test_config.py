@@ -174,16 +174,21 @@ def test_agent_status_of_a_folder_no_agent_used_says_so_and_writes_nothing(tmp_p
     ({"EDGEFLEET_API_PORT": "81", "edgefleet_api_port": "82"}, "both set api_port"),
     ({"EDGEFLEET_BROKER_URL": "127.0.0.1:1883"}, "EDGEFLEET_BROKER_URL: Value error, broker URL must look like"),
     ({"EDGEFLEET_BROKER_URL": "http://hub:1883"}, "broker URL must look like mqtt://host:port"),
-    ({"EDGEFLEET_BROKER_URL": "mqtt://hub:99999"}, "EDGEFLEET_BROKER_URL: Value error, broker URL 'mqtt://hub:99999': Port"),
+    ({"EDGEFLEET_BROKER_URL": "mqtt://hub:99999"}, "EDGEFLEET_BROKER_URL: Value error, broker URL 'mqtt://hub:99999': the port must be a number"),
     ({"EDGEFLEET_BROKER_URL": "mqtt://dev:s3cret@:1883"}, "'mqtt://***@:1883'"),  # no host; the password not shown
+    # A '/' in a password ends the user part for urlparse; its own error would quote it.
+    ({"EDGEFLEET_BROKER_URL": "mqtt://dev:ab/cd@hub:1883"}, "'mqtt://***@hub:1883': the port must be a number"),
     ({"EDGEFLEET_REPOSITORY_URL": "hub:8080/api/v1/repository/"}, "EDGEFLEET_REPOSITORY_URL: Value error, must be an http"),
+    ({"EDGEFLEET_REPOSITORY_URL": "dev:s3cret@hub:8080/api"}, "got '***@hub:8080/api'"),
+    ({"EDGEFLEET_REPOSITORY_URL": "http://hub:port/api/"}, "the port must be a number from 0 to 65535"),
 ])
 def test_unusable_values_are_refused_by_name(tmp_path: Path, env: dict[str, str], message: str):
     """Durations must be finite and sane (an infinite wait crashes the thread that waits);
-    paths must not be empty; one field, one variable."""
+    paths must not be empty; one field, one variable; URLs never echo a password."""
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, GOOD), environ=env)
     assert message in str(e.value)
+    assert not any(secret in str(e.value) for secret in ("s3cret", "ab/cd", "'ab'", "'cd'"))
 
 
 def test_an_empty_variable_unsets_an_optional_setting(tmp_path: Path):
