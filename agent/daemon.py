@@ -944,7 +944,8 @@ def _feedback_parts(labels: list[LabelRecord]) -> list[list[LabelRecord]]:
 
 def status_from_disk(data_dir: Path) -> dict[str, Any]:
     """What ``edgefleet agent status`` shows; works whether or not the agent runs, and
-    writes nothing.
+    creates or moves none of the agent's files (SQLite may open the spool's write-ahead
+    log beside it while it reads).
 
     Raises:
         FileNotFoundError: ``data_dir`` holds none of an agent's files (a typo, or a
