@@ -354,8 +354,10 @@ def decode(cls: type[P], data: bytes, *, limit: int = MAX_JSON_PAYLOAD) -> P:
         raise PayloadError(f"{cls.__name__}: payload of {len(data)} bytes exceeds {limit}", "oversized")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PayloadError(f"{cls.__name__}: not valid JSON ({e})", "not_json") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an integer of 4,300+
+        # digits (ValueError), nesting deeper than the interpreter's stack (RecursionError)
+        raise PayloadError(f"{cls.__name__}: not valid JSON ({type(e).__name__}: {str(e)[:200]})",
+                           "not_json") from e
     if not isinstance(obj, dict):
         raise PayloadError(f"{cls.__name__}: payload must be a JSON object", "schema")
     if "v" not in obj:

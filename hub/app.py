@@ -106,7 +106,7 @@ def start_hub(settings: HubSettings) -> Hub:
     )
     ingest.start()
     engine = CampaignEngine(db, repo, ingest, health_window_s=settings.deployment_health_window_s,
-                            report_timeout_s=settings.campaign_report_timeout_s)
+                            report_timeout_s=settings.report_timeout_s)
     return Hub(settings, db, repo, ingest, broker_url, engine, captures, broker)
 
 

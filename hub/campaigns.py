@@ -19,7 +19,8 @@ this module does the IO around it:
   A wave never passes while a device started in it has no result, online or not: a
   device whose deployment reached the broker more than the engine's report timeout
   ago (``report_timeout_s``, default 30 minutes) without a result is ``timed_out``,
-  which counts as an install failure (a result arriving later is still folded in).
+  which counts as an install failure (a result arriving later, while the campaign is
+  active, is still folded in).
   A wave none of whose devices could be started (all offline) is *held*, with the
   reason in the campaign's status, until one comes online; it never passes untested.
 - **Gates** are measured from telemetry rows and drift sketches (:func:`wave_metrics`)
@@ -54,7 +55,6 @@ from typing import Any, Literal
 
 from pydantic import Field as PydanticField
 from sqlalchemy import func, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from agent.bundle import SemVer
@@ -75,7 +75,6 @@ from hub.deployments import (
 from hub.errors import (
     BrokerUnavailable,
     CampaignNotFound,
-    HubError,
     InvalidRequest,
     ModelNotFound,
 )
@@ -544,6 +543,7 @@ def run_command(
         res = dict(c.wave_results[c.wave_index])
         if not res.get("passed") and not res.get("overridden_by"):
             res["overridden_by"] = request.actor
+            res["accepted_failures"] = _failing_devices(session, c.id)
             results = list(c.wave_results)
             results[c.wave_index] = res
             c.wave_results = results
@@ -591,14 +591,29 @@ def _merge_predictions(rows: Iterable[DriftSketchRow]) -> tuple[Any, int]:
     return m.predictions.counts, int(m.predictions.counts.sum())
 
 
-def _accepted(c: Campaign) -> tuple[int, int]:
-    """(install, health) failures an operator accepted: those the gates had counted
-    when the latest overridden wave tripped (its saved metrics are cumulative)."""
-    for res in reversed(c.wave_results):
+def _failing_devices(session: Session, campaign_id: str) -> dict[str, list[str]]:
+    """The devices the count gates count now: ``install`` (failed, rejected, timed out)
+    and ``health`` (rolled back by the agent)."""
+    rows = session.exec(select(CampaignDevice.device_id, CampaignDevice.state).where(
+        CampaignDevice.campaign_id == campaign_id,
+        col(CampaignDevice.state).in_([D.FAILED, D.TIMED_OUT, D.HEALTH_FAILED]))).all()
+    return {"install": sorted(d for d, st in rows if st != D.HEALTH_FAILED),
+            "health": sorted(d for d, st in rows if st == D.HEALTH_FAILED)}
+
+
+def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, int]:
+    """(install, health): how many of the devices failing now an operator accepted
+    when resuming past a failed gate. By device, not by number: an accepted device
+    that recovers later (a timed-out one that did install) frees no room for a new
+    failure."""
+    ok_install: set[str] = set()
+    ok_health: set[str] = set()
+    for res in c.wave_results:
         if res.get("overridden_by"):
-            m = res.get("metrics") or {}
-            return int(m.get("install_failures") or 0), int(m.get("health_failures") or 0)
-    return 0, 0
+            acc = res.get("accepted_failures") or {}
+            ok_install.update(acc.get("install") or ())
+            ok_health.update(acc.get("health") or ())
+    return len(install & ok_install), len(health & ok_health)
 
 
 def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> WaveMetrics:
@@ -622,8 +637,9 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
     ).all()
     started = sum(d.started is not None for d in so_far)
     timed_out = sum(d.state == D.TIMED_OUT for d in so_far)
-    install_failures = sum(d.state == D.FAILED for d in so_far) + timed_out
-    health_failures = sum(d.state == D.HEALTH_FAILED for d in so_far)
+    failing = {d.device_id for d in so_far if d.state in (D.FAILED, D.TIMED_OUT)}
+    sick = {d.device_id for d in so_far if d.state == D.HEALTH_FAILED}
+    install_failures, health_failures = len(failing), len(sick)
     updated = [d for d in so_far if d.wave == wave and d.state in (D.UPDATED, D.REVERTING, D.REVERTED)]
     upd_ids = [d.device_id for d in updated]
 
@@ -696,7 +712,7 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
         started=started, install_failures=install_failures, health_failures=health_failures,
         error_rate=error_rate, inferences=inferences, p95_regression=p95_ratio, psi=psi_v,
         psi_rows=(rows_ctl, rows_can), p95_inferences=min(p95_new, p95_old), timed_out=timed_out,
-        accepted=_accepted(c),
+        accepted=_accepted(c, failing, sick),
     )
 
 
@@ -761,7 +777,7 @@ class CampaignEngine:
         for cid in ids:
             try:
                 self.step(cid)
-            except (SQLAlchemyError, BrokerUnavailable, HubError):
+            except Exception:  # the database, the broker, a defect: this campaign only, this tick
                 log.exception("campaign %s: step failed; retrying next tick", cid)
 
     def step(self, campaign_id: str) -> None:
@@ -910,7 +926,10 @@ class CampaignEngine:
         A device still installing is left to finish first (it is reverted on a later
         tick once it reports), so the rollback deployment is signed as a downgrade
         exactly when the device runs the newer version; one not yet sent anything is
-        cancelled.
+        cancelled. A ``timed_out`` device is sent the rollback too: whatever it runs,
+        the rollback replaces the forward deployment the broker keeps for it, which it
+        would otherwise install when it comes back (the agent reports a deployment of
+        the model it already runs as installed).
         """
         s.execute(
             update(CampaignDevice)
@@ -920,7 +939,7 @@ class CampaignEngine:
         )
         todo = s.exec(
             select(CampaignDevice).where(CampaignDevice.campaign_id == c.id,
-                                         CampaignDevice.state == D.UPDATED)
+                                         col(CampaignDevice.state).in_([D.UPDATED, D.TIMED_OUT]))
         ).all()
         groups: dict[str, list[CampaignDevice]] = defaultdict(list)
         for cd in todo:

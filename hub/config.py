@@ -91,18 +91,27 @@ class HubSettings(BaseSettings):
     deployment_health_window_s: float = Field(
         5.0, ge=0, le=86400, description="Health window sent with each deployment, seconds."
     )
-    campaign_report_timeout_s: float = Field(
-        1800.0, gt=0, le=30 * 86400,
+    campaign_report_timeout_s: float | None = Field(
+        None, gt=0, le=30 * 86400,
         description="A campaign device whose deployment reached the broker this long ago without a result "
-        "counts as timed_out, an install failure for the gates. Longer than the health window.",
+        "counts as timed_out, an install failure for the gates. Longer than the health window. "
+        "Default: 1800 s, or the health window + 600 s when that is longer.",
     )
 
     @model_validator(mode="after")
     def _timeout_after_health_window(self) -> HubSettings:
-        if self.campaign_report_timeout_s <= self.deployment_health_window_s:
-            raise ValueError(f"campaign_report_timeout_s ({self.campaign_report_timeout_s:g}) must be longer "
+        t = self.campaign_report_timeout_s
+        if t is not None and t <= self.deployment_health_window_s:
+            raise ValueError(f"campaign_report_timeout_s ({t:g}) must be longer "
                              f"than deployment_health_window_s ({self.deployment_health_window_s:g})")
         return self
+
+    @property
+    def report_timeout_s(self) -> float:
+        """``campaign_report_timeout_s``, or its default for this health window."""
+        if self.campaign_report_timeout_s is not None:
+            return self.campaign_report_timeout_s
+        return max(1800.0, self.deployment_health_window_s + 600.0)
 
     @property
     def database_url(self) -> str:

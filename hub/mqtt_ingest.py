@@ -655,6 +655,11 @@ class MqttIngest:
         except PayloadError as e:
             self.errors.record(item.kind, item.device_id, e)
             return None
+        except Exception as e:  # a parser's own failure: counted, and it costs this message only
+            log.warning("could not decode %s from %s: %s: %s", item.kind, item.device_id, type(e).__name__, e)
+            self.errors.record(item.kind, item.device_id,
+                               PayloadError(f"{item.kind}: unreadable ({type(e).__name__})", "not_json"))
+            return None
         if isinstance(payload, protocol.Hello) and payload.device_id != item.device_id:
             self.errors.record(
                 item.kind,

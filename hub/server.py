@@ -7,9 +7,11 @@ import socket
 from collections.abc import Callable
 
 import uvicorn
+from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent.connection import shown_url
 from hub.app import Hub, create_app, start_hub
 from hub.broker import BrokerStartError
 from hub.config import HubSettings
@@ -65,10 +67,17 @@ def serve(
     url = f"http://{settings.host}:{port}"
     try:
         hub = start_hub(settings)
-    except SQLAlchemyError as e:
+    except (SQLAlchemyError, AlembicError, ImportError) as e:
+        # A malformed URL (ArgumentError), one the server refuses, a schema from a newer
+        # hub (alembic's CommandError), a database driver that is not installed.
         sock.close()
-        shown = make_url(settings.database_url).render_as_string(hide_password=True)
-        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        try:
+            shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        except Exception:  # the URL is what is wrong: say so without quoting a password
+            shown = repr(shown_url(settings.database_url))
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, AlembicError):
+            first += " (its schema is from a version of the hub this one does not know: a newer one?)"
         raise HubStartError(f"cannot use the database {shown}: {first}") from e
     except BrokerStartError as e:
         sock.close()

@@ -416,6 +416,34 @@ def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
     assert "install_failures<=0 failed: 1 (2 of 4 devices so far, 1 accepted by an override)" in (st.reason or "")
 
 
+def test_an_accepted_failure_that_recovers_frees_no_room_for_a_new_one(env: Env) -> None:
+    """The override accepts devices, not a number: d0 timed out and was accepted, then
+    installed after all; d1's later failure must still trip the gate."""
+    env.engine = CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=600,
+                                clock=env.clock)
+    for i in range(4):
+        env.hello(f"d{i}")
+    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"])
+    env.tick()
+    dep0 = env.pub.sent[0][1].deployment_id
+    env.offline("d0")
+    env.tick(601)
+    assert env.status(cid).state == "paused"
+    assert env.command(cid, "resume")  # accepts d0's timeout
+    env.hello("d0")
+    env.report("d0", "installed", "tiny:2.0.0", dep0)
+    for _ in range(3):
+        env.tick()
+    sent = {d: dep.deployment_id for d, dep in env.pub.sent}
+    env.report("d1", "failed", "tiny:1.0.0", sent["d1"])
+    env.report("d2", "installed", "tiny:2.0.0", sent["d2"])
+    env.report("d3", "installed", "tiny:2.0.0", sent["d3"])
+    for _ in range(3):
+        env.tick()
+    st = env.status(cid)
+    assert st.state == "paused" and "install_failures<=0 failed: 1" in (st.reason or "")
+
+
 # --------------------------------------------------------------------------- rollback faults
 
 
@@ -493,6 +521,33 @@ def test_a_rollback_does_not_wait_for_good_on_a_device_that_never_answers(env: E
     d1 = {d.device_id: d for d in st.devices}["d1"]
     assert st.state == "rolled_back" and "1 could not be reverted" in (st.reason or "")
     assert d1.state == "revert_failed" and d1.detail.startswith("no result within 1800 s")
+
+
+def test_a_rollback_is_sent_to_timed_out_devices_too(env: Env) -> None:
+    """A device that timed out may still install the forward deployment the broker
+    keeps for it when it comes back; the rollback must replace that message."""
+    for i in range(3):
+        env.hello(f"d{i}")
+    cid = env.create(waves="100", gates=["install_failures<=0"], on_fail="rollback")
+    env.tick()
+    sent = {d: dep.deployment_id for d, dep in env.pub.sent}
+    env.report("d0", "installed", "tiny:2.0.0", sent["d0"])
+    env.report("d1", "installed", "tiny:2.0.0", sent["d1"])
+    env.offline("d2")
+    env.tick()
+    env.tick(DEFAULT_REPORT_TIMEOUT_S + 1)  # d2 times out; the gate trips; rolling back
+    env.tick()
+    assert env.status(cid).state == "rolling_back"
+    assert sorted(d for d, dep in env.pub.sent if dep.model == "tiny:1.0.0") == ["d0", "d1", "d2"]
+    for d, dep in list(env.pub.sent):
+        if dep.model == "tiny:1.0.0" and d != "d2":
+            env.report(d, "installed", "tiny:1.0.0", dep.deployment_id)
+    env.tick()
+    env.tick(DEFAULT_REPORT_TIMEOUT_S + 1)
+    env.tick()
+    st = env.status(cid)
+    assert st.state == "rolled_back" and "2 devices back" in (st.reason or "")
+    assert "1 could not be reverted" in (st.reason or "") and _states(env, cid)["d2"] == "revert_failed"
 
 
 def test_rollback_at_the_save_cap_still_finishes(env: Env) -> None:

@@ -93,10 +93,16 @@ def test_hub_serve_reports_what_kept_it_from_starting_in_one_line(tmp_path: Path
     taken: one "Error:" line each, and the process exits (before: tracebacks from inside
     the web server's start-up, exit 3)."""
     import socket
+    import sqlite3
 
     from hub.cli import hub_group
 
     runner = CliRunner()
+    newer = tmp_path / "newer"  # a database a later hub migrated past what this one knows
+    newer.mkdir()
+    with sqlite3.connect(newer / "hub.db") as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        db.execute("INSERT INTO alembic_version VALUES ('0099')")
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
@@ -109,8 +115,12 @@ def test_hub_serve_reports_what_kept_it_from_starting_in_one_line(tmp_path: Path
              "cannot start the hub: cannot start the embedded MQTT broker on 127.0.0.1:"),
             (["--mqtt-listen", "1883", "--broker", "mqtt://h:1"], "with --broker there is none"),
             (["--mqtt-listen", "host:99999"], "expected [HOST:]PORT"),
+            (["--db", "notaurl"], "cannot use the database 'notaurl': Could not parse"),
+            (["--db", "mysql+pymysql://u:pw@127.0.0.1/x"], "mysql+pymysql://u:***@127.0.0.1/x: No module named"),
+            (["--data-dir", str(newer)], "a version of the hub this one does not know"),
         ]:
-            r = runner.invoke(hub_group, ["serve", "--data-dir", str(tmp_path / "hub"), "--port", "0", *args])
+            data_dir = [] if "--data-dir" in args else ["--data-dir", str(tmp_path / "hub")]
+            r = runner.invoke(hub_group, ["serve", *data_dir, "--port", "0", *args])
             assert r.exit_code in (1, 2) and message in r.output, (args, r.output)
             assert "Traceback" not in r.output
     finally:
