@@ -79,6 +79,9 @@ __all__ = ["Agent", "run_selftest"]
 
 log = logging.getLogger(__name__)
 
+PROGRESS_REPORT_S = 30.0
+"""Least seconds between two progress reports of a download (each is a status record)."""
+
 
 def run_selftest(model: LoadedModel) -> None:
     """Run the bundle's self-test vectors through ``model``.
@@ -373,7 +376,21 @@ class Agent:
         b = self.slots.bundle("b" if active == "a" else "a")
         return b.manifest.ref if b else None
 
-    def _report(self) -> None:
+    def _download_progress(self) -> Callable[[int, int], None]:
+        """A transfer's progress callback: a status report with ``progress`` at most
+        every PROGRESS_REPORT_S, so that the hub (and a campaign's report timeout) sees
+        a long download alive."""
+        last = [time.monotonic()]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if total > 0 and now - last[0] >= PROGRESS_REPORT_S:
+                last[0] = now
+                self._report(progress=min(1.0, done / total))
+
+        return progress
+
+    def _report(self, progress: float | None = None) -> None:
         # One report at a time (the lifecycle and MQTT threads both report): the record
         # is read, numbered and queued together, so the later state has the higher seq
         # (the hub drops the lower).
@@ -393,6 +410,7 @@ class Agent:
                 target_model=rec.model,
                 error=rec.error,
                 error_kind=rec.error_kind,
+                progress=progress,
                 conditions=sorted(self._conditions),
             )
             self.spool.push(
@@ -752,7 +770,7 @@ class Agent:
                 dest = self.data_dir / "downloads" / rec.target_path
                 resumed = dest.with_name(dest.name + ".part").exists()
                 self.fetch_client.download(serve_path_for(rec.target_path), dest, target.length,
-                                           cancel=self._stop)
+                                           progress=self._download_progress(), cancel=self._stop)
                 if resumed and not refetched and rec.target_sha256 and file_sha256(dest) != rec.target_sha256:
                     # Chunks kept from before a power loss may not have reached the disk
                     # whole. Fetch it once more from scratch; a second mismatch is the
@@ -762,7 +780,7 @@ class Agent:
                     dest.unlink(missing_ok=True)
                     refetched = True
                     self.fetch_client.download(serve_path_for(rec.target_path), dest, target.length,
-                                               cancel=self._stop)
+                                               progress=self._download_progress(), cancel=self._stop)
                 return Event.OK
             except ExpiredMetadataError as e:
                 self._conditions.add("metadata_expired")

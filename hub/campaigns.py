@@ -591,6 +591,11 @@ def _merge_predictions(rows: Iterable[DriftSketchRow]) -> tuple[Any, int]:
     return m.predictions.counts, int(m.predictions.counts.sum())
 
 
+def _dep_of(cd: CampaignDevice) -> str:
+    """The deployment a campaign device waits on: its rollback while reverting."""
+    return str(cd.rollback_deployment_id if cd.state == D.REVERTING else cd.deployment_id)
+
+
 def _failing_devices(session: Session, campaign_id: str) -> dict[str, list[str]]:
     """The devices the count gates count now: ``install`` (failed, rejected, timed out)
     and ``health`` (rolled back by the agent)."""
@@ -848,15 +853,25 @@ class CampaignEngine:
         rollback (which cannot be aborted) open for good.
 
         The clock starts when the broker acknowledged the deployment (``updated`` is
-        set then, see :meth:`_publish`), so a broker outage does not time devices out.
+        set then, see :meth:`_publish`), so a broker outage does not time devices out,
+        and starts again at each report the device sends about it (a long download
+        reports its progress), so what times out is silence, not a slow link.
         """
         deadline = now - timedelta(seconds=self.report_timeout_s)
         states = [D.DEPLOYING, D.REVERTING] if c.state == CampaignState.ROLLING_BACK else [D.DEPLOYING]
-        late = s.exec(
+        quiet = s.exec(
             select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, col(CampaignDevice.state).in_(states),
                                          col(CampaignDevice.published).is_(True),
                                          col(CampaignDevice.updated) <= deadline)
         ).all()
+        if not quiet:
+            return
+        heard = {(dd.device_id, dd.deployment_id) for dd in s.exec(select(DeploymentDevice).where(
+            col(DeploymentDevice.device_id).in_([cd.device_id for cd in quiet]),
+            col(DeploymentDevice.deployment_id).in_({_dep_of(cd) for cd in quiet}),
+            col(DeploymentDevice.state).is_not(None),  # the device reported: not just the row's creation
+            col(DeploymentDevice.updated) > deadline)).all()}
+        late = [cd for cd in quiet if (cd.device_id, _dep_of(cd)) not in heard]
         if not late:
             return
         why = f"no result within {self.report_timeout_s:g} s of its deployment reaching the broker"

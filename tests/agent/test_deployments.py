@@ -194,3 +194,37 @@ def test_drift_sketches_and_telemetry_are_published(bench):
     tel = [decode(Telemetry, t) for t in got["telemetry"]]
     assert sum(t.inference_count for t in tel) >= 50
     assert any(t.latency.p50_ms is not None for t in tel)
+
+
+def test_a_download_reports_its_progress(bench, monkeypatch):
+    """A long download says it is alive (a campaign's report timeout counts from the
+    last report), at most every PROGRESS_REPORT_S; here every chunk."""
+    import paho.mqtt.client as mqtt
+
+    from agent import daemon, topics
+    from agent.protocol import StatusReport, decode
+
+    monkeypatch.setattr(daemon, "PROGRESS_REPORT_S", 0.0)
+    got: list[bytes] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sub.on_message = lambda c, u, m: got.append(m.payload)
+    sub.connect("127.0.0.1", bench.broker.port)
+    sub.subscribe(topics.device_topic("dev1", "status"), 1)
+    sub.loop_start()
+    try:
+        a = bench.agent(chunk_size=64 * 1024)
+        rng = np.random.default_rng(3)
+        tp, man, _w, _b = bench.bundle("1.0.0", seed=3, n_in=256, n_out=512,
+                                       weights=(rng.normal(size=(256, 512)).astype(np.float32), np.zeros(512, np.float32)))
+        bench.deploy("dev1", "d1", tp, man.ref)
+        assert bench.wait_for(a, "d1") == "installed"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(b'"committed"' in g for g in got):
+            time.sleep(0.05)
+    finally:
+        sub.loop_stop()
+    reports = [decode(StatusReport, g) for g in got]
+    steps = [r.progress for r in reports if r.state == "downloading" and r.progress is not None]
+    assert len(steps) >= 4 and steps == sorted(steps) and 0 < steps[0] and steps[-1] == 1.0
+    seqs = [r.seq for r in reports]
+    assert seqs == sorted(seqs)

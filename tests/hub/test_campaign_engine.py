@@ -327,6 +327,28 @@ def test_started_device_without_result_blocks_its_wave_then_times_out(env: Env) 
     assert d0.state == "updated" and d0.detail == "reported installed after its report timed out"
 
 
+def test_a_device_that_reports_progress_does_not_time_out(env: Env) -> None:
+    """The report timeout measures silence: a long download that keeps reporting its
+    progress is not a failure."""
+    env.engine = CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=600,
+                                clock=env.clock)
+    env.hello("d0")
+    cid = env.create(waves="100", soak_s=0, gates=["install_failures<=0"])
+    env.tick()
+    dep0 = env.pub.sent[0][1].deployment_id
+    for _ in range(3):  # 1,500 s in all, a progress report every 500 s
+        env.tick(500)
+        env.seq["d0"] = env.seq.get("d0", 0) + 1
+        with env.db.session() as s:
+            fleet.apply_status(s, "d0", protocol.StatusReport(
+                seq=env.seq["d0"], deployment_id=dep0, state="downloading", outcome="in_progress",
+                progress=0.3), env.clock())
+    env.tick(500)
+    assert _states(env, cid)["d0"] == "deploying" and env.status(cid).state == "running"
+    env.tick(101)  # 601 s after its last report
+    assert _states(env, cid)["d0"] == "timed_out"
+
+
 def test_timed_out_device_without_gates_does_not_hold_the_campaign(env: Env) -> None:
     for i in range(3):
         env.hello(f"d{i}")
