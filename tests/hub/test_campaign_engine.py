@@ -117,6 +117,11 @@ class Env:
         with self.db.session() as s:
             return run_command(s, cid, cmd, CommandRequest(actor="op", reason="test"), now=self.clock())
 
+    def report_timeout(self, seconds: float) -> None:
+        """Drive campaigns with an engine whose report timeout is ``seconds``."""
+        self.engine = CampaignEngine(self.db, self.repo, self.pub, health_window_s=1, report_timeout_s=seconds,
+                                     clock=self.clock)
+
     def tick(self, seconds: float = 0.0) -> None:
         self.clock.now += timedelta(seconds=seconds)
         self.engine.tick()
@@ -301,8 +306,7 @@ def test_wave_none_of_whose_devices_is_online_is_held_not_passed(env: Env) -> No
 
 
 def test_started_device_without_result_blocks_its_wave_then_times_out(env: Env) -> None:
-    env.engine = CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=600,
-                                clock=env.clock)
+    env.report_timeout(600)
     for i in range(5):
         env.hello(f"d{i}")
     cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"])
@@ -330,8 +334,7 @@ def test_started_device_without_result_blocks_its_wave_then_times_out(env: Env) 
 def test_a_device_that_reports_progress_does_not_time_out(env: Env) -> None:
     """The report timeout measures silence: a long download that keeps reporting its
     progress is not a failure."""
-    env.engine = CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=600,
-                                clock=env.clock)
+    env.report_timeout(600)
     env.hello("d0")
     cid = env.create(waves="100", soak_s=0, gates=["install_failures<=0"])
     env.tick()
@@ -441,8 +444,7 @@ def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
 def test_an_accepted_failure_that_recovers_frees_no_room_for_a_new_one(env: Env) -> None:
     """The override accepts devices, not a number: d0 timed out and was accepted, then
     installed after all; d1's later failure must still trip the gate."""
-    env.engine = CampaignEngine(env.db, env.repo, env.pub, health_window_s=1, report_timeout_s=600,
-                                clock=env.clock)
+    env.report_timeout(600)
     for i in range(4):
         env.hello(f"d{i}")
     cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"])
