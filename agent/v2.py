@@ -72,7 +72,7 @@ def _check_shape(shape: Any, where: str) -> list[int]:
     return shape
 
 
-def _json_tensor(data: Any, dt: str) -> np.ndarray:
+def _json_tensor(data: Any, dt: str, *, exact: bool = True) -> np.ndarray:
     """JSON values as an array of V2 datatype ``dt``. Integer and BOOL tensors take
     exactly what they can hold: numpy would truncate 1.9 to 1 and (before numpy 2)
     wrap 300 to 44 in INT8 without a word.
@@ -80,7 +80,8 @@ def _json_tensor(data: Any, dt: str) -> np.ndarray:
     The checks run in numpy on the array numpy infers (its dtype says whether every
     value was an integer, or a boolean; min and max say whether they fit). Only where
     numpy cannot tell (integers past int64 mixed with others come out as float64 or
-    object) are the values checked one by one in Python."""
+    object), or where ``exact`` says booleans may hide among integers (numpy reads
+    ``[1, true]`` as int64), are the values checked one by one in Python."""
     dtype = _NP_DTYPES[dt]
     if dtype.kind not in "iub":
         return np.asarray(data, dtype=dtype)
@@ -91,7 +92,7 @@ def _json_tensor(data: Any, dt: str) -> np.ndarray:
         if raw.dtype.kind != "b":
             raise ValueError("values must be true or false")
         return raw
-    if raw.dtype.kind in "iu":
+    if raw.dtype.kind in "iu" and not exact:
         info = np.iinfo(dtype)
         if raw.min() < info.min or raw.max() > info.max:
             raise ValueError(f"values out of range for {dt}")
@@ -136,8 +137,12 @@ def decode_infer_request(
         except orjson.JSONDecodeError as e:  # also bad UTF-8
             hint = _NON_FINITE_HINT if b"NaN" in body or b"Infinity" in body else ""
             raise V2Error(f"request body is not valid JSON: {e}{hint}") from e
+        # numpy reads [1, true] as integers; only a body with such a token needs the
+        # value-by-value check of integer tensors.
+        booleans = b"true" in body or b"false" in body
     else:
         req = body
+        booleans = True
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise V2Error("request must be an object with a non-empty 'inputs' list")
     if "id" in req and not isinstance(req["id"], str):
@@ -168,7 +173,7 @@ def decode_infer_request(
             if "data" not in t:
                 raise V2Error(f"{where}: missing 'data'")
             try:
-                arr = _json_tensor(t["data"], dt)
+                arr = _json_tensor(t["data"], dt, exact=booleans)
             except (ValueError, TypeError, OverflowError) as e:
                 raise V2Error(f"{where}: data does not match datatype {dt}: {e}") from e
             if arr.size != math.prod(shape):

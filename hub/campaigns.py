@@ -550,10 +550,12 @@ def run_command(
     audit.record(session, actor=request.actor, action=f"rollout.{command}", campaign_id=c.id,
                  target=c.model, reason=request.reason, ts=now, detail={"state": state.value})
     if state in TERMINAL:
-        # Rolling back a finished campaign: take its updated devices back, unless
-        # another campaign owns them by now (those are reported, not touched).
+        # Rolling back a finished campaign: take back every device the rollback will
+        # send something to (updated, timed out, or sent and never answered), unless
+        # another campaign owns it by now (those are reported, not touched).
         for cd in session.exec(select(CampaignDevice).where(
-            CampaignDevice.campaign_id == c.id, CampaignDevice.state == D.UPDATED
+            CampaignDevice.campaign_id == c.id,
+            col(CampaignDevice.state).in_([D.UPDATED, D.TIMED_OUT, D.DEPLOYING])
         )).all():
             if not _claim(session, cd.device_id, c.id):
                 cd.state, cd.updated = D.REVERT_FAILED.value, now
@@ -613,12 +615,18 @@ def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, in
     failure."""
     ok_install: set[str] = set()
     ok_health: set[str] = set()
+    counted = (0, 0)  # overrides saved before devices were recorded: by number, as then
     for res in c.wave_results:
         if res.get("overridden_by"):
-            acc = res.get("accepted_failures") or {}
+            acc = res.get("accepted_failures")
+            if acc is None:
+                m = res.get("metrics") or {}
+                counted = (int(m.get("install_failures") or 0), int(m.get("health_failures") or 0))
+                continue
             ok_install.update(acc.get("install") or ())
             ok_health.update(acc.get("health") or ())
-    return len(install & ok_install), len(health & ok_health)
+    return (min(len(install), max(len(install & ok_install), counted[0])),
+            min(len(health), max(len(health & ok_health), counted[1])))
 
 
 def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> WaveMetrics:
@@ -1177,9 +1185,13 @@ class CampaignEngine:
                     break
                 # A row the broker did not acknowledge reads failed with no lifecycle state.
                 unacked = [d.device_id for d in dep.devices if d.outcome == "failed" and d.state is None]
+                # Only the devices this publish sent: one already sent (a retry of others in
+                # its group) keeps the time its own report timeout started from.
                 q = update(CampaignDevice).where(col(CampaignDevice.campaign_id) == c.id,
                                                  col(CampaignDevice.rollback_deployment_id) == rb,
-                                                 col(CampaignDevice.state) == D.REVERTING)
+                                                 col(CampaignDevice.state) == D.REVERTING,
+                                                 col(CampaignDevice.device_id).in_(ids),
+                                                 col(CampaignDevice.published).is_(False))
                 if unacked:
                     q = q.where(col(CampaignDevice.device_id).not_in(unacked))
                     log.warning("campaign %s: rollback publish to %d devices failed (first: %s); will retry",

@@ -283,7 +283,11 @@ def create_deployment(
     if not publisher.connected:
         raise BrokerUnavailable("the hub is not connected to the MQTT broker")
 
-    for target in sorted({choices[d].bundle.target_path for d in downgrading}):  # type: ignore[union-attr]
+    # With allow_downgrade every chosen target is signed as a permitted rollback, not only
+    # those the hub knows to be older than what a device runs: a device that installed
+    # something newer without reporting it (one a campaign timed out) must still take it.
+    signed = [d for d in device_ids if choices[d].bundle is not None] if request.allow_downgrade else []
+    for target in sorted({choices[d].bundle.target_path for d in signed}):  # type: ignore[union-attr]
         repository.set_allow_downgrade(target, True)
 
     dep = Deployment(

@@ -62,6 +62,12 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        _ = make_url(settings.database_url).port  # parses the whole URL, the port included
+    except Exception as e:  # its text may quote the password (a ':' or '@' in it): not shown
+        raise HubStartError(f"cannot use the database {shown_url(settings.database_url)!r}: not a database "
+                            "URL (dialect+driver://user:password@host:port/name; percent-encode '@', ':' "
+                            "and '/' in a password)") from e
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     url = f"http://{settings.host}:{port}"

@@ -146,6 +146,8 @@ def test_integers_out_of_range_for_their_datatype_are_refused(dtype: str, value:
     ("INT32", [1.9, -2.7], "values must be integers"),  # numpy would truncate them to 1, -2
     ("INT64", [1, 2.0], "values must be integers"),
     ("UINT8", [True, False], "values must be integers"),
+    ("INT32", [1, True], "values must be integers"),  # numpy reads it as [1, 1] of int64
+    ("INT64", [[7], [False]], "values must be integers"),
     ("BOOL", [0, 1], "values must be true or false"),
     ("INT8", [[1, 2], [3, 300]], "out of"),  # numpy 2: "out of bounds"; before: the check here
 ])

@@ -574,6 +574,106 @@ def test_a_rollback_is_sent_to_timed_out_devices_too(env: Env) -> None:
     assert "1 could not be reverted" in (st.reason or "") and _states(env, cid)["d2"] == "revert_failed"
 
 
+def test_a_timed_out_device_s_rollback_is_signed_as_a_downgrade(env: Env) -> None:
+    """The hub believes a silent device still runs the old version; if it installed the
+    new one meanwhile, only a target signed as a permitted rollback brings it back."""
+    from agent.trust import check_upgrade
+
+    env.report_timeout(600)
+    for i in range(3):
+        env.hello(f"d{i}")
+    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"], on_fail="rollback")
+    env.tick()
+    env.offline("d0")
+    env.tick(601)
+    env.tick()
+    env.tick()
+    assert env.status(cid).state == "rolling_back"
+    (rb,) = [dep for d, dep in env.pub.sent if d == "d0" and dep.model == "tiny:1.0.0"]
+    custom = env.repo.target_custom(rb.target_path)
+    assert custom is not None and custom.allow_downgrade
+    check_upgrade(custom, "tiny", "2.0.0")  # what the agent checks: accepted
+
+
+def test_a_retried_rollback_publish_keeps_the_others_timeout(env: Env) -> None:
+    """d1's rollback is published a tick after d0's; d0's silence is counted from its own."""
+    env.report_timeout(600)
+    for i in range(2):
+        env.hello(f"d{i}")
+    cid = env.create(waves="100", soak_s=0)
+    env.tick()
+    env.answer_all()
+    env.tick()
+    assert env.command(cid, "rollback")
+    real = env.pub.publish_many
+
+    def no_ack_for_d1(messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
+                      ) -> list[BrokerUnavailable | None]:
+        out = real([m for m in messages if "/d1/" not in m[0]], qos=qos, retain=retain)
+        return [BrokerUnavailable("no ack within 10s") if "/d1/" in m[0] else out.pop(0) for m in messages]
+
+    env.pub.publish_many = no_ack_for_d1  # type: ignore[method-assign]
+    env.tick()  # d0's rollback reaches the broker; d1's does not
+    env.pub.publish_many = real  # type: ignore[method-assign]
+    env.tick(500)  # d1's now
+    env.tick(101)  # d0 silent 601 s
+    assert _states(env, cid)["d0"] == "revert_failed" and _states(env, cid)["d1"] == "reverting"
+
+
+def test_an_override_saved_before_devices_were_recorded_is_kept(env: Env) -> None:
+    """A campaign overridden by the previous hub version (no accepted_failures in its
+    wave results) must not trip again on the failure the operator accepted."""
+    for i in range(6):
+        env.hello(f"d{i}")
+    cid = env.create(waves="2n,4n,100", soak_s=0, gates=["install_failures<=0"])
+    env.tick()
+    (d0, dep0), (d1, dep1) = [(d, dep.deployment_id) for d, dep in env.pub.sent]
+    env.report(d0, "failed", "tiny:1.0.0", dep0)
+    env.tick()
+    assert env.command(cid, "resume")
+    with env.db.session() as s:
+        c = s.get(Campaign, cid)
+        assert c is not None
+        res = [dict(r) for r in c.wave_results]
+        del res[0]["accepted_failures"]
+        c.wave_results = res
+        s.add(c)
+        s.commit()
+    env.report(d1, "installed", "tiny:2.0.0", dep1)
+    for _ in range(4):
+        env.tick()
+    st = env.status(cid)
+    assert st.state == "running" and st.wave_index >= 1, st.reason
+
+
+def test_rolling_back_a_finished_campaign_leaves_devices_another_one_owns(env: Env) -> None:
+    env.report_timeout(600)
+    env.hello("d0")
+    env.hello("d1")
+    a = env.create(waves="100", soak_s=0)
+    env.tick()
+    sent = {d: dep.deployment_id for d, dep in env.pub.sent}
+    env.report("d0", "installed", "tiny:2.0.0", sent["d0"])
+    env.offline("d1")
+    env.tick(601)  # d1 times out
+    for _ in range(3):
+        env.tick()
+    assert env.status(a).state == "completed"
+    env.hello("d1")
+    b = env.create(select="id=d1", soak_s=0)  # d1 now belongs to campaign b
+    env.tick()
+    n = len(env.pub.sent)
+    assert env.command(a, "rollback")
+    env.tick()
+    env.tick()
+    assert [d for d, _ in env.pub.sent[n:]] == ["d0"]
+    d1 = {d.device_id: d for d in env.status(a).devices}["d1"]
+    assert d1.state == "revert_failed" and "another active campaign" in (d1.detail or "")
+    with env.db.session() as s:
+        dev = s.get(Device, "d1")
+        assert dev is not None and dev.campaign_id == b
+
+
 def test_rollback_at_the_save_cap_still_finishes(env: Env) -> None:
     env.hello("d0")
     cid = env.create(waves="100")

@@ -115,14 +115,16 @@ def test_hub_serve_reports_what_kept_it_from_starting_in_one_line(tmp_path: Path
              "cannot start the hub: cannot start the embedded MQTT broker on 127.0.0.1:"),
             (["--mqtt-listen", "1883", "--broker", "mqtt://h:1"], "with --broker there is none"),
             (["--mqtt-listen", "host:99999"], "expected [HOST:]PORT"),
-            (["--db", "notaurl"], "cannot use the database 'notaurl': Could not parse"),
+            (["--db", "notaurl"], "cannot use the database 'notaurl': not a database URL"),
+            (["--db", "postgresql+psycopg://u:pa@ss:w0rdX@127.0.0.1:5432/x"],  # the password never shown
+             "cannot use the database 'postgresql+psycopg://***@127.0.0.1:5432/x': not a database URL"),
             (["--db", "mysql+pymysql://u:pw@127.0.0.1/x"], "mysql+pymysql://u:***@127.0.0.1/x: No module named"),
             (["--data-dir", str(newer)], "a version of the hub this one does not know"),
         ]:
             data_dir = [] if "--data-dir" in args else ["--data-dir", str(tmp_path / "hub")]
             r = runner.invoke(hub_group, ["serve", *data_dir, "--port", "0", *args])
             assert r.exit_code in (1, 2) and message in r.output, (args, r.output)
-            assert "Traceback" not in r.output
+            assert "Traceback" not in r.output and "w0rdX" not in r.output
     finally:
         taken.close()
 
