@@ -92,7 +92,7 @@ class HubSettings(BaseSettings):
         5.0, ge=0, le=86400, description="Health window sent with each deployment, seconds."
     )
     campaign_report_timeout_s: float | None = Field(
-        None, gt=0, le=30 * 86400,
+        None, ge=60, le=30 * 86400,  # at least two of an agent's 30 s progress reports
         description="A campaign device whose deployment reached the broker this long ago without a result "
         "counts as timed_out, an install failure for the gates. Longer than the health window. "
         "Default: 1800 s, or the health window + 600 s when that is longer.",
