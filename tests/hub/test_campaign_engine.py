@@ -417,7 +417,9 @@ def test_failure_reported_after_its_wave_passed_is_gated(
     assert env.status(cid).state == final
 
 
-def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
+def _canary_fails_and_is_overridden(env: Env) -> tuple[str, str, str]:
+    """Six devices, waves of 2, 4, all; d0 of the canary fails, the gate trips, the
+    operator resumes (accepting d0). Returns (campaign, d1, d1's deployment)."""
     for i in range(6):
         env.hello(f"d{i}")
     cid = env.create(waves="2n,4n,100", soak_s=0, gates=["install_failures<=0"])
@@ -426,7 +428,12 @@ def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
     env.report(d0, "failed", "tiny:1.0.0", dep0)
     env.tick()
     assert env.status(cid).state == "paused"
-    assert env.command(cid, "resume")  # accepts d0's failure
+    assert env.command(cid, "resume")
+    return cid, d1, dep1
+
+
+def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
+    cid, d1, dep1 = _canary_fails_and_is_overridden(env)
     env.report(d1, "installed", "tiny:2.0.0", dep1)
     for _ in range(3):
         env.tick()
@@ -471,25 +478,38 @@ def test_an_accepted_failure_that_recovers_frees_no_room_for_a_new_one(env: Env)
 # --------------------------------------------------------------------------- rollback faults
 
 
-def test_rollback_publish_not_acknowledged_is_retried(env: Env) -> None:
-    for i in range(3):
+def _all_updated_then_rolled_back(env: Env, n: int) -> str:
+    """``n`` devices updated in one wave, then the rollback command; the campaign id."""
+    for i in range(n):
         env.hello(f"d{i}")
-    cid = env.create(waves="100")
+    cid = env.create(waves="100", soak_s=0)
     env.tick()
     env.answer_all()
     env.tick()
     assert env.command(cid, "rollback")
+    return cid
+
+
+def _tick_without_acks_for(env: Env, device_id: str) -> None:
+    """One tick during which the broker acknowledges no message to ``device_id``."""
     real = env.pub.publish_many
+    mark = f"/{device_id}/"
 
-    def no_ack_for_d1(
-        messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
-    ) -> list[BrokerUnavailable | None]:
-        out = real([m for m in messages if "/d1/" not in m[0]], qos=qos, retain=retain)
-        return [BrokerUnavailable("no ack within 10s") if "/d1/" in m[0] else out.pop(0) for m in messages]
+    def publish_many(messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
+                     ) -> list[BrokerUnavailable | None]:
+        out = real([m for m in messages if mark not in m[0]], qos=qos, retain=retain)
+        return [BrokerUnavailable("no ack within 10s") if mark in m[0] else out.pop(0) for m in messages]
 
-    env.pub.publish_many = no_ack_for_d1  # type: ignore[method-assign]
-    env.tick()
-    env.pub.publish_many = real  # type: ignore[method-assign]
+    env.pub.publish_many = publish_many  # type: ignore[method-assign]
+    try:
+        env.tick()
+    finally:
+        env.pub.publish_many = real  # type: ignore[method-assign]
+
+
+def test_rollback_publish_not_acknowledged_is_retried(env: Env) -> None:
+    cid = _all_updated_then_rolled_back(env, 3)
+    _tick_without_acks_for(env, "d1")
     with env.db.session() as s:
         published = {cd.device_id: cd.published for cd in s.exec(select(CampaignDevice)).all()}
     assert published == {"d0": True, "d1": False, "d2": True}
@@ -524,13 +544,7 @@ def test_rollback_to_a_version_the_hub_lacks_fails_those_devices_only(env: Env) 
 def test_a_rollback_does_not_wait_for_good_on_a_device_that_never_answers(env: Env) -> None:
     """A rollback cannot be aborted; a device that went away after it was sent its
     rollback must not keep the campaign in rolling_back for ever."""
-    for i in range(3):
-        env.hello(f"d{i}")
-    cid = env.create(waves="100")
-    env.tick()
-    env.answer_all()
-    env.tick()
-    assert env.command(cid, "rollback")
+    cid = _all_updated_then_rolled_back(env, 3)
     env.tick()
     env.offline("d1")
     for device_id, dep in list(env.pub.sent):
@@ -598,23 +612,8 @@ def test_a_timed_out_device_s_rollback_is_signed_as_a_downgrade(env: Env) -> Non
 def test_a_retried_rollback_publish_keeps_the_others_timeout(env: Env) -> None:
     """d1's rollback is published a tick after d0's; d0's silence is counted from its own."""
     env.report_timeout(600)
-    for i in range(2):
-        env.hello(f"d{i}")
-    cid = env.create(waves="100", soak_s=0)
-    env.tick()
-    env.answer_all()
-    env.tick()
-    assert env.command(cid, "rollback")
-    real = env.pub.publish_many
-
-    def no_ack_for_d1(messages: Sequence[tuple[str, bytes]], *, qos: int, retain: bool
-                      ) -> list[BrokerUnavailable | None]:
-        out = real([m for m in messages if "/d1/" not in m[0]], qos=qos, retain=retain)
-        return [BrokerUnavailable("no ack within 10s") if "/d1/" in m[0] else out.pop(0) for m in messages]
-
-    env.pub.publish_many = no_ack_for_d1  # type: ignore[method-assign]
-    env.tick()  # d0's rollback reaches the broker; d1's does not
-    env.pub.publish_many = real  # type: ignore[method-assign]
+    cid = _all_updated_then_rolled_back(env, 2)
+    _tick_without_acks_for(env, "d1")  # d0's rollback reaches the broker; d1's does not
     env.tick(500)  # d1's now
     env.tick(101)  # d0 silent 601 s
     assert _states(env, cid)["d0"] == "revert_failed" and _states(env, cid)["d1"] == "reverting"
@@ -623,14 +622,7 @@ def test_a_retried_rollback_publish_keeps_the_others_timeout(env: Env) -> None:
 def test_an_override_saved_before_devices_were_recorded_is_kept(env: Env) -> None:
     """A campaign overridden by the previous hub version (no accepted_failures in its
     wave results) must not trip again on the failure the operator accepted."""
-    for i in range(6):
-        env.hello(f"d{i}")
-    cid = env.create(waves="2n,4n,100", soak_s=0, gates=["install_failures<=0"])
-    env.tick()
-    (d0, dep0), (d1, dep1) = [(d, dep.deployment_id) for d, dep in env.pub.sent]
-    env.report(d0, "failed", "tiny:1.0.0", dep0)
-    env.tick()
-    assert env.command(cid, "resume")
+    cid, d1, dep1 = _canary_fails_and_is_overridden(env)
     with env.db.session() as s:
         c = s.get(Campaign, cid)
         assert c is not None
