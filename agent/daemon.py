@@ -413,8 +413,14 @@ class Agent:
                 progress=progress,
                 conditions=sorted(self._conditions),
             )
+            # A progress report is the most expendable record (first dropped from a full
+            # spool, sent after lifecycle reports) and is not retained: delivered late, it
+            # must not become the status a broker keeps for the device (the hub drops it
+            # by its seq).
+            progressing = progress is not None
             self.spool.push(
-                Priority.STATUS, topics.device_topic(self.settings.device_id, "status"), encode(report), retain=True
+                Priority.METRICS if progressing else Priority.STATUS,
+                topics.device_topic(self.settings.device_id, "status"), encode(report), retain=not progressing,
             )
 
     def _next_seq(self, name: str) -> int:

@@ -228,3 +228,19 @@ def test_a_download_reports_its_progress(bench, monkeypatch):
     assert len(steps) >= 4 and steps == sorted(steps) and 0 < steps[0] and steps[-1] == 1.0
     seqs = [r.seq for r in reports]
     assert seqs == sorted(seqs)
+    # Progress reports are not retained: what the broker keeps for the device is its
+    # last lifecycle report, whatever order the spool delivered them in.
+    retained: list[bytes] = []
+    late = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    late.on_message = lambda c, u, m: retained.append(m.payload) if m.retain else None
+    late.connect("127.0.0.1", bench.broker.port)
+    late.subscribe(topics.device_topic("dev1", "status"), 1)
+    late.loop_start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not retained:
+            time.sleep(0.05)
+    finally:
+        late.loop_stop()
+    final = decode(StatusReport, retained[-1])
+    assert final.state == "committed" and final.progress is None
