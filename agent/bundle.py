@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import BundleError, ManifestError
+from agent.errors import BundleError, ManifestError, first_error
 
 __all__ = [
     "BUNDLE_SCHEMA_VERSION",
@@ -363,7 +363,7 @@ def write_bundle(
     try:
         man = Manifest.model_validate(fields)
     except ValidationError as e:
-        raise ManifestError(f"manifest: {_first_error(e)}") from e
+        raise ManifestError(f"manifest: {first_error(e)}") from e
     missing = {i.name for i in man.inputs} - set(selftest_inputs)
     if missing:
         raise ManifestError(f"self-test vectors lack inputs {sorted(missing)}")
@@ -399,24 +399,18 @@ def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-    return f"{loc}: {err['msg']}"
-
-
 def _parse_manifest(data: bytes, where: str) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as e:
-        raise ManifestError(f"{where}: manifest.json: {_first_error(e)}") from e
+        raise ManifestError(f"{where}: manifest.json: {first_error(e)}") from e
 
 
 def _parse_reference(data: bytes) -> Reference:
     try:
         return Reference.model_validate_json(data)
     except ValidationError as e:
-        raise BundleError(f"reference.json: {_first_error(e)}") from e
+        raise BundleError(f"reference.json: {first_error(e)}") from e
 
 
 def _load_selftest(data: bytes, manifest: Manifest) -> SelfTest:

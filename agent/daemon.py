@@ -37,6 +37,7 @@ from agent.errors import (
     RuntimeLoadError,
     TransportError,
     TrustError,
+    first_error,
 )
 from agent.health import ProbeFailed, run_probe
 from agent.hooks import HookFailed, Hooks
@@ -229,9 +230,7 @@ class Agent:
                 label=label, prediction=prediction, score=score,
             )
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"feedback: {where + ': ' if where else ''}{err['msg']}") from e
+            raise ValueError(f"feedback: {first_error(e)}") from e
         with self._labels_lock:
             if len(self._labels) >= self.settings.feedback_max_pending:
                 self.feedback_dropped += 1

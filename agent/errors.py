@@ -7,7 +7,10 @@ may succeed). Everything edgefleet raises on purpose derives from :class:`Edgefl
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "first_error",
     "EdgefleetError",
     "DataError",
     "BundleError",
@@ -87,3 +90,11 @@ class TransferError(TransportError):
 
 class DiskSpaceError(TransportError):
     """Not enough free disk space to receive or install an artifact."""
+
+
+def first_error(e: Any) -> str:
+    """``"where: what"`` for the first error of a pydantic ``ValidationError``
+    (``where`` is the field path, ``(root)`` for a check across fields)."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"{loc}: {err['msg']}"

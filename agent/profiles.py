@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import ProfileError
+from agent.errors import ProfileError, first_error
 
 __all__ = [
     "Profile",
@@ -127,9 +127,7 @@ def load_profile_file(path: Path) -> Profile:
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise ProfileError(f"{path}: {loc}: {err['msg']}") from e
+        raise ProfileError(f"{path}: {first_error(e)}") from e
     if path.stem != profile.name:
         raise ProfileError(f"{path}: name {profile.name!r} does not match the file name")
     return profile

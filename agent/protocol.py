@@ -30,7 +30,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.errors import PayloadError
+from agent.errors import PayloadError, first_error
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -370,9 +370,7 @@ def decode(cls: type[P], data: bytes, *, limit: int = MAX_JSON_PAYLOAD) -> P:
     try:
         return cls.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise PayloadError(f"{cls.__name__}: {loc}: {err['msg']}", "schema") from e
+        raise PayloadError(f"{cls.__name__}: {first_error(e)}", "schema") from e
 
 
 def _pack(magic: bytes, header: BaseModel, data: bytes) -> bytes:

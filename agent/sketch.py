@@ -82,7 +82,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from agent.bundle import Reference
-from agent.errors import PayloadError
+from agent.errors import PayloadError, first_error
 from agent.features import summary_features
 
 log = logging.getLogger(__name__)
@@ -390,10 +390,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def _payload_error(e: ValidationError) -> PayloadError:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
     kinds = {"bad_sketch": "sketch", "sketch_shape": "shape"}
-    return PayloadError(f"DriftSketch: {loc}: {err['msg']}", kinds.get(err["type"], "schema"))
+    return PayloadError(f"DriftSketch: {first_error(e)}", kinds.get(e.errors()[0]["type"], "schema"))
 
 
 # --------------------------------------------------------------------------- accumulator

@@ -45,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from agent.bundle import Reference, SemVer, unpack
-from agent.errors import BundleError, PayloadError
+from agent.errors import BundleError, PayloadError, first_error
 from agent.protocol import Feedback as AgentFeedback
 from agent.protocol import check_label, check_model_ref, check_score
 from agent.sketch import LATENCY_EDGES_MS, DriftSketch
@@ -643,9 +643,7 @@ def parse_feedback(data: bytes, *, max_bytes: int, max_items: int) -> FeedbackBa
     try:
         return FeedbackBatch.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise InvalidFeedback(f"feedback: {loc}: {err['msg']}", "schema") from e
+        raise InvalidFeedback(f"feedback: {first_error(e)}", "schema") from e
 
 
 class FeedbackRejects:
@@ -738,9 +736,7 @@ def device_feedback(device_id: str, msg: AgentFeedback, clock_offset: float = 0.
     try:
         return FeedbackBatch.model_validate({"items": items})
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise InvalidFeedback(f"feedback from {device_id}: {loc}: {err['msg']}", "schema") from e
+        raise InvalidFeedback(f"feedback from {device_id}: {first_error(e)}", "schema") from e
 
 
 # --------------------------------------------------------------------------- performance
