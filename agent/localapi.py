@@ -324,7 +324,10 @@ class _Bounded(socketserver.ThreadingMixIn):
     open cannot take the device's memory one thread at a time."""
 
     daemon_threads = True
-    _busy: threading.BoundedSemaphore
+
+    def __init__(self, address: Any, handler: Any, max_connections: int) -> None:
+        self._busy = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)  # type: ignore[call-arg]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._busy.acquire(blocking=False):
@@ -368,15 +371,13 @@ class LocalApi:
         self._servers: list[socketserver.BaseServer] = []
         self.port = 0
         if port:
-            httpd = _TcpServer(("127.0.0.1", port), handler)
-            httpd._busy = threading.BoundedSemaphore(max_connections)
+            httpd = _TcpServer(("127.0.0.1", port), handler, max_connections)
             self.port = httpd.server_address[1]
             self._servers.append(httpd)
         self.socket_path = socket_path
         if socket_path is not None:
             socket_path.unlink(missing_ok=True)
-            unix = _UnixServer(str(socket_path), handler)
-            unix._busy = threading.BoundedSemaphore(max_connections)
+            unix = _UnixServer(str(socket_path), handler, max_connections)
             os.chmod(socket_path, 0o660)
             self._servers.append(unix)
 
