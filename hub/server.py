@@ -63,7 +63,8 @@ def serve(
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        _ = make_url(settings.database_url).port  # parses the whole URL, the port included
+        db_url = make_url(settings.database_url)
+        _ = db_url.port  # parsed only when asked
     except Exception as e:  # its text may quote the password (a ':' or '@' in it): not shown
         raise HubStartError(f"cannot use the database {shown_url(settings.database_url)!r}: not a database "
                             "URL (dialect+driver://user:password@host:port/name; percent-encode '@', ':' "
@@ -74,16 +75,13 @@ def serve(
     try:
         hub = start_hub(settings)
     except (SQLAlchemyError, AlembicError, ImportError) as e:
-        # A malformed URL (ArgumentError), one the server refuses, a schema from a newer
-        # hub (alembic's CommandError), a database driver that is not installed.
+        # A URL of no known dialect (ArgumentError), a server that refuses us, a schema
+        # from a newer hub (alembic's CommandError), a database driver not installed.
         sock.close()
-        try:
-            shown = make_url(settings.database_url).render_as_string(hide_password=True)
-        except Exception:  # the URL is what is wrong: say so without quoting a password
-            shown = repr(shown_url(settings.database_url))
         first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, AlembicError):
             first += " (its schema is from a version of the hub this one does not know: a newer one?)"
+        shown = db_url.render_as_string(hide_password=True)
         raise HubStartError(f"cannot use the database {shown}: {first}") from e
     except BrokerStartError as e:
         sock.close()
