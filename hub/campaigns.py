@@ -629,7 +629,7 @@ def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, in
             min(len(health), max(len(health & ok_health), counted[1])))
 
 
-def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> WaveMetrics:
+def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime, *, quality: bool = True) -> WaveMetrics:
     """Measure wave ``wave`` of ``c`` since the wave started.
 
     - started, failures: cumulative over this wave and every earlier one (device
@@ -643,6 +643,8 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
       (target model) against a control cohort of campaign devices still waiting on
       their old model, over the same span; in the last wave, where no such cohort is
       left, against the same devices' own sketches from before their update.
+
+    ``quality=False`` measures the device counts only (no data for the quality metrics).
     """
     since = c.wave_started or c.created
     so_far = session.exec(
@@ -654,7 +656,7 @@ def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime) -> Wav
     sick = {d.device_id for d in so_far if d.state == D.HEALTH_FAILED}
     install_failures, health_failures = len(failing), len(sick)
     updated = [d for d in so_far if d.wave == wave and d.state in (D.UPDATED, D.REVERTING, D.REVERTED)]
-    upd_ids = [d.device_id for d in updated]
+    upd_ids = [d.device_id for d in updated] if quality else []  # quality=False: the counts only
 
     error_rate: float | None = None
     inferences = p95_new = p95_old = 0
@@ -1075,11 +1077,14 @@ class CampaignEngine:
     def _check_counts(
         self, s: Session, c: Campaign, count_gates: Sequence[Gate], gates: Sequence[Gate], now: datetime
     ) -> tuple[Event | None, str | None, dict[str, Any]]:
-        """The trip of a failed count gate (cumulative failures so far), or no event."""
+        """The trip of a failed count gate (cumulative failures so far), or no event.
+
+        Runs every tick while a wave runs or the campaign completes: the counts alone
+        are measured, and the telemetry and drift queries only when a gate trips."""
+        if all(v.passed for v in evaluate_gates(count_gates, wave_metrics(s, c, c.wave_index, now, quality=False))):
+            return None, None, {}
         m = wave_metrics(s, c, c.wave_index, now)
         failed = [v for v in evaluate_gates(count_gates, m) if not v.passed]
-        if not failed:
-            return None, None, {}
         return self._trip(c, m, failed, evaluate_gates(gates, m))
 
     def _save_result(self, c: Campaign, m: WaveMetrics, verdicts: Sequence[Any]) -> None:
