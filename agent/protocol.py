@@ -26,7 +26,7 @@ import json
 import struct
 import time
 from collections import Counter
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -70,6 +70,7 @@ _CAPTURE_MAGIC: Final = b"EFS1"
 MAX_FEEDBACK_ITEMS: Final = 1000
 MAX_COUNT: Final = 2**63 - 1  # counters and sequence numbers fit a signed 64-bit column
 MAX_EPOCH: Final = 2**53 - 1  # exact in JSON numbers everywhere, JavaScript included
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 MAX_CAPTURE_BYTES: Final = 1024 * 1024
 _MAX_FRAME_HEADER: Final = 4096
 
@@ -112,7 +113,7 @@ class Hello(Payload):
 class StatusReport(Payload):
     """Where a device's update lifecycle stands. ``seq`` increases per device."""
 
-    seq: int = Field(ge=0, le=MAX_COUNT)
+    seq: Count
     seq_epoch: int | None = Field(
         None, ge=0, le=MAX_EPOCH, description="Identifies the device's counter: a new one starts when its spool is recreated."
     )
@@ -146,28 +147,28 @@ class CandidateStats(BaseModel):
     model: str = Field(description="Candidate name:version.")
     mode: Literal["shadow", "split"]
     ratio: float = Field(ge=0, le=1)
-    requests: int = Field(0, ge=0, le=MAX_COUNT, description="Requests the candidate ran.")
-    errors: int = Field(0, ge=0, le=MAX_COUNT)
-    compared: int = Field(0, ge=0, le=MAX_COUNT, description="shadow: rows compared with the active model.")
-    agreed: int = Field(0, ge=0, le=MAX_COUNT, description="shadow: rows whose top class matched.")
+    requests: Count = Field(0, description="Requests the candidate ran.")
+    errors: Count = 0
+    compared: Count = Field(0, description="shadow: rows compared with the active model.")
+    agreed: Count = Field(0, description="shadow: rows whose top class matched.")
     max_abs_diff: float | None = Field(None, ge=0, description="shadow: largest output difference.")
-    skipped: int = Field(0, ge=0, le=MAX_COUNT, description="shadow: samples dropped because the queue was full.")
+    skipped: Count = Field(0, description="shadow: samples dropped because the queue was full.")
     latency: LatencyStats = Field(default_factory=LatencyStats)
 
 
 class Telemetry(Payload):
     """One telemetry window of one device (batched: one message per interval)."""
 
-    seq: int = Field(ge=0, le=MAX_COUNT)
+    seq: Count
     window_start: float
     window_end: float
     model: str | None = None
-    inference_count: int = Field(ge=0, le=MAX_COUNT)
-    error_count: int = Field(ge=0, le=MAX_COUNT)
+    inference_count: Count
+    error_count: Count
     latency: LatencyStats = Field(default_factory=LatencyStats)
     cpu_percent: float | None = Field(None, ge=0)
-    rss_bytes: int | None = Field(None, ge=0, le=MAX_COUNT)
-    dropped_records: int = Field(0, ge=0, le=MAX_COUNT, description="Spool records dropped so far.")
+    rss_bytes: Count | None = None
+    dropped_records: Count = Field(0, description="Spool records dropped so far.")
     payload_errors: dict[str, int] = Field(
         default_factory=dict, description="Malformed inbound payloads by kind."
     )
@@ -175,12 +176,12 @@ class Telemetry(Payload):
     capture: dict[str, int] | None = Field(
         None, description="Sample capture counters (captured, evicted, oversized, uploaded, stored), if on."
     )
-    feedback_dropped: int = Field(0, ge=0, le=MAX_COUNT, description="Labels dropped because too many were pending.")
-    observe_skipped: int = Field(
-        0, ge=0, le=MAX_COUNT, description="Requests served but not sketched, because sketching fell behind (so far)."
+    feedback_dropped: Count = Field(0, description="Labels dropped because too many were pending.")
+    observe_skipped: Count = Field(
+        0, description="Requests served but not sketched, because sketching fell behind (so far)."
     )
-    observe_unsampled: int = Field(
-        0, ge=0, le=MAX_COUNT, description="Requests served but left out of the sketch by its rate limit, "
+    observe_unsampled: Count = Field(
+        0, description="Requests served but left out of the sketch by its rate limit, "
         "drift_max_rows_per_s (so far)."
     )
 
@@ -218,7 +219,7 @@ class RepoRequest(Payload):
 
     rid: str = Field(min_length=1, max_length=64)
     path: str = Field(min_length=1, max_length=512)
-    offset: int = Field(0, ge=0, le=MAX_COUNT)
+    offset: Count = 0
     length: int = Field(gt=0, le=MAX_CHUNK_DATA)
 
 
@@ -228,8 +229,8 @@ class ChunkHeader(BaseModel):
     rid: str = Field(max_length=64)
     path: str = Field(max_length=512)
     status: Literal["ok", "not_found", "error"] = "ok"
-    offset: int = Field(0, ge=0, le=MAX_COUNT)
-    total: int = Field(0, ge=0, le=MAX_COUNT, description="Size of the whole file.")
+    offset: Count = 0
+    total: Count = Field(0, description="Size of the whole file.")
     sha256: str = Field("", description="sha256 of this frame's data.")
     error: str | None = None
 
@@ -321,7 +322,7 @@ class Feedback(Payload):
     Labels and predictions are not raw inputs; they leave the device like telemetry.
     """
 
-    seq: int = Field(ge=0, le=MAX_COUNT)
+    seq: Count
     items: list[LabelRecord] = Field(min_length=1, max_length=MAX_FEEDBACK_ITEMS)
 
 
