@@ -62,6 +62,8 @@ _MAX_LINE = 65536
 _MAX_HEADERS = 100
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT_S = 60.0
+# How long a new connection at the limit waits for the idle one it displaced to close.
+_RECLAIM_WAIT_S = 1.0
 _BUSY_BODY = b'{"error": "too many connections; retry later"}'
 _TOO_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
@@ -117,7 +119,14 @@ class _Handler(socketserver.StreamRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.server.waiting(self.connection, False)  # type: ignore[attr-defined]
+
+    def _serve(self) -> None:
         while True:
+            self.server.waiting(self.connection, True)  # type: ignore[attr-defined]
             try:
                 request = self._read_request()
             except _BadRequest as e:
@@ -150,6 +159,7 @@ class _Handler(socketserver.StreamRequestHandler):
             line = rfile.readline(_MAX_LINE + 1)
         if not line:
             return None
+        self.server.waiting(self.connection, False)  # type: ignore[attr-defined]
         if len(line) > _MAX_LINE:
             raise _BadRequest(414, "request line too long")
         parts = line.decode("latin-1").split()
@@ -319,18 +329,48 @@ def _error_body(message: str) -> bytes:
 
 
 class _Bounded(socketserver.ThreadingMixIn):
-    """A thread per connection, at most ``MAX_CONNECTIONS`` at once: the next one is
-    answered 503 with Retry-After and closed, so that clients that hold connections
-    open cannot take the device's memory one thread at a time."""
+    """A thread per connection, at most ``MAX_CONNECTIONS`` at once, so that clients
+    that hold connections open cannot take the device's memory one thread at a time.
+
+    At the limit, a new connection first takes the place of the connection that has
+    waited longest for its next request (an idle keep-alive connection, or one that
+    connected and sent nothing): that one is closed, as an HTTP server may close an
+    idle connection at any time. Only when every connection is inside a request is
+    the new one answered 503 with Retry-After and closed.
+    """
 
     daemon_threads = True
 
     def __init__(self, address: Any, handler: Any, max_connections: int) -> None:
         self._busy = threading.BoundedSemaphore(max_connections)
+        self._idle: dict[socket.socket, float] = {}  # connection -> when it began to wait
+        self._idle_lock = threading.Lock()
         super().__init__(address, handler)  # type: ignore[call-arg]
 
+    def waiting(self, conn: socket.socket, idle: bool) -> None:
+        """Mark ``conn`` as waiting for a request (idle), or as inside one."""
+        with self._idle_lock:
+            if idle:
+                self._idle[conn] = time.monotonic()
+            else:
+                self._idle.pop(conn, None)
+
+    def _close_longest_idle(self) -> bool:
+        with self._idle_lock:
+            if not self._idle:
+                return False
+            conn = min(self._idle, key=self._idle.__getitem__)
+            del self._idle[conn]
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends, freeing a place
+        except OSError:
+            pass
+        return True
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._busy.acquire(blocking=False):
+        if not self._busy.acquire(blocking=False) and not (
+            self._close_longest_idle() and self._busy.acquire(timeout=_RECLAIM_WAIT_S)
+        ):
             try:
                 request.sendall(_TOO_BUSY)
             except OSError:

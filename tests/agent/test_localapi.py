@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -183,5 +184,42 @@ def test_connections_are_bounded_and_stalled_clients_time_out(monkeypatch):
                    ).startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ok.startswith(b"HTTP/1.1 200")
+    finally:
+        api.stop()
+
+
+def test_at_the_limit_an_idle_connection_makes_way_for_a_new_one():
+    """Keep-alive clients that went quiet (or connected and sent nothing) must not lock
+    others out for the idle timeout: at the limit, the connection idle longest is
+    closed and the new client is served; one inside a request keeps its place."""
+    from agent import localapi
+    from agent.serving import ModelServer
+
+    api = localapi.LocalApi(ModelServer(), free_port(), max_connections=2)
+    api.start()
+    try:
+        # One keep-alive connection that finished a request and went quiet, then one
+        # that is stalled inside a request (headers sent, body missing).
+        quiet = socket.create_connection(("127.0.0.1", api.port), timeout=5)
+        quiet.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        assert quiet.recv(4096).startswith(b"HTTP/1.1 200")
+        inside = socket.create_connection(("127.0.0.1", api.port), timeout=5)
+        inside.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+        time.sleep(0.2)
+        ok = _raw(api.port, b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200")
+        assert quiet.recv(100) == b""  # the quiet one was closed to make way
+        # The stalled request kept its place; with two connections inside requests,
+        # a new one is refused.
+        inside.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            inside.recv(100)
+        second = socket.create_connection(("127.0.0.1", api.port), timeout=5)
+        second.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+        time.sleep(0.2)
+        busy = _raw(api.port, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in busy
+        for s in (quiet, inside, second):
+            s.close()
     finally:
         api.stop()
