@@ -379,3 +379,23 @@ def test_latency_reservoir_is_a_uniform_sample_of_the_window():
     assert sorted(small._lat) == [float(i) for i in range(cap - 1)]  # under the cap, all kept
     snap = small.snapshot_and_reset()
     assert snap.count == cap - 1 and snap.max_ms == cap - 2 and small.count == 0 and small._lat == []
+
+
+def test_observers_run_early_when_half_the_backlog_is_queued(monkeypatch):
+    """The observers thread waits for a batch to gather, but not while the backlog fills:
+    at half of it, it runs at once, so a burst is not skipped for want of room."""
+    from agent import serving
+
+    monkeypatch.setattr(serving, "_OBSERVE_BATCH_S", 30.0)  # only the early wake can start it
+    server = ModelServer()
+    server.swap(_stub_model())
+    count: list[int] = []
+    server.observers.append(lambda batch: count.append(len(batch)))
+    x = np.zeros(1, np.float32)
+    for _ in range(serving._OBSERVE_EARLY + 10):
+        server.infer({"x": x})
+    deadline = time.monotonic() + 10
+    while sum(count) < serving._OBSERVE_EARLY and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(count) >= serving._OBSERVE_EARLY
+    assert server.observe_skipped == 0
