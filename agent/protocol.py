@@ -45,7 +45,6 @@ __all__ = [
     "Telemetry",
     "CandidateStats",
     "Deployment",
-    "Command",
     "RepoRequest",
     "ChunkHeader",
     "LabelRecord",
@@ -206,12 +205,6 @@ class Deployment(Payload):
     ratio: float = Field(
         0.1, ge=0, le=1, description="shadow: share of requests mirrored; split: share served."
     )
-
-
-class Command(Payload):
-    command: Literal["rollback", "report", "refresh"]
-    command_id: str = Field(max_length=64)
-    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class RepoRequest(Payload):

@@ -10,7 +10,6 @@
     edgefleet/v1/devices/{device_id}/feedback    device -> hub  QoS1 (labels that came back on the device)
     edgefleet/v1/devices/{device_id}/capture     device -> hub  QoS1 (opt-in sample frames, agent.capture)
     edgefleet/v1/devices/{device_id}/deploy      hub -> device  QoS1 retained (desired state)
-    edgefleet/v1/devices/{device_id}/command     hub -> device  QoS1
     edgefleet/v1/devices/{device_id}/repo/get    device -> hub  QoS0 (agent retries)
     edgefleet/v1/devices/{device_id}/repo/data   hub -> device  QoS0 (binary chunk frames)
 
@@ -40,11 +39,11 @@ ROOT: Final = "edgefleet/v1"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 DeviceTopicKind = Literal[
-    "presence", "hello", "status", "telemetry", "drift", "feedback", "capture", "deploy", "command",
+    "presence", "hello", "status", "telemetry", "drift", "feedback", "capture", "deploy",
     "repo/get", "repo/data",
 ]
 _KINDS: Final[tuple[str, ...]] = (
-    "presence", "hello", "status", "telemetry", "drift", "feedback", "capture", "deploy", "command",
+    "presence", "hello", "status", "telemetry", "drift", "feedback", "capture", "deploy",
     "repo/get", "repo/data",
 )
 
@@ -57,7 +56,6 @@ QOS: Final[dict[str, int]] = {
     "feedback": 1,
     "capture": 1,
     "deploy": 1,
-    "command": 1,
     "repo/get": 0,
     "repo/data": 0,
 }
