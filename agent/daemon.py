@@ -605,6 +605,9 @@ class Agent:
         if rec.deployment_id == dep.deployment_id:
             self._report()  # a retained or duplicate message: say where we stand
             return
+        # A new deployment ends any shadow or split run, a re-deployment of the active
+        # model included: that is how a hub calls one off.
+        self._end_candidate()
         active = self.server.active
         if active is not None and f"{active.bundle.sha256}.efb" == dep.target_path:
             new = DeploymentRecord(
@@ -615,8 +618,6 @@ class Agent:
             self.store.save(new)
             self._report()
             return
-        # A new deployment ends any shadow or split run.
-        self.server.set_candidate(None)
         new = DeploymentRecord(
             deployment_id=dep.deployment_id,
             model=dep.model,
@@ -715,6 +716,14 @@ class Agent:
                 log.error("ignoring failed hook while rolling back: %s", e)
                 return
             raise _Fail(str(e), "hook") from e
+
+    def _end_candidate(self) -> None:
+        """Stop serving the shadow or split candidate, and unload it unless it is the
+        active model."""
+        self.server.set_candidate(None)
+        if self._candidate is not None and self._candidate is not self.server.active:
+            self._candidate.retire()
+        self._candidate = None
 
     def _finish(self, rec: DeploymentRecord) -> None:
         if rec.state != State.CANDIDATE and self._candidate is not None and self._candidate is not self.server.active:

@@ -75,3 +75,21 @@ def test_split_serves_a_share_with_the_candidate_and_survives_restart(bench):
     a2 = bench.agent()
     assert a2.server.candidate is not None and a2.server.candidate.mode == "split"
     assert a2.model_ref == "lin:1.0.0"
+
+
+def test_redeploying_the_active_model_calls_off_a_split_run(bench):
+    """A hub cancels an A/B run by deploying the active model again: the shortcut for
+    "already active" must end the candidate too, not leave it answering requests."""
+    a = bench.agent()
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    tp2, m2, _, _ = bench.bundle("1.1.0", seed=2)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    bench.deploy("dev1", "d2", tp2, m2.ref, mode="split", ratio=1.0)
+    assert bench.wait_for(a, "d2") == "candidate"
+    bench.deploy("dev1", "d3", tp1, m1.ref)
+    assert bench.wait_for(a, "d3") == "installed"
+    assert a.server.candidate is None and a.model_ref == "lin:1.0.0"
+    x = ROWS[:1]
+    for _ in range(20):
+        np.testing.assert_allclose(a.infer({"input": x})["logits"], x @ w1 + b1, rtol=1e-5, atol=1e-5)
