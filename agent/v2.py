@@ -155,6 +155,8 @@ def decode_infer_request(
         if not isinstance(t, dict):
             raise V2Error(f"{where}: must be an object")
         name = t.get("name")
+        if not isinstance(name, str):
+            raise V2Error(f"{where}: 'name' must be a string, got {type(name).__name__}")
         if name not in by_name:
             raise V2Error(f"{where}: unknown input {name!r}; model inputs are {sorted(by_name)}")
         if name in out:
@@ -191,12 +193,27 @@ def decode_infer_request(
     missing = set(by_name) - set(out)
     if missing:
         raise V2Error(f"missing inputs {sorted(missing)}")
+    _check_requested_outputs(req.get("outputs"))
     rest = {k: v for k, v in req.items() if k != "inputs"}
     return out, rest
 
 
+def _check_requested_outputs(outputs: Any) -> None:
+    """The request's optional ``outputs``: a list of objects with a string ``name``
+    (checked before the model runs, so that a bad request costs no inference)."""
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        raise V2Error(f"'outputs' must be a list, got {type(outputs).__name__}")
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise V2Error(f"outputs[{i}]: must be an object with a string 'name'")
+        if "parameters" in o and not isinstance(o["parameters"], dict):
+            raise V2Error(f"outputs[{i}]: 'parameters' must be an object")
+
+
 def _binary_tensor(binary: bytes, offset: int, size: Any, dt: str, shape: list[int], where: str) -> np.ndarray:
-    if not isinstance(size, int) or size < 0:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise V2Error(f"{where}: binary_data_size must be a non-negative integer")
     wire = _WIRE_DTYPES.get(dt)
     if wire is None:

@@ -122,6 +122,13 @@ GOOD = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,
         (b" " * 4097, 413, "exceeds"),
         (GOOD.replace(b'"shape":[1,4]', b'"shape":[true,4]'), 400, "shape must be a list of non-negative"),
         (GOOD.replace(b'{"inputs":[', b'{"inputs":[' + GOOD[11:-2] + b","), 400, "inputs[1]: input 'input' is given twice"),
+        (GOOD.replace(b'"name":"input"', b'"name":["input"]'), 400, "inputs[0]: 'name' must be a string, got list"),
+        (GOOD.replace(b'"name":"input"', b'"name":{"a":1}'), 400, "inputs[0]: 'name' must be a string, got dict"),
+        (GOOD[:-1] + b',"outputs":[{"name":["y"]}]}', 400, "outputs[0]: must be an object with a string 'name'"),
+        (GOOD[:-1] + b',"outputs":{"name":"y"}}', 400, "'outputs' must be a list"),
+        (GOOD[:-1] + b',"outputs":[{"name":"y","parameters":[1]}]}', 400, "outputs[0]: 'parameters' must be an object"),
+        (GOOD.replace(b'"data":[1,2,3,4]', b'"parameters":{"binary_data_size":true}'), 400,
+         "binary_data_size must be a non-negative integer"),
     ],
 )
 def test_bad_request_bodies_say_what_is_wrong(
