@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import socketserver
 import threading
@@ -62,8 +63,18 @@ _MAX_LINE = 65536
 _MAX_HEADERS = 100
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT_S = 60.0
+# At the connection limit, a connection that has waited this long for its next request,
+# with nothing unread on its socket, may be closed to make way for a new one.
+_RECLAIM_MIN_IDLE_S = 1.0
 # How long a new connection at the limit waits for the idle one it displaced to close.
-_RECLAIM_WAIT_S = 1.0
+_RECLAIM_WAIT_S = 0.5
+# After refusing a request whose body was not read (413, 411, ...), the response is sent,
+# the connection half-closed, and the rest of the body read and dropped for at most this
+# long: closing with unread data makes the kernel reset the connection, and the client
+# would see the reset instead of the response.
+_LINGER_S = 2.0
+_LINGER_MAX_BYTES = 2 * MAX_REQUEST_BYTES
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 _BUSY_BODY = b'{"error": "too many connections; retry later"}'
 _TOO_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
@@ -131,6 +142,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 request = self._read_request()
             except _BadRequest as e:
                 self._respond(e.status, _error_body(str(e)), keep_alive=False)
+                self._linger()
                 return
             except (ConnectionError, TimeoutError):
                 return
@@ -138,12 +150,13 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             method, target, headers, body, keep_alive = request
             try:
-                status, payload, extra = self._dispatch(method, target, headers, body)
+                # HEAD is GET without the body (watchdogs and `curl -I` probe health so).
+                status, payload, extra = self._dispatch("GET" if method == "HEAD" else method, target, headers, body)
             except Exception:  # a bug must answer 500, not drop the connection silently
                 log.exception("local API: %s %s failed", method, target)
                 status, payload, extra = 500, _error_body("internal error"), None
             try:
-                self._respond(status, payload, keep_alive=keep_alive, extra=extra)
+                self._respond(status, payload, keep_alive=keep_alive, extra=extra, head_only=method == "HEAD")
             except (ConnectionError, TimeoutError):
                 return
             if not keep_alive:
@@ -166,7 +179,7 @@ class _Handler(socketserver.StreamRequestHandler):
         if len(parts) != 3:
             raise _BadRequest(400, f"bad request line {line[:100]!r}")
         method, target, version = parts
-        if not version.startswith("HTTP/1."):
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise _BadRequest(505, f"unsupported protocol {version[:20]!r}")
         headers: dict[str, str] = {}
         lines = 0  # not len(headers): a repeated name would never reach the limit
@@ -182,17 +195,19 @@ class _Handler(socketserver.StreamRequestHandler):
             name, sep, value = line.decode("latin-1").partition(":")
             if not sep or not name or name[0] in " \t" or name != name.rstrip():
                 raise _BadRequest(400, f"bad header line {line[:100]!r}")
-            headers[name.lower()] = value.strip()
+            key, value = name.lower(), value.strip()
+            if key == "content-length" and key in headers and headers[key] != value:
+                # Which one frames the body is ambiguous (request smuggling): refuse.
+                raise _BadRequest(400, "conflicting Content-Length headers")
+            headers[key] = value
         conn = headers.get("connection", "").lower()
         keep_alive = "close" not in conn if version == "HTTP/1.1" else "keep-alive" in conn
         if "transfer-encoding" in headers:
             raise _BadRequest(411, "chunked request bodies are not supported; send Content-Length")
-        try:
-            length = int(headers.get("content-length") or 0)
-        except ValueError as e:
-            raise _BadRequest(400, "bad Content-Length") from e
-        if length < 0:
-            raise _BadRequest(400, "bad Content-Length")
+        raw_length = headers.get("content-length", "0")
+        if not _CONTENT_LENGTH.fullmatch(raw_length):
+            raise _BadRequest(400, f"bad Content-Length {raw_length[:30]!r}: must be digits")
+        length = int(raw_length)
         if length > MAX_REQUEST_BYTES:
             raise _BadRequest(413, f"request of {length} bytes exceeds {MAX_REQUEST_BYTES}")
         body = b""
@@ -204,8 +219,29 @@ class _Handler(socketserver.StreamRequestHandler):
                 raise ConnectionError("client closed the connection mid-body")
         return method, target, headers, body, keep_alive
 
+    def _linger(self) -> None:
+        """Half-close, then read and drop what the client still sends (bounded), so that
+        it reads the error response rather than a connection reset."""
+        conn = self.connection
+        try:
+            self.wfile.flush()
+            conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_S
+            dropped = 0
+            while dropped < _LINGER_MAX_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                conn.settimeout(left)
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:  # timeouts and resets included: the connection is closed next anyway
+            pass
+
     def _respond(self, status: int, body: bytes, *, keep_alive: bool,
-                 extra: dict[str, str] | None = None) -> None:
+                 extra: dict[str, str] | None = None, head_only: bool = False) -> None:
         content_type = _JSON
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}", f"Server: {_SERVER}", f"Date: {_date()}"]
         if extra:
@@ -214,7 +250,7 @@ class _Handler(socketserver.StreamRequestHandler):
         head += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if not keep_alive:
             head.append("Connection: close")
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body))
 
     # ------------------------------------------------------------------ V2 routes
 
@@ -328,6 +364,20 @@ def _error_body(message: str) -> bytes:
     return _json({"error": message})
 
 
+def _has_unread(conn: socket.socket) -> bool:
+    """Whether bytes wait unread on ``conn`` (False at EOF or on a broken socket). A
+    zero-timeout poll, not ``recv(MSG_DONTWAIT)``: a socket with a timeout makes Python
+    wait for it before any ``recv``."""
+    poller = select.poll()
+    try:
+        poller.register(conn, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return bool(conn.recv(1, socket.MSG_PEEK))  # readable: data, or b"" at EOF
+    except (OSError, ValueError):
+        return False
+
+
 class _Bounded(socketserver.ThreadingMixIn):
     """A thread per connection, at most ``MAX_CONNECTIONS`` at once, so that clients
     that hold connections open cannot take the device's memory one thread at a time.
@@ -356,13 +406,24 @@ class _Bounded(socketserver.ThreadingMixIn):
                 self._idle.pop(conn, None)
 
     def _close_longest_idle(self) -> bool:
+        """Close the connection that has waited longest for its next request, if one has
+        waited at least ``_RECLAIM_MIN_IDLE_S`` and has nothing unread (a request on its
+        way is never cut off). True when one was closed."""
+        cutoff = time.monotonic() - _RECLAIM_MIN_IDLE_S
+        victim = None
         with self._idle_lock:
-            if not self._idle:
-                return False
-            conn = min(self._idle, key=self._idle.__getitem__)
-            del self._idle[conn]
+            for conn, since in sorted(self._idle.items(), key=lambda kv: kv[1]):
+                if since > cutoff:
+                    break
+                if _has_unread(conn):
+                    continue  # the next request is arriving
+                del self._idle[conn]
+                victim = conn
+                break
+        if victim is None:
+            return False
         try:
-            conn.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends, freeing a place
+            victim.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends, freeing a place
         except OSError:
             pass
         return True
@@ -463,6 +524,9 @@ class InferenceClient:
             fresh = conn is None
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            if body is not None and len(body) > MAX_REQUEST_BYTES:
+                raise V2Error(f"{method} {path}: request of {len(body)} bytes exceeds the agent's limit "
+                              f"of {MAX_REQUEST_BYTES}", 413)
             try:
                 conn.request(method, self._prefix + path, body, headers or {})
                 resp = conn.getresponse()

@@ -151,9 +151,33 @@ def test_http_keep_alive_expect_and_bad_requests(served):
         (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
         (b"DELETE /v2 HTTP/1.1\r\nConnection: close\r\n\r\n", b"501"),
         (b"GET /v2 HTTP/1.1\r\n" + b"X-A: 1\r\n" * 5000 + b"\r\n", b"431"),  # one name, repeated
+        (b"GET /v2 HTTP/1.9\r\n\r\n", b"505"),
+        (b"POST /v2/models/lin/infer HTTP/1.1\r\nContent-Length: +90\r\n\r\n", b"400"),
+        (b"POST /v2/models/lin/infer HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 90\r\n\r\nabcd", b"400"),
     ]:
         out = _raw(port, request)
         assert out.startswith(b"HTTP/1.1 " + status), (request[:40], out[:80])
+    # HEAD: GET's status and headers, no body.
+    head = _raw(port, b"HEAD /v2/health/ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head and head.endswith(b"\r\n\r\n")
+
+
+def test_an_oversized_body_gets_its_413_not_a_reset(served, monkeypatch):
+    """The server refuses a body over the limit before reading it; the client, still
+    sending, must get the 413 rather than a broken pipe (lingering close), and
+    InferenceClient refuses such a body before sending it."""
+    from agent import localapi
+
+    _, port, *_ = served
+    monkeypatch.setattr(localapi, "MAX_REQUEST_BYTES", 1 << 16)
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("POST", "/v2/models/lin/infer", b"x" * (8 << 20), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 413 and b"exceeds" in r.read()
+    c.close()
+    with pytest.raises(V2Error) as ei:
+        InferenceClient(f"http://127.0.0.1:{port}").infer("lin", {"input": np.ones((300, 4096 // 16), np.float32)})
+    assert ei.value.status == 413 and "exceeds the agent's limit" in str(ei.value)
 
 
 def test_connections_are_bounded_and_stalled_clients_time_out(monkeypatch):
@@ -205,7 +229,10 @@ def test_at_the_limit_an_idle_connection_makes_way_for_a_new_one():
         assert quiet.recv(4096).startswith(b"HTTP/1.1 200")
         inside = socket.create_connection(("127.0.0.1", api.port), timeout=5)
         inside.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
-        time.sleep(0.2)
+        # Idle for less than the minimum: it keeps its place, the newcomer gets 503.
+        busy = _raw(api.port, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.1 503"), busy[:80]
+        time.sleep(localapi._RECLAIM_MIN_IDLE_S + 0.2)
         ok = _raw(api.port, b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert ok.startswith(b"HTTP/1.1 200")
         assert quiet.recv(100) == b""  # the quiet one was closed to make way
