@@ -769,6 +769,8 @@ class Agent:
             try:
                 target = self._trusted_repo().lookup(rec.target_path)
                 self._conditions.discard("metadata_expired")
+                if target.length <= 0:
+                    raise _Reject(f"signed target {rec.target_path} is empty (length {target.length})", "bundle")
                 custom = target_custom(target)
                 if custom.profile != self.profile.name:
                     raise _Reject(f"{custom.ref} is built for profile {custom.profile!r}, "

@@ -149,6 +149,21 @@ def test_bundle_for_another_profile_is_refused(bench):
     assert a.model_ref is None
 
 
+def test_an_empty_signed_target_is_refused_and_the_old_model_keeps_serving(bench):
+    a = bench.agent()
+    tp, m, *_ = bench.bundle("1.0.0")
+    bench.deploy("dev1", "d1", tp, m.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    empty = bench.tmp / "empty.efb"
+    empty.write_bytes(b"")
+    tp0 = bench.repo.add_bundle(empty, TargetCustom(name="lin", version="1.1.0", profile="x86-gateway-vnni",
+                                                    format="onnx", precision="fp32"))
+    bench.deploy("dev1", "d2", tp0, "lin:1.1.0")
+    assert bench.wait_for(a, "d2") == "rejected"
+    assert a.record.error_kind == "bundle" and "is empty" in (a.record.error or "")
+    assert a.model_ref == "lin:1.0.0"
+
+
 def test_restart_serves_committed_model_and_ignores_retained_deploy(bench):
     a = bench.agent()
     tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
