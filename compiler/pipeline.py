@@ -67,6 +67,7 @@ from compiler.quantize import (
     convert_fp16,
     fp16_overflows,
     quantize_dynamic_int8,
+    run_fp16_storage,
     static_settings_for,
 )
 from compiler.report import CandidateRecord, CompileReport, ProfileSummary
@@ -765,22 +766,58 @@ def _evaluate(
     if eval_data is None:
         return
     logits = _run(art, eval_data.x)[0]
+    scores = _scores(art, logits, eval_data, fp32_logits, metric)
+    if art.format == "onnx" and art.precision == "fp16":
+        logits, scores = _fp16_storage_scores(art, model, eval_data, fp32_logits, metric, logits, scores)
     art.eval_logits = logits
-    y = eval_data.y
+    art.metrics.update(scores)
     pred = logits.argmax(axis=-1) if logits.ndim >= 2 else None
-    if y is not None and y.dtype.kind in "iu" and y.ndim == 1 and pred is not None:
-        art.metrics["accuracy"] = float((pred == y).mean())
-    if metric.name != "accuracy":
-        # Without labels, mse/cosine measure fidelity to fp32; the baseline is then
-        # measured against itself (mse 0, cosine 1), so that candidates have a reference.
-        reference = fp32_logits if fp32_logits is not None or art.key != "onnx-fp32" else logits
-        art.metrics[metric.name] = evaluate_metric(metric, logits, y, reference)
     for name, value in list(art.metrics.items()):
         if value is not None and not math.isfinite(value):
             art.metrics[name] = None  # NaN/inf outputs: not a measurement, and not JSON
             art.blockers.append(f"{name} is not a finite number on the eval rows (NaN or inf outputs)")
     if fp32_logits is not None and pred is not None and fp32_logits.ndim >= 2:
         art.agreement = float((pred == fp32_logits.argmax(axis=-1)).mean())
+
+
+def _scores(
+    art: _Artifact, logits: np.ndarray, eval_data: Dataset, fp32_logits: np.ndarray | None, metric: Metric
+) -> dict[str, float | None]:
+    """Accuracy (with class labels) and ``metric`` of ``logits`` on the eval rows."""
+    out: dict[str, float | None] = {}
+    y = eval_data.y
+    pred = logits.argmax(axis=-1) if logits.ndim >= 2 else None
+    if y is not None and y.dtype.kind in "iu" and y.ndim == 1 and pred is not None:
+        out["accuracy"] = float((pred == y).mean())
+    if metric.name != "accuracy":
+        # Without labels, mse/cosine measure fidelity to fp32; the baseline is then
+        # measured against itself (mse 0, cosine 1), so that candidates have a reference.
+        reference = fp32_logits if fp32_logits is not None or art.key != "onnx-fp32" else logits
+        out[metric.name] = evaluate_metric(metric, logits, y, reference)
+    return out
+
+
+def _fp16_storage_scores(
+    art: _Artifact, model: OnnxModel, eval_data: Dataset, fp32_logits: np.ndarray | None, metric: Metric,
+    logits: np.ndarray, scores: dict[str, float | None],
+) -> tuple[np.ndarray, dict[str, float | None]]:
+    """The fp16 candidate's eval logits and scores: those of the source model with fp16
+    storage emulated (:func:`compiler.quantize.fp16_storage_model`) when they are worse
+    than the host's run of the fp16 model, which keeps intermediates in fp32."""
+    emulated = run_fp16_storage(model.data, model.input.name, eval_data.x)[0]
+    em = _scores(art, emulated, eval_data, fp32_logits, metric)
+    host, emu = scores.get(metric.name), em.get(metric.name)
+    if host is None or emu is None or not (math.isfinite(host) and math.isfinite(emu)):
+        return logits, scores
+    worse = emu < host if metric.higher_is_better else emu > host
+    how = "every weight and tensor rounded to fp16, fp32 arithmetic inside each operator"
+    if worse:
+        art.notes.append(f"{metric.name} {emu:.4g} with fp16 storage emulated ({how}); the host's CPU "
+                         f"provider, which keeps intermediates in fp32, measured {host:.4g}")
+        return emulated, em
+    art.notes.append(f"{metric.name} with fp16 storage emulated ({how}): {emu:.4g}, no worse than the "
+                     f"host's run ({host:.4g})")
+    return logits, scores
 
 
 def _check_tflite_int8(arts: Sequence[_Artifact], rows: np.ndarray) -> None:

@@ -44,6 +44,8 @@ __all__ = [
     "compact_qdq",
     "quantize_dynamic_int8",
     "convert_fp16",
+    "fp16_storage_model",
+    "run_fp16_storage",
 ]
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
@@ -455,3 +457,81 @@ def fp16_overflows(model: bytes, input_name: str, x: np.ndarray) -> list[str]:
                 if finite.size:
                     peaks[name] = max(peaks[name], float(finite.max()))
     return [f"{name} (max |v| {peak:.3g})" for name, peak in peaks.items() if peak > FP16_MAX]
+
+
+def fp16_storage_model(model: bytes) -> bytes:
+    """The fp32 ``model`` with fp16 storage emulated: every float initializer rounded to
+    the nearest fp16 value, and every float graph input and node output passed through
+    ``Cast`` to FLOAT16 and back. Arithmetic inside each operator stays fp32, as on GPUs
+    that accumulate fp16 products in fp32 (tensor cores, TensorRT's fp16 mode).
+
+    Why: ONNX Runtime's CPU provider runs an fp16 model's operators that lack fp16
+    kernels in fp32, and drops the casts *between* such operators, so intermediate
+    tensors never get rounded to fp16 on the host. ``x + 2048 - 2048`` comes back exact
+    from the fp16 model there, while fp16 hardware returns a multiple of 2. Run the
+    result with graph optimizations off, so that no cast pair is folded away.
+    Operators with subgraphs (If, Loop, Scan) are rounded at their outputs only.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load_model_from_string(model)
+    g = proto.graph
+    for i, init in enumerate(g.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            arr = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
+            g.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    for node in inferred.graph.node:  # Constant outputs are not always in value_info
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type:
+                    types.setdefault(node.output[0], a.t.data_type)
+
+    def rounded(name: str, nodes: list[onnx.NodeProto]) -> str:
+        half, back = f"{name}__fp16", f"{name}__fp16r"
+        nodes.append(helper.make_node("Cast", [name], [half], to=TensorProto.FLOAT16))
+        nodes.append(helper.make_node("Cast", [half], [back], to=TensorProto.FLOAT))
+        return back
+
+    nodes: list[onnx.NodeProto] = []
+    renamed: dict[str, str] = {}  # tensor -> its rounded copy, for the nodes that read it
+    for inp in g.input:
+        if types.get(inp.name) == TensorProto.FLOAT:
+            renamed[inp.name] = rounded(inp.name, nodes)
+    outputs = {o.name for o in g.output}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+        nodes.append(node)
+        for k, name in enumerate(node.output):
+            if not name or types.get(name) != TensorProto.FLOAT:
+                continue
+            if name in outputs:
+                # A graph output keeps its name: the node writes a raw copy, rounded into it.
+                raw = f"{name}__fp32"
+                node.output[k] = raw
+                half = f"{name}__fp16"
+                nodes.append(helper.make_node("Cast", [raw], [half], to=TensorProto.FLOAT16))
+                nodes.append(helper.make_node("Cast", [half], [name], to=TensorProto.FLOAT))
+            else:
+                renamed[name] = rounded(name, nodes)
+    del g.node[:]
+    g.node.extend(nodes)
+    return proto.SerializeToString()
+
+
+def run_fp16_storage(model: bytes, input_name: str, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Outputs of :func:`fp16_storage_model` on ``x`` (ONNX Runtime, CPU, optimizations
+    off so that the rounding casts stay), in ``batch``-row slices."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(fp16_storage_model(model), so, providers=["CPUExecutionProvider"])
+    parts = [sess.run(None, {input_name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]

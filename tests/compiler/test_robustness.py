@@ -360,3 +360,50 @@ def test_a_candidate_that_cannot_be_opened_for_timing_is_rejected_and_the_compil
     timed = [c for c in report.candidates if c.technique != "dynamic-int8"]
     assert all(c.latency_ms_p50 is not None for c in timed)
     assert sum(c.selected for c in report.candidates) == 1
+
+
+def _near_2048() -> bytes:
+    """Two logits, ``x + 2048 - 2048``: exact in fp32; with fp16 storage the middle tensor
+    is a multiple of 2, so both logits of a row in [0, 1) become 0."""
+    c = numpy_helper.from_array(np.array([2048.0], np.float32), "c")
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["h"]), helper.make_node("Sub", ["h", "c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], [c])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+
+
+def test_fp16_storage_is_emulated_where_the_host_keeps_intermediates_in_fp32():
+    import onnxruntime as ort
+
+    from compiler.quantize import convert_fp16, fp16_storage_model, run_fp16_storage
+
+    x = np.array([[0.3, 0.9], [1.2, 0.1], [3.3, -5.1]], np.float32)
+    so = ort.SessionOptions()
+    host = ort.InferenceSession(convert_fp16(_near_2048())[0], so, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(host.run(None, {"x": x})[0], x, atol=1e-3)  # why the emulation exists
+    emulated = run_fp16_storage(_near_2048(), "x", x)[0]
+    want = (x.astype(np.float16) + np.float16(2048)).astype(np.float32) - 2048  # numpy's fp16 rounding
+    np.testing.assert_array_equal(emulated, want)
+    assert emulated.tolist() == [[0.0, 0.0], [2.0, 0.0], [4.0, -5.0]]
+    onnx.checker.check_model(onnx.load_model_from_string(fp16_storage_model(_near_2048())))
+
+
+def test_an_fp16_candidate_is_scored_with_fp16_storage(tmp_path: Path):
+    """The host's run of the fp16 model says 100%; fp16 hardware would tie every row.
+    The candidate must be scored, and rejected, on the emulated figure."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, size=(200, 2)).astype(np.float32)
+    y = x.argmax(1).astype(np.int64)
+    model = tmp_path / "near.onnx"
+    model.write_bytes(_near_2048())
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    evalf = _write_npz(tmp_path / "eval.npz", x=x, y=y)
+    report = compile_model(model, [load_profile("jetson-orin-cuda")], calib, evalf, tmp_path / "out",
+                           CompileOptions(name="near", version="1.0.0", seed=0, latency=FAST))
+    fp32 = next(c for c in report.candidates if c.precision == "fp32" and c.format == "onnx")
+    fp16 = next(c for c in report.candidates if c.precision == "fp16" and c.format == "onnx")
+    assert fp32.accuracy == 1.0
+    assert fp16.accuracy is not None and fp16.accuracy < 0.7
+    assert any("fp16 storage emulated" in n for n in fp16.notes)
+    assert not fp16.passed and any("accuracy" in r or "drop" in r for r in fp16.reasons), fp16.reasons
