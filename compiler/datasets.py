@@ -69,9 +69,11 @@ def load_npz(path: Path, role: str, *, need_labels: bool = False) -> Dataset:
             if unpacked > MAX_UNPACKED_BYTES:
                 raise DataFileError(f"{role} data {path}: its arrays unpack to {unpacked} bytes, "
                                     f"over {MAX_UNPACKED_BYTES}")
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise DataFileError(f"{role} data {path}: a .npy array, not an .npz archive")
+        z = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataFileError(f"{role} data {path}: a single .npy array, not an .npz archive "
+                                "(save one with numpy.savez(path, x=..., y=...))")
+        with z:
             arrays = {k: z[k] for k in z.files}
     except DataFileError:
         raise
@@ -90,8 +92,13 @@ def load_npz(path: Path, role: str, *, need_labels: bool = False) -> Dataset:
             f"{role} data {path}: 'x' must have a row axis and at least one row, "
             f"got shape {tuple(x.shape)}"
         )
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(arrays["x"], dtype=np.float32)
     if not np.isfinite(x).all():
+        original = arrays["x"]
+        if original.dtype.kind == "f" and np.isfinite(original).all():
+            raise DataFileError(f"{role} data {path}: 'x' has values beyond float32's range "
+                                f"(largest magnitude {float(np.abs(original).max()):.3g})")
         raise DataFileError(f"{role} data {path}: 'x' contains NaN or infinite values")
     y = arrays.get("y")
     if y is not None:

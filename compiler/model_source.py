@@ -313,7 +313,7 @@ def load_factory_model(spec: str, state_dict: Path, example: np.ndarray) -> Onnx
             sd = sd["state_dict"]
         module.load_state_dict(sd, strict=True)
     except Exception as e:  # noqa: BLE001 - unpickling and key mismatches raise many types
-        raise ModelLoadError(f"state_dict {state_dict}: does not load into {spec}: {e}") from e
+        raise ModelLoadError(f"state_dict {state_dict}: does not load into {spec}: {_one_line(e)}") from e
     module.eval()
     x = torch.from_numpy(np.ascontiguousarray(example[:2]))
     if x.shape[0] < 2:
@@ -336,7 +336,7 @@ def _finish(
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
-        raise ModelLoadError(f"model {path}: ONNX checker failed: {e}") from e
+        raise ModelLoadError(f"model {path}: ONNX checker failed: {_one_line(e)}") from e
     ins, outs = onnx_tensor_infos(proto)
     if len(ins) != 1:
         raise ModelLoadError(
@@ -440,8 +440,14 @@ def with_dynamic_batch(model: OnnxModel, rows: np.ndarray) -> tuple[OnnxModel, s
     return replace(model, data=data, inputs=ins, outputs=outs), note
 
 
+def _one_line(e: Exception, limit: int = 400) -> str:
+    """An exception's message on one line (torch and the ONNX checker print several),
+    shortened in the middle past ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:150] + " ... " + text[-(limit - 160):]
+
+
 def _ort_error(e: Exception) -> str:
     """ONNX Runtime's message on one line, without its source path in the middle."""
-    text = " ".join(str(e).split())
-    text = re.sub(r"/onnxruntime_src/\S+ \S+ ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ \S+ ", "", _one_line(e, limit=10**9))
     return text if len(text) <= 400 else text[:150] + " ... " + text[-240:]

@@ -247,6 +247,38 @@ def _labels(eval_data: Dataset | None, n_out: int) -> list[str]:
     return [str(i) for i in range(n_out)]
 
 
+def _onnx_opset(model: bytes) -> int | None:
+    """The default-domain opset an ONNX model imports (an ONNX input keeps its own;
+    only torch exports are made at ``OPSET``)."""
+    import onnx
+
+    proto = onnx.load_model_from_string(model)
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _check_labels_fit_metric(data: Dataset, role: str, metric: Metric) -> None:
+    """Refuse labels the metric cannot use, before anything is built (one-hot or float
+    labels with accuracy would otherwise leave every candidate unmeasured)."""
+    y = data.y
+    if y is None or not metric.needs_class_labels:
+        return
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataFileError(
+            f"{role} data {data.path}: metric {metric.name} needs 'y' as 1-D integer class labels, "
+            f"got shape {tuple(y.shape)} of {y.dtype} (for one-hot labels save y.argmax(1); for "
+            "regression targets use --metric mse or cosine)"
+        )
+
+
+def _selection_metric(art: _Artifact, metric: Metric, by_agreement: bool) -> float | None:
+    """What selection compares (higher is better): the metric, or without class labels
+    the top-1 agreement with the fp32 model (1 for the fp32 model itself)."""
+    value = score(metric, art.metrics.get(metric.name))
+    if value is None and by_agreement:
+        return 1.0 if art.key == "onnx-fp32" else art.agreement
+    return value
+
+
 def _check_labels(eval_data: Dataset | None, n_out: int) -> None:
     if eval_data is None or eval_data.y is None or eval_data.y.dtype.kind not in "iu":
         return
@@ -806,16 +838,23 @@ def _fp16_storage_scores(
     than the host's run of the fp16 model, which keeps intermediates in fp32."""
     emulated = run_fp16_storage(model.data, model.input.name, eval_data.x)[0]
     em = _scores(art, emulated, eval_data, fp32_logits, metric)
-    host, emu = scores.get(metric.name), em.get(metric.name)
+    name, host, emu = metric.name, scores.get(metric.name), em.get(metric.name)
+    higher = metric.higher_is_better
+    if (host is None or emu is None) and fp32_logits is not None and fp32_logits.ndim >= 2 and logits.ndim >= 2:
+        # No labels for the metric: compare the two by top-1 agreement with fp32.
+        ref = fp32_logits.argmax(axis=-1)
+        name, higher = "top-1 agreement with fp32", True
+        host = float((logits.argmax(axis=-1) == ref).mean())
+        emu = float((emulated.argmax(axis=-1) == ref).mean())
     if host is None or emu is None or not (math.isfinite(host) and math.isfinite(emu)):
         return logits, scores
-    worse = emu < host if metric.higher_is_better else emu > host
+    worse = emu < host if higher else emu > host
     how = "every weight and tensor rounded to fp16, fp32 arithmetic inside each operator"
     if worse:
-        art.notes.append(f"{metric.name} {emu:.4g} with fp16 storage emulated ({how}); the host's CPU "
+        art.notes.append(f"{name} {emu:.4g} with fp16 storage emulated ({how}); the host's CPU "
                          f"provider, which keeps intermediates in fp32, measured {host:.4g}")
         return emulated, em
-    art.notes.append(f"{metric.name} with fp16 storage emulated ({how}): {emu:.4g}, no worse than the "
+    art.notes.append(f"{name} with fp16 storage emulated ({how}): {emu:.4g}, no worse than the "
                      f"host's run ({host:.4g})")
     return logits, scores
 
@@ -914,6 +953,8 @@ def compile_model(
         check_input_shape(eval_data, "eval", model.input.shape)
     if train is not None:
         check_input_shape(train, "train", model.input.shape)
+    _check_labels_fit_metric(eval_data if eval_data is not None else calib,
+                             "eval" if eval_data is not None else "calibration", options.metric)
     batch = model.input.shape[0] if model.input.shape else None
     batch_note = None
     if isinstance(batch, int) and batch > 0:
@@ -983,6 +1024,16 @@ def compile_model(
     measure_on = eval_data if eval_data is not None else calib
     if eval_data is None:
         skipped.append("no --eval given: accuracy and fidelity are measured on the calibration rows")
+    # Without class labels an accuracy-like metric cannot be measured; rather than leave
+    # candidates unchecked, each is held to its top-1 agreement with the fp32 model.
+    by_agreement = options.metric.needs_class_labels and measure_on.y is None
+    if by_agreement:
+        skipped.append(
+            f"the {'eval' if eval_data is not None else 'calibration'} rows have no labels 'y', so "
+            f"{options.metric.name} cannot be measured: every candidate is held to its top-1 agreement "
+            "with the fp32 model instead (max_accuracy_drop applies to 1 - agreement; accuracy_floor "
+            "is not checked)"
+        )
     for art in artifacts:
         prog.advance(f"building {art.key}")
         try:
@@ -1002,6 +1053,8 @@ def compile_model(
         except TechniqueError as e:
             art.error = str(e)
             continue
+        except CompilerInputError:
+            raise  # the data does not fit the metric: the user's to fix, not a candidate's failure
         except Exception as e:
             log.exception("evaluating %s failed", art.key)
             art.error = f"evaluation failed: {type(e).__name__}: {e}"
@@ -1113,7 +1166,7 @@ def compile_model(
                     model_bytes=rec.model_bytes,
                     latency_p50_ms=t[0] if t else None,
                     latency_p95_ms=t[1] if t else None,
-                    metric=score(options.metric, art.metrics.get(options.metric.name)),
+                    metric=_selection_metric(art, options.metric, by_agreement),
                     is_baseline=art.key == baseline,
                     errors=(art.error,) if art.error else (),
                     blockers=tuple(blockers),
@@ -1122,6 +1175,9 @@ def compile_model(
         limits = p.limits
         if options.max_accuracy_drop is not None:
             limits = limits.model_copy(update={"max_accuracy_drop": options.max_accuracy_drop})
+        if by_agreement or not options.metric.needs_class_labels:
+            # The profile's floor is an accuracy; agreement, MSE and cosine are not.
+            limits = limits.model_copy(update={"accuracy_floor": None})
         for art, d in zip(plans[p.name], select(measured, limits), strict=True):
             rec = records[(p.name, art.key)]
             rec.selected, rec.passed, rec.reasons = d.selected, d.passed, d.reasons
@@ -1261,6 +1317,7 @@ def _write(
                 "technique": art.technique,
                 "seed": options.seed,
                 **art.settings,
+                **({"opset": _onnx_opset(art.model)} if art.format == "onnx" else {}),
                 # The hub prefers the compiler's choice (hub.registry.is_selected).
                 "selected": rec.selected,
             },

@@ -407,3 +407,57 @@ def test_an_fp16_candidate_is_scored_with_fp16_storage(tmp_path: Path):
     assert fp16.accuracy is not None and fp16.accuracy < 0.7
     assert any("fp16 storage emulated" in n for n in fp16.notes)
     assert not fp16.passed and any("accuracy" in r or "drop" in r for r in fp16.reasons), fp16.reasons
+
+
+def test_without_class_labels_candidates_are_held_to_agreement_with_fp32(tmp_path: Path):
+    """Accuracy cannot be measured without labels; candidates must not go unchecked.
+    Here fp16 storage ties every row (see _near_2048), so agreement is about 50%."""
+    x = np.random.default_rng(6).uniform(0, 1, size=(200, 2)).astype(np.float32)
+    model = tmp_path / "near.onnx"
+    model.write_bytes(_near_2048())
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    report = compile_model(model, [load_profile("jetson-orin-cuda")], calib, None, tmp_path / "out",
+                           CompileOptions(name="near", version="1.0.0", seed=0, latency=FAST))
+    fp16 = next(c for c in report.candidates if c.precision == "fp16" and c.format == "onnx")
+    assert fp16.agreement_with_fp32 is not None and fp16.agreement_with_fp32 < 0.7
+    assert not fp16.passed and any("metric drops" in r for r in fp16.reasons), fp16.reasons
+    assert any("top-1 agreement with the fp32 model instead" in s for s in report.skipped)
+
+
+def test_labels_that_do_not_fit_the_metric_are_refused_up_front(tmp_path: Path):
+    model = tmp_path / "lin.onnx"
+    model.write_bytes(_linear())
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    calib = _write_npz(tmp_path / "calib.npz", x=x)
+    onehot = _write_npz(tmp_path / "onehot.npz", x=x, y=np.eye(3, dtype=np.int64)[rng.integers(0, 3, 64)])
+    with pytest.raises(DataFileError, match=r"metric accuracy needs 'y' as 1-D integer class labels, got shape \(64, 3\)"):
+        compile_model(model, [load_profile("x86-gateway-vnni")], calib, onehot, tmp_path / "o1",
+                      CompileOptions(name="lin", version="1.0.0", latency=FAST))
+    classes = _write_npz(tmp_path / "classes.npz", x=x, y=rng.integers(0, 3, 64))
+    with pytest.raises(CompilerInputError, match=r"metric mse: labels 'y' have shape \(64,\), model outputs \(64, 3\)"):
+        compile_model(model, [load_profile("x86-gateway-vnni")], calib, classes, tmp_path / "o2",
+                      CompileOptions(name="lin", version="1.0.0", latency=FAST, metric=parse_metric("mse")))
+    np.save(tmp_path / "plain.npy", x)
+    with pytest.raises(DataFileError, match="a single .npy array, not an .npz archive"):
+        datasets.load_npz(tmp_path / "plain.npy", "calibration")
+    big = _write_npz(tmp_path / "big.npz", x=np.full((4, 4), 1e300))
+    with pytest.raises(DataFileError, match="beyond float32's range"):
+        datasets.load_npz(big, "calibration")
+
+
+def test_lineage_records_the_opset_the_model_has(tmp_path: Path):
+    proto = onnx.load_model_from_string(_linear(ir=8))
+    proto.opset_import[0].version = 13
+    model = tmp_path / "op13.onnx"
+    model.write_bytes(proto.SerializeToString())
+    calib = _write_npz(tmp_path / "calib.npz", x=np.random.default_rng(8).normal(size=(64, 4)).astype(np.float32))
+    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out",
+                           CompileOptions(name="op", version="1.0.0", seed=0, latency=FAST,
+                                          metric=parse_metric("mse")))
+    for c in report.candidates:
+        if c.format == "onnx" and c.bundle:
+            b = unpack(tmp_path / "out" / c.bundle, tmp_path / "u" / c.bundle)
+            got = onnx.load(str(b.model_path)).opset_import
+            assert b.manifest.lineage.settings["opset"] == next(o.version for o in got if o.domain in ("", "ai.onnx"))
+            assert b.manifest.lineage.settings["opset"] == 13
