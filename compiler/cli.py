@@ -39,16 +39,14 @@ class _RichProgress:
         self._p.update(self._task, description=description)
 
 
-def _profiles(names: tuple[str, ...]) -> list[Profile]:
-    if "all" in names:
-        return list_profiles()
-    out: list[Profile] = []
-    for n in dict.fromkeys(names):
-        try:
-            out.append(load_profile(n))
-        except ProfileError as e:
-            raise click.BadParameter(str(e), param_hint="--profile") from e
-    return out
+def _profiles(names: tuple[str, ...], directory: Path | None = None) -> list[Profile]:
+    """The named profiles (or all) from ``directory``, else the shipped ones."""
+    try:
+        if "all" in names:
+            return list_profiles(directory)
+        return [load_profile(n, directory) for n in dict.fromkeys(names)]
+    except ProfileError as e:
+        raise click.BadParameter(str(e), param_hint="--profile") from e
 
 
 @click.command("compile")
@@ -59,6 +57,11 @@ def _profiles(names: tuple[str, ...]) -> list[Profile]:
     multiple=True,
     required=True,
     help="Firmware profile name (repeatable), or 'all'.",
+)
+@click.option(
+    "--profiles-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Folder of profile TOML files to use instead of the shipped firmware_profiles/.",
 )
 @click.option(
     "--calibration",
@@ -128,6 +131,7 @@ def _profiles(names: tuple[str, ...]) -> list[Profile]:
 def compile_command(
     model: str,
     profile_names: tuple[str, ...],
+    profiles_dir: Path | None,
     calibration: Path,
     eval_path: Path | None,
     out_dir: Path,
@@ -153,7 +157,7 @@ def compile_command(
         SemVer.parse(version)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--version") from e
-    profiles = _profiles(profile_names)
+    profiles = _profiles(profile_names, profiles_dir)
     try:
         chosen_metric = parse_metric(metric)
     except CompilerInputError as e:

@@ -137,3 +137,26 @@ def test_bad_name_is_a_clear_error(mlp_workspace: Workspace, tmp_path: Path) -> 
         "--out", tmp_path, "--name", "bad name!", "--latency-rounds", "1",
     )
     assert code == 2 and "not a valid model name" in out
+
+
+def test_profiles_dir_compiles_for_a_custom_profile(mlp_workspace: Workspace, tmp_path: Path) -> None:
+    """A board of one's own: a profile TOML in --profiles-dir, as `agent run` takes it."""
+    from agent.profiles import profiles_dir
+
+    mine = tmp_path / "profiles"
+    mine.mkdir()
+    text = (profiles_dir() / "x86-gateway-vnni.toml").read_text()
+    (mine / "my-gateway.toml").write_text(text.replace('name = "x86-gateway-vnni"', 'name = "my-gateway"'))
+    code, out = invoke(
+        mlp_workspace.pt2, "--profile", "all", "--profiles-dir", mine, "--calibration", mlp_workspace.calib,
+        "--out", tmp_path / "out", "--name", "mlp", "--latency-rounds", "2", "--no-tflite",
+    )
+    assert code == 0, out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {c["profile"] for c in report["candidates"]} == {"my-gateway"}
+    (mine / "broken.toml").write_text("name = \n")
+    code, out = invoke(
+        mlp_workspace.pt2, "--profile", "all", "--profiles-dir", mine, "--calibration", mlp_workspace.calib,
+        "--out", tmp_path / "out2",
+    )
+    assert code == 2 and "broken.toml" in out, out
