@@ -24,13 +24,15 @@ of a prediction (``Agent.feedback``); labels go to the hub with the next telemet
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
-import select
 import socket
 import socketserver
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -364,18 +366,16 @@ def _error_body(message: str) -> bytes:
     return _json({"error": message})
 
 
-def _has_unread(conn: socket.socket) -> bool:
-    """Whether bytes wait unread on ``conn`` (False at EOF or on a broken socket). A
-    zero-timeout poll, not ``recv(MSG_DONTWAIT)``: a socket with a timeout makes Python
-    wait for it before any ``recv``."""
-    poller = select.poll()
+def _has_unread(conn: socket.socket) -> bool | None:
+    """Whether bytes wait unread on ``conn``; None when that cannot be told (a closed
+    socket). Asks the kernel (``FIONREAD``) and never reads: a ``recv`` on a socket with
+    a timeout waits for data first, and the connection's own handler may take the bytes
+    between a readiness check and the ``recv``."""
     try:
-        poller.register(conn, select.POLLIN)
-        if not poller.poll(0):
-            return False
-        return bool(conn.recv(1, socket.MSG_PEEK))  # readable: data, or b"" at EOF
+        buf = fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0")
     except (OSError, ValueError):
-        return False
+        return None
+    return int.from_bytes(buf, sys.byteorder) > 0
 
 
 class _Bounded(socketserver.ThreadingMixIn):
@@ -415,8 +415,8 @@ class _Bounded(socketserver.ThreadingMixIn):
             for conn, since in sorted(self._idle.items(), key=lambda kv: kv[1]):
                 if since > cutoff:
                     break
-                if _has_unread(conn):
-                    continue  # the next request is arriving
+                if _has_unread(conn) is not False:
+                    continue  # the next request is arriving (or the socket is gone: leave it)
                 del self._idle[conn]
                 victim = conn
                 break

@@ -270,6 +270,26 @@ def _check_labels_fit_metric(data: Dataset, role: str, metric: Metric) -> None:
         )
 
 
+def _check_classifier_output(shape: Sequence[Any], metric: Metric, data: Dataset) -> None:
+    """Without class labels, ``metric`` falls back to top-1 agreement with fp32, which
+    needs (rows, classes) outputs with two classes or more; refuse anything else rather
+    than check nothing (a (rows,) output has no argmax, a (rows, 1) one agrees always).
+    An unknown rank or class dimension passes here and is checked on the fp32 outputs."""
+    dims = list(shape)
+    if not dims or (len(dims) >= 2 and (not isinstance(dims[-1], int) or dims[-1] > 1)):
+        return  # unknown rank, or a classifier; an unknown one is checked on fp32's outputs
+    raise CompilerInputError(
+        f"metric {metric.name} needs class labels 'y' in {data.path}, or a classifier output to compare "
+        f"with the fp32 model's top-1; this model's output has shape {_shape_text(dims)}. Give labels, "
+        "or use --metric mse or cosine (fidelity to the fp32 outputs)"
+    )
+
+
+def _shape_text(dims: list[Any]) -> str:
+    parts = [str(d) if isinstance(d, int) and d >= 0 else "N" for d in dims]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
 def _selection_metric(art: _Artifact, metric: Metric, by_agreement: bool) -> float | None:
     """What selection compares (higher is better): the metric, or without class labels
     the top-1 agreement with the fp32 model (1 for the fp32 model itself)."""
@@ -1028,12 +1048,26 @@ def compile_model(
     # candidates unchecked, each is held to its top-1 agreement with the fp32 model.
     by_agreement = options.metric.needs_class_labels and measure_on.y is None
     if by_agreement:
+        _check_classifier_output(model.output.shape, options.metric, measure_on)
         skipped.append(
             f"the {'eval' if eval_data is not None else 'calibration'} rows have no labels 'y', so "
             f"{options.metric.name} cannot be measured: every candidate is held to its top-1 agreement "
             "with the fp32 model instead (max_accuracy_drop applies to 1 - agreement; accuracy_floor "
             "is not checked)"
         )
+    # The source model in ONNX Runtime is the reference for agreement and the drift
+    # reference. A TFLite-only compile plans no ONNX candidate: evaluate it here, first.
+    source_fp32 = _Artifact(key="onnx-fp32", format="onnx", precision="fp32", technique="baseline",
+                            runtime="onnxruntime", build=lambda: (model.data, []), settings={})
+    if "onnx-fp32" not in planner.cache:
+        source_fp32.model = model.data
+        try:
+            _evaluate(source_fp32, model, calib, measure_on, None, options.metric)
+        except TechniqueError as e:
+            source_fp32.error = str(e)
+        fp32_logits = source_fp32.eval_logits
+        if by_agreement and fp32_logits is not None:
+            _check_classifier_output(fp32_logits.shape, options.metric, measure_on)
     for art in artifacts:
         prog.advance(f"building {art.key}")
         try:
@@ -1061,16 +1095,10 @@ def compile_model(
             continue
         if art.key == "onnx-fp32" and art.eval_logits is not None:
             fp32_logits = art.eval_logits
+            if by_agreement:
+                _check_classifier_output(fp32_logits.shape, options.metric, measure_on)
 
-    fp32 = planner.cache.get("onnx-fp32")
-    if fp32 is None:  # TFLite-only compile: still evaluate the source model in ORT
-        fp32 = _Artifact(key="onnx-fp32", format="onnx", precision="fp32", technique="baseline",
-                         runtime="onnxruntime", build=lambda: (model.data, []), settings={})
-        fp32.model = model.data
-        try:
-            _evaluate(fp32, model, calib, None, None, options.metric)
-        except TechniqueError as e:
-            fp32.error = str(e)
+    fp32 = planner.cache.get("onnx-fp32") or source_fp32
     if fp32.error:
         raise TechniqueError(f"the fp32 model does not run in ONNX Runtime: {fp32.error}")
     _check_tflite_int8(

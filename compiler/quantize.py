@@ -460,9 +460,10 @@ def fp16_overflows(model: bytes, input_name: str, x: np.ndarray) -> list[str]:
 
 
 def fp16_storage_model(model: bytes) -> bytes:
-    """The fp32 ``model`` with fp16 storage emulated: every float initializer rounded to
-    the nearest fp16 value, and every float graph input and node output passed through
-    ``Cast`` to FLOAT16 and back. Arithmetic inside each operator stays fp32, as on GPUs
+    """The fp32 ``model`` with fp16 storage emulated: every float initializer and
+    Constant rounded to fp16 as ``convert_fp16`` ships them (clamped to +-65504), and
+    every other float graph input and node output passed through ``Cast`` to FLOAT16
+    and back (past 65504 that gives inf, as fp16 hardware does). Arithmetic inside each operator stays fp32, as on GPUs
     that accumulate fp16 products in fp32 (tensor cores, TensorRT's fp16 mode).
 
     Why: ONNX Runtime's CPU provider runs an fp16 model's operators that lack fp16
@@ -474,13 +475,27 @@ def fp16_storage_model(model: bytes) -> bytes:
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    def as_shipped(t: onnx.TensorProto) -> onnx.TensorProto:
+        # The converter's own rounding: values past fp16's range are clamped to +-65504
+        # and tiny ones kept off zero, not turned into inf or 0 (``x / 65535``).
+        arr = numpy_helper.to_array(t)
+        half = convert_np_to_float16(np.atleast_1d(arr)).reshape(arr.shape)  # it refuses 0-d arrays
+        return numpy_helper.from_array(half.astype(np.float32), t.name)
 
     proto = onnx.load_model_from_string(model)
     g = proto.graph
     for i, init in enumerate(g.initializer):
         if init.data_type == TensorProto.FLOAT:
-            arr = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
-            g.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
+            g.initializer[i].CopyFrom(as_shipped(init))
+    constants: set[str] = set()  # Constant outputs, rounded in place like initializers
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                    a.t.CopyFrom(as_shipped(a.t))
+                    constants.update(node.output)
     inferred = onnx.shape_inference.infer_shapes(proto)
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
@@ -508,7 +523,7 @@ def fp16_storage_model(model: bytes) -> bytes:
                 node.input[k] = renamed[name]
         nodes.append(node)
         for k, name in enumerate(node.output):
-            if not name or types.get(name) != TensorProto.FLOAT:
+            if not name or name in constants or types.get(name) != TensorProto.FLOAT:
                 continue
             if name in outputs:
                 # A graph output keeps its name: the node writes a raw copy, rounded into it.

@@ -250,3 +250,26 @@ def test_at_the_limit_an_idle_connection_makes_way_for_a_new_one():
             s.close()
     finally:
         api.stop()
+
+
+def test_unread_bytes_are_asked_of_the_kernel_without_reading():
+    """The reclaimer must neither block nor take bytes from a connection's handler: it
+    asks how many bytes wait (FIONREAD) instead of peeking with recv."""
+    from agent import localapi
+
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(60)  # a recv here would wait for data; the check must not
+        t0 = time.monotonic()
+        assert localapi._has_unread(a) is False
+        b.sendall(b"GET /")
+        deadline = time.monotonic() + 2
+        while localapi._has_unread(a) is not True and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert localapi._has_unread(a) is True
+        assert a.recv(10) == b"GET /"  # nothing was taken from the stream
+        assert time.monotonic() - t0 < 2
+    finally:
+        a.close()
+        b.close()
+    assert localapi._has_unread(a) is None  # closed: cannot tell, so never reclaimed

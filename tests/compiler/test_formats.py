@@ -132,6 +132,23 @@ def test_tflite_fp16_candidate_for_a_litert_profile_with_fp16(
     run_selftest(load_bundle(b, RuntimeOptions(intra_op_threads=1), "a"))
 
 
+def test_a_litert_only_profile_without_labels_is_held_to_agreement(cnn_workspace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A TFLite-only compile plans no ONNX candidate; without labels its candidates must
+    still be compared with the fp32 model (the source, run in ONNX Runtime), not left
+    unchecked."""
+    report = compile_model(
+        cnn_workspace.pt2, [load_profile("mobile-litert")], cnn_workspace.calib, None, tmp_path,
+        CompileOptions(name="nolabels", latency=FAST_LATENCY),
+    )
+    tfl = [c for c in report.candidates if c.format == "tflite"]
+    assert tfl and all(c.agreement_with_fp32 is not None for c in tfl)
+    assert all(c.accuracy is None for c in tfl)
+    assert any("top-1 agreement with the fp32 model instead" in s for s in report.skipped)
+    for c in tfl:
+        if c.agreement_with_fp32 is not None and c.agreement_with_fp32 < 0.99:
+            assert not c.passed and any("metric drops" in r for r in c.reasons), c.reasons
+
+
 def test_train_adds_pruning_and_distillation(
     factory_workspace: FactoryWorkspace, tmp_path: Path
 ) -> None:

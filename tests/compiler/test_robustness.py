@@ -461,3 +461,52 @@ def test_lineage_records_the_opset_the_model_has(tmp_path: Path):
             got = onnx.load(str(b.model_path)).opset_import
             assert b.manifest.lineage.settings["opset"] == next(o.version for o in got if o.domain in ("", "ai.onnx"))
             assert b.manifest.lineage.settings["opset"] == 13
+
+
+def test_fp16_emulation_clamps_weights_as_the_converter_ships_them():
+    """A weight past fp16's range (x / 65535, a 16-bit image scaled down) is clamped to
+    65504 by the fp16 converter; the emulation must do the same, not make it inf."""
+    import onnxruntime as ort
+
+    from compiler.quantize import convert_fp16, run_fp16_storage
+
+    rng = np.random.default_rng(9)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")
+    scale = numpy_helper.from_array(np.array(65535.0, np.float32), "scale")  # a 0-d initializer
+    g = helper.make_graph(
+        [helper.make_node("Div", ["x", "scale"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w, scale])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+    x = rng.uniform(0, 65535, size=(16, 4)).astype(np.float32)
+    shipped = ort.InferenceSession(convert_fp16(m)[0], providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    emulated = run_fp16_storage(m, "x", x)[0]
+    assert np.isfinite(emulated).all() and np.abs(emulated).max() > 0.1
+    np.testing.assert_allclose(emulated, shipped, rtol=2e-2, atol=2e-2)
+    assert (emulated.argmax(1) == shipped.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("out_shape", [["n"], ["n", 1]])
+def test_without_labels_a_non_classifier_needs_a_fidelity_metric(tmp_path: Path, out_shape: list):
+    """Top-1 agreement means nothing for a (rows,) or (rows, 1) output: refuse, and say
+    which metric to use, rather than check nothing or pass everything."""
+    rng = np.random.default_rng(10)
+    w = numpy_helper.from_array(rng.normal(size=(4, 1)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h" if out_shape == ["n"] else "y"])]
+    inits = [w]
+    if out_shape == ["n"]:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "flat"))
+        nodes.append(helper.make_node("Reshape", ["h", "flat"], ["y"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = tmp_path / "reg.onnx"
+    model.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+                      .SerializeToString())
+    calib = _write_npz(tmp_path / "calib.npz", x=rng.normal(size=(64, 4)).astype(np.float32))
+    shown = "(N,)" if out_shape == ["n"] else "(N, 1)"
+    with pytest.raises(CompilerInputError, match=rf"needs class labels .* output has shape \{shown[:-1]}\).*--metric mse or cosine"):
+        compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out",
+                      CompileOptions(name="reg", version="1.0.0", latency=FAST))
+    report = compile_model(model, [load_profile("x86-gateway-vnni")], calib, None, tmp_path / "out2",
+                           CompileOptions(name="reg", version="1.0.0", latency=FAST, metric=parse_metric("mse")))
+    assert any(c.selected for c in report.candidates)
