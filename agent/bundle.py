@@ -28,11 +28,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import BundleError, ManifestError, first_error
+from agent.npz import load_npz_bounded
 
 __all__ = [
     "BUNDLE_SCHEMA_VERSION",
@@ -68,6 +69,9 @@ BUNDLE_SCHEMA_VERSION: Literal[1] = 1
 
 MANIFEST_NAME = "manifest.json"
 SELFTEST_NAME = "selftest.npz"
+# Self-test arrays once unpacked: a few rows of the model's inputs and outputs (8 rows of
+# a 224x224x3 float image are 4.8 MB).
+MAX_SELFTEST_UNPACKED = 64 << 20
 REFERENCE_NAME = "reference.json"
 MODEL_NAMES = {"onnx": "model.onnx", "tflite": "model.tflite"}
 _ALLOWED_MEMBERS = {MANIFEST_NAME, SELFTEST_NAME, REFERENCE_NAME, *MODEL_NAMES.values()}
@@ -249,12 +253,37 @@ class FeatureReference(_Strict):
     low: float | None = Field(None, description="Lowest valid value (schema), if any.")
     high: float | None = Field(None, description="Highest valid value (schema), if any.")
 
+    @model_validator(mode="after")
+    def _bins(self) -> FeatureReference:
+        _check_histogram(self.kind, self.edges, self.counts)
+        return self
+
 
 class PredictionReference(_Strict):
     kind: Literal["class", "numeric"] = "class"
     classes: list[str] = Field(default_factory=list, max_length=100_000)
     edges: list[float] = Field(default_factory=list, max_length=1025)
     counts: list[float] = Field(max_length=100_000)
+
+    @model_validator(mode="after")
+    def _bins(self) -> PredictionReference:
+        _check_histogram(self.kind, self.edges, self.counts)
+        return self
+
+
+def _check_histogram(kind: str, edges: list[float], counts: list[float]) -> None:
+    """A numeric histogram's edges increase (two or more, finite) with one count per
+    bin; every count is finite and not negative. Devices bin live traffic with these
+    edges (agent.features), so a reference that breaks this would fail on every batch."""
+    if any(not math.isfinite(c) or c < 0 for c in counts):
+        raise ValueError("counts must be finite and not negative")
+    if kind != "numeric":
+        return
+    increasing = all(b > a for a, b in zip(edges, edges[1:], strict=False))
+    if len(edges) < 2 or not all(math.isfinite(e) for e in edges) or not increasing:
+        raise ValueError("edges must be two or more finite numbers, increasing")
+    if len(counts) != len(edges) - 1:
+        raise ValueError(f"{len(edges)} edges make {len(edges) - 1} bins, but there are {len(counts)} counts")
 
 
 class Reference(_Strict):
@@ -415,15 +444,28 @@ def _parse_reference(data: bytes) -> Reference:
 
 def _load_selftest(data: bytes, manifest: Manifest) -> SelfTest:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise BundleError(f"selftest.npz: unreadable ({e})") from e
+        arrays = load_npz_bounded(data, MAX_SELFTEST_UNPACKED)
+    except ValueError as e:
+        raise BundleError(f"selftest.npz: {e}") from e
     inputs = {k[3:]: v for k, v in arrays.items() if k.startswith("in.")}
     outputs = {k[4:]: v for k, v in arrays.items() if k.startswith("out.")}
     missing = {t.name for t in manifest.inputs} - set(inputs)
     if missing:
         raise BundleError(f"selftest.npz: missing inputs {sorted(missing)}")
+    specs = {t.name: t for t in manifest.inputs}
+    for kind, group in (("in", inputs), ("out", outputs)):
+        for name, arr in group.items():
+            where = f"selftest.npz: {kind}.{name}"
+            if arr.dtype.kind not in "biuf":
+                raise BundleError(f"{where} has dtype {arr.dtype}; numbers are needed")
+            if arr.ndim == 0 or arr.shape[0] == 0:
+                raise BundleError(f"{where} needs a row axis and at least one row, got shape {arr.shape}")
+            spec = specs.get(name) if kind == "in" else None
+            if spec is not None and spec.dtype != "string":
+                if arr.dtype != np.dtype(spec.dtype):
+                    raise BundleError(f"{where} is {arr.dtype}, the manifest says {spec.dtype}")
+                if spec.shape and arr.ndim != len(spec.shape):
+                    raise BundleError(f"{where} has shape {arr.shape}, the manifest's rank is {len(spec.shape)}")
     return SelfTest(inputs, outputs, manifest.selftest_tolerance)
 
 
@@ -554,6 +596,9 @@ def unpack(path: Path, dest: Path, limits: BundleLimits = BundleLimits()) -> Bun
         raise BundleError(f"{path}: missing members {sorted(missing)}")
     if manifest.model_file not in got:
         raise BundleError(f"{path}: no {manifest.model_file} for format {manifest.format!r}")
+    for required in (SELFTEST_NAME, REFERENCE_NAME):
+        if required not in got:
+            raise BundleError(f"{path}: no {required} (every bundle carries its self-test data and drift reference)")
     # Parse the small members now so a bad bundle fails here, not at install time.
     _parse_reference((dest / REFERENCE_NAME).read_bytes())
     _load_selftest((dest / SELFTEST_NAME).read_bytes(), manifest)

@@ -34,13 +34,12 @@ import itertools
 import os
 import threading
 import time
-import zipfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from agent.npz import load_npz_bounded
 from agent.protocol import MAX_CAPTURE_BYTES, CaptureHeader, encode_capture
 
 __all__ = ["CaptureStore", "read_sample", "sample_arrays"]
@@ -197,32 +196,16 @@ def sample_arrays(
             once unpacked, a name that is not ``in/...`` or ``out/...``, or a
             non-numeric array.
     """
-    try:
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"not a valid npz: {e}") from e
-    if not isinstance(z, np.lib.npyio.NpzFile) or z.zip is None:
-        raise ValueError("not an npz archive")
+    arrays = load_npz_bounded(data, max_total_bytes, max_arrays)
     inputs: dict[str, np.ndarray] = {}
     outputs: dict[str, np.ndarray] = {}
-    with z:
-        infos = z.zip.infolist()
-        if len(infos) > max_arrays:
-            raise ValueError(f"{len(infos)} arrays exceed {max_arrays}")
-        unpacked = sum(i.file_size for i in infos)
-        if unpacked > max_total_bytes:
-            raise ValueError(f"arrays of {unpacked} bytes once unpacked exceed {max_total_bytes}")
-        for n in z.files:
-            kind, sep, name = n.partition("/")
-            if not sep or kind not in ("in", "out") or not name:
-                raise ValueError(f"array {n!r} is neither in/<name> nor out/<name>")
-            try:
-                arr = z[n]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise ValueError(f"array {n!r} is corrupt: {e}") from e
-            if arr.dtype.kind not in "biuf":
-                raise ValueError(f"array {n!r} has dtype {arr.dtype}, not numeric")
-            (inputs if kind == "in" else outputs)[name] = arr
+    for n, arr in arrays.items():
+        kind, sep, name = n.partition("/")
+        if not sep or kind not in ("in", "out") or not name:
+            raise ValueError(f"array {n!r} is neither in/<name> nor out/<name>")
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"array {n!r} has dtype {arr.dtype}, not numeric")
+        (inputs if kind == "in" else outputs)[name] = arr
     if not inputs:
         raise ValueError("the sample holds no input arrays")
     return inputs, outputs

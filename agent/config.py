@@ -159,6 +159,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not valid TOML: nested too deep") from e
+    except ValueError as e:  # an integer of thousands of digits (Python's conversion limit)
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
     section = data.get("agent", data)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [agent] must be a table")
@@ -204,7 +208,7 @@ def environment_values(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]
         elif _takes_json(info.annotation):
             try:
                 value = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer past the digit limit
                 raise ConfigError(f"{var}: {name} takes JSON here (for example '[\"a\", \"b\"]'): {e}") from e
         found[name] = (var, value)
     return found

@@ -35,7 +35,7 @@ def test_probe_delay_already_over_is_not_waited_again():
 
 def _reference() -> Reference:
     return Reference(
-        features=[FeatureReference(name="f0", edges=[-1.0, 0.0, 1.0], counts=[1, 1, 1, 1],
+        features=[FeatureReference(name="f0", edges=[-1.0, 0.0, 1.0], counts=[1, 1],
                                    low=-10.0, high=10.0)],
         predictions=None,
     )

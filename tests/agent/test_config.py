@@ -88,6 +88,7 @@ def test_load_settings_reads_the_process_environment_by_default(tmp_path: Path, 
     ({"EDGEFLEET_HEALTH_PROBES": '[{"kind": "ping"}]'}, "EDGEFLEET_HEALTH_PROBES[0][kind]: Input should be"),
     ({"EDGEFLEET_DEVICE_ID": "no/slashes"}, "EDGEFLEET_DEVICE_ID: Value error, must be 1-64 characters"),
     ({"EDGEFLEET_TAGS": "[" + '"x",' * MAX_ENV_VALUE_BYTES + '"x"]'}, "over the 65536-byte limit"),
+    ({"EDGEFLEET_TAGS": "9" * 5000}, "EDGEFLEET_TAGS: tags takes JSON"),  # past int()'s digit limit
 ])
 def test_a_bad_environment_value_names_the_variable(tmp_path: Path, env: dict[str, str], message: str):
     with pytest.raises(ConfigError) as e:
@@ -106,6 +107,8 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path, env: dict[st
     (GOOD[: GOOD.index('["lab"') + 4], "not valid TOML"),  # truncated inside a list
     ("agent = 5\n", "[agent] must be a table"),
     (b"[agent]\ndevice_id = \"\xff\xfe\"\n", "not valid TOML"),  # not UTF-8
+    (GOOD.replace("api_port = 8901", "api_port = " + "9" * 5000), "not valid TOML"),  # past the digit limit
+    (GOOD.replace("api_port = 8901", "x = " + "[" * 3000 + "]" * 3000), "not valid TOML"),  # nested too deep
     ("", "or --device-id"),
 ])
 def test_a_bad_file_names_the_file_and_the_field(tmp_path: Path, text: str | bytes, message: str):

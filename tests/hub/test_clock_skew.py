@@ -25,7 +25,7 @@ def _device(h: HubHarness, device_id: str) -> dict:  # type: ignore[type-arg]
 
 
 def _sketch(device_now: float) -> protocol.Payload:
-    ref = Reference(features=[FeatureReference(name="f0", edges=[-1.0, 0.0, 1.0], counts=[1, 1, 1, 1])])
+    ref = Reference(features=[FeatureReference(name="f0", edges=[-1.0, 0.0, 1.0], counts=[1, 1])])
     acc = SketchAccumulator(ref, "tiny:1.0.0", start=device_now - 60)
     acc.update(np.random.default_rng(0).normal(size=(100, 1)).astype(np.float32), None)
     return acc.snapshot_and_reset(device_now)  # type: ignore[return-value]
