@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import BinaryIO, Protocol, TextIO
 
 from agent import topics
 from agent.errors import DiskSpaceError, PayloadError, TransferError
@@ -38,6 +39,11 @@ __all__ = ["Publisher", "TransferSettings", "RepoClient", "HttpRepoClient", "Not
 
 log = logging.getLogger(__name__)
 
+# A journal line: a chunk index in ASCII digits. Twelve digits are far more chunks than
+# any artifact has, and keep int() away from huge or non-ASCII ("²") digit strings.
+_JOURNAL_LINE = re.compile(r"[0-9]{1,12}")
+# A Content-Range answer to "Range: bytes=N-": "bytes START-END/TOTAL", TOTAL may be "*".
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 
 
 def _journal_chunks(journal: Path, head: str, n_chunks: int) -> set[int]:
@@ -52,9 +58,10 @@ def _journal_chunks(journal: Path, head: str, n_chunks: int) -> set[int]:
         return set()
     done: set[int] = set()
     for line in text[len(head):].splitlines(keepends=True):
-        if line.endswith("\n") and line[:-1].isdigit() and int(line[:-1]) < n_chunks:
+        if line.endswith("\n") and _JOURNAL_LINE.fullmatch(line[:-1]) and int(line[:-1]) < n_chunks:
             done.add(int(line[:-1]))
     return done
+
 
 def _restart_journal(journal: Path, head: str, done: set[int]) -> TextIO:
     """The journal, written anew from the chunks it listed and open for appending: a
@@ -64,6 +71,42 @@ def _restart_journal(journal: Path, head: str, done: set[int]) -> TextIO:
     jfh.write(head + "".join(f"{i}\n" for i in sorted(done)))
     jfh.flush()
     return jfh
+
+
+def _pause(seconds: float, cancel: threading.Event | None, path: str) -> None:
+    """Sleep ``seconds`` in slices of at most a second, so that a stopping agent is not
+    kept waiting by a bandwidth cap. Raises TransferError when ``cancel`` is set."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if cancel is None:
+            time.sleep(min(left, 1.0))
+        elif cancel.wait(min(left, 1.0)):
+            raise TransferError(f"{path}: transfer cancelled")
+
+
+def _check_content_range(path: str, value: str | None, start: int, length: int) -> None:
+    """Check a 206 answer to ``Range: bytes=<start>-`` for a ``length``-byte file: its
+    Content-Range must start at ``start`` and, where it gives one, name ``length`` as
+    the file's size. Raises TransferError saying what the server sent instead."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if m is None:
+        raise TransferError(
+            f"GET {path}: 206 answer to Range bytes={start}- has an unreadable Content-Range {value!r}"
+        )
+    first, last, total = int(m[1]), int(m[2]), m[3]
+    if first != start:
+        raise TransferError(
+            f"GET {path}: asked for bytes {start}- but the server sent Content-Range {value!r}"
+        )
+    if total != "*" and int(total) != length:
+        raise TransferError(
+            f"GET {path}: Content-Range {value!r} is for a {total}-byte file, "
+            f"not the {length} bytes signed for it"
+        )
+    if last < first or last >= length:
+        raise TransferError(
+            f"GET {path}: Content-Range {value!r} is not within the {length}-byte file"
+        )
 
 
 class Publisher(Protocol):
@@ -132,8 +175,12 @@ class RepoClient:
         """
         for _attempt in range(self.settings.max_attempts_per_chunk):
             rid, q = self._request(path, offset, length)
+            deadline = time.monotonic() + self.settings.timeout_s
             try:
-                header, data = q.get(timeout=self.settings.timeout_s)
+                while True:
+                    header, data = q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if self._answers(header, path, offset):
+                        break
             except queue.Empty:
                 continue
             finally:
@@ -144,6 +191,17 @@ class RepoClient:
                 raise TransferError(f"repository error for {path}: {header.error}")
             return header.total, data
         raise TransferError(f"no answer for {path}@{offset} after {self.settings.max_attempts_per_chunk} tries")
+
+    def _answers(self, header: ChunkHeader, path: str, offset: int) -> bool:
+        """Whether a frame carrying our request id is for the path (and, with data, the
+        offset) we asked for. One that is not is counted and dropped, so the range is asked
+        for again after the timeout instead of landing at the wrong place in the file."""
+        if header.path == path and (header.status != "ok" or header.offset == offset):
+            return True
+        self.frames_rejected += 1
+        log.debug("dropped a frame for %s@%d answering a request for %s@%d",
+                  header.path, header.offset, path, offset)
+        return False
 
     def fetch_bytes(self, path: str, max_bytes: int) -> bytes:
         """A whole (small) file, e.g. metadata. Raises NotFound, TransferError."""
@@ -239,14 +297,18 @@ class RepoClient:
                 except queue.Empty:
                     header = None
                 if header is not None:
-                    slot = inflight.pop(header.rid, None)
-                    self._forget(header.rid)
+                    slot = inflight.get(header.rid)
                     if slot is None:
+                        self._forget(header.rid)
                         continue  # late duplicate of a chunk we re-requested
-                    i = slot[0]
+                    if not self._answers(header, path, slot[0] * s.chunk_size):
+                        header = None  # stays in flight: asked for again when it times out
+                if header is not None:
+                    i = inflight.pop(header.rid)[0]
+                    off = i * s.chunk_size
+                    self._forget(header.rid)
                     if header.status == "not_found":
                         raise NotFound(f"repository has no {path}")
-                    off = i * s.chunk_size
                     want = min(s.chunk_size, length - off)
                     if header.status != "ok" or header.total != length or len(data) != want:
                         raise TransferError(
@@ -320,9 +382,9 @@ class HttpRepoClient:
         """Download ``length`` bytes of ``path`` to ``dest``, resuming a previous attempt.
 
         Raises:
-            DiskSpaceError, NotFound, TransferError: as :meth:`RepoClient.download`.
+            DiskSpaceError, NotFound, TransferError: as :meth:`RepoClient.download`; also
+                TransferError for a 206 answer whose Content-Range is not the range asked.
         """
-        s = self.settings
         part = dest.with_name(dest.name + ".part")
         journal = dest.with_name(dest.name + ".part.done")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -336,33 +398,50 @@ class HttpRepoClient:
         if shutil.disk_usage(dest.parent).free < length - have:
             raise DiskSpaceError(f"need {length - have} more bytes for {path} in {dest.parent}")
         if have < length:
-            started, got = time.monotonic(), 0
-            with self._open(path, have) as resp, open(part, "ab") as out:
-                if have and resp.status != 206:
-                    raise TransferError(f"GET {path}: server ignored the Range request")
-                while True:
-                    if cancel is not None and cancel.is_set():
-                        raise TransferError(f"{path}: transfer cancelled")
-                    try:
-                        block = resp.read(s.chunk_size)
-                    except OSError as e:
-                        raise TransferError(f"GET {path}: {e}") from e
-                    if not block:
-                        break
-                    if have + got + len(block) > length:
-                        raise TransferError(f"{path} is longer than the {length} bytes signed for it")
-                    out.write(block)
-                    got += len(block)
-                    self.bytes_received += len(block)
-                    if progress is not None:
-                        progress(have + got, length)
-                    if s.bandwidth_bytes_per_s:
-                        ahead = got / s.bandwidth_bytes_per_s - (time.monotonic() - started)
-                        if ahead > 0:
-                            time.sleep(ahead)
-                out.flush()
-                os.fsync(out.fileno())
+            with self._open(path, have) as resp:
+                if have and resp.status == 200:
+                    # No Range support: the body is the whole file, so it replaces the part.
+                    log.info("GET %s: server answered bytes=%d- with the whole file; "
+                             "starting over", path, have)
+                    have = 0
+                elif have and resp.status == 206:
+                    _check_content_range(path, resp.headers.get("Content-Range"), have, length)
+                elif resp.status != 200:
+                    raise TransferError(f"GET {path}: unexpected HTTP {resp.status}")
+                with open(part, "ab" if have else "wb") as out:
+                    self._copy(path, resp, out, have, length, progress, cancel)
         if part.stat().st_size != length:
             raise TransferError(f"{path}: got {part.stat().st_size} of {length} bytes")
         os.replace(part, dest)
         return dest
+
+    def _copy(self, path: str, resp: BinaryIO, out: BinaryIO, have: int, length: int,
+              progress: Callable[[int, int], None] | None,
+              cancel: threading.Event | None) -> None:
+        """Append the response body to ``out`` (which holds ``have`` bytes), up to
+        ``length`` bytes in all and within the bandwidth cap, then flush it to disk.
+        Raises TransferError: a read failed, the body is too long, or ``cancel`` was set."""
+        s = self.settings
+        started, got = time.monotonic(), 0
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise TransferError(f"{path}: transfer cancelled")
+            try:
+                block = resp.read(s.chunk_size)
+            except OSError as e:
+                raise TransferError(f"GET {path}: {e}") from e
+            if not block:
+                break
+            if have + got + len(block) > length:
+                raise TransferError(f"{path} is longer than the {length} bytes signed for it")
+            out.write(block)
+            got += len(block)
+            self.bytes_received += len(block)
+            if progress is not None:
+                progress(have + got, length)
+            if s.bandwidth_bytes_per_s:
+                ahead = got / s.bandwidth_bytes_per_s - (time.monotonic() - started)
+                if ahead > 0:
+                    _pause(ahead, cancel, path)
+        out.flush()
+        os.fsync(out.fileno())
