@@ -534,23 +534,36 @@ class Agent:
             self.spool.push(Priority.METRICS, topics.device_topic(self.settings.device_id, "telemetry"), encode(t))
 
     def _sender_loop(self) -> None:
+        # Nothing may end this thread but stop(): a device whose sender died reports
+        # nothing until restarted. An unexpected error is logged and retried, waiting
+        # longer each time it repeats (up to a minute) so that a lasting one does not
+        # flood the log.
+        backoff = 0.0
         while not self._stop.is_set():
-            if not self.link.connected.wait(timeout=0.5):
-                continue
-            rec = self.spool.peek()
-            if rec is None:
-                if self._upload_capture():
-                    continue
-                # push(), stop() and a new capture to upload set the event; the timeout
-                # is a safety net, not a poll
-                self.spool.available.wait(timeout=5.0)
-                continue
             try:
-                self.link.publish_wait(rec.topic, rec.payload, qos=1, retain=rec.retain)
-            except TransportError:
-                self._stop.wait(0.5)
-                continue
-            self.spool.ack(rec.id)
+                if not self.link.connected.wait(timeout=0.5):
+                    continue
+                rec = self.spool.peek()
+                if rec is None:
+                    if self._upload_capture():
+                        continue
+                    # push(), stop() and a new capture to upload set the event; the timeout
+                    # is a safety net, not a poll
+                    self.spool.available.wait(timeout=5.0)
+                    continue
+                try:
+                    self.link.publish_wait(rec.topic, rec.payload, qos=1, retain=rec.retain)
+                except TransportError:
+                    self._stop.wait(0.5)
+                    continue
+                self.spool.ack(rec.id)
+                backoff = 0.0
+            except Exception:
+                if self._stop.is_set():
+                    break  # the spool closed under a stopping agent
+                backoff = min(max(backoff * 2, 0.5), 60.0)
+                log.exception("spool sender: unexpected error; retrying in %.1f s", backoff)
+                self._stop.wait(backoff)
 
     def _upload_capture(self) -> bool:
         """Send the oldest captured sample (only when the spool is empty); True if sent."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.slots import set_aside_unreadable
 
-__all__ = ["Priority", "Record", "Spool"]
+__all__ = ["Priority", "Record", "SchemaMismatch", "Spool"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,60 @@ class Record:
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
+class SchemaMismatch(sqlite3.DatabaseError):
+    """A readable SQLite file whose tables are not the spool's (a column missing, another
+    layout): the agent cannot use it, so it is handled like a damaged file."""
+
+
+# The columns the spool reads and writes. Others may exist if an insert can leave them out.
+_RECORDS_COLUMNS = ("id", "priority", "topic", "payload", "retain", "size")
+_COUNTERS_COLUMNS = ("name", "value")
+# A record's size as the byte count takes it: a number, never negative (a row written by
+# something else may hold text or NULL there).
+_SIZE = "MAX(COALESCE(CAST(size AS INTEGER), 0), 0)"
+_PEEK_BATCH = 64
+_PRIORITIES = frozenset(int(p) for p in Priority)
+
+
+def _check_schema(db: sqlite3.Connection) -> None:
+    """Raise ``SchemaMismatch`` unless ``records`` and ``counters`` are usable."""
+    for table, needed in (("records", _RECORDS_COLUMNS), ("counters", _COUNTERS_COLUMNS)):
+        # (cid, name, type, notnull, default, pk) per column; no rows when there is no table
+        cols = {r[1].lower(): r for r in db.execute(f"PRAGMA table_info({table})").fetchall()}
+        if not cols:
+            raise SchemaMismatch(f"no {table} table")
+        missing = [c for c in needed if c not in cols]
+        if missing:
+            raise SchemaMismatch(f"{table} table has no column {', '.join(missing)}")
+        extra = [n for n, r in cols.items() if n not in needed and r[3] and r[4] is None and not r[5]]
+        if extra:
+            raise SchemaMismatch(f"{table} table has a required column {', '.join(extra)} the spool does not fill")
+        pk = [n for n, r in cols.items() if r[5]]
+        key = "id" if table == "records" else "name"
+        if pk != [key] or (table == "records" and str(cols["id"][2]).upper() != "INTEGER"):
+            raise SchemaMismatch(f"{table} table is not keyed by {key}")
+
+
+def _decode(row: tuple) -> Record:
+    """A record from ``(id, priority, topic, payload, retain)``; ValueError when a value is
+    not one the spool writes (a priority out of range, a topic that is not text, ...)."""
+    rid, prio, topic, payload, retain = row
+    if not isinstance(prio, int) or prio not in _PRIORITIES:
+        raise ValueError(f"priority {prio!r}")
+    if not isinstance(topic, str) or not topic:
+        raise ValueError(f"topic {topic!r:.40}")
+    if not isinstance(payload, bytes):
+        raise ValueError(f"payload of type {type(payload).__name__}")
+    if retain not in (0, 1):
+        raise ValueError(f"retain {retain!r:.40}")
+    return Record(rid, Priority(prio), topic, payload, bool(retain))
+
+
 def _damaged(e: sqlite3.DatabaseError) -> bool:
-    """True when SQLite says the file is not a database or is corrupt (and only then)."""
+    """True when SQLite says the file is not a database or is corrupt, or the file is a
+    database whose tables are not the spool's (and only then)."""
+    if isinstance(e, SchemaMismatch):
+        return True
     code = getattr(e, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
@@ -53,13 +105,13 @@ def _damaged(e: sqlite3.DatabaseError) -> bool:
 
 
 class Spool:
-    """``reset_reason`` is set when the file on disk was not a readable spool: it is then
-    set aside (``spool.sqlite.unreadable-<unix time>``) and the spool starts empty,
+    """``reset_reason`` is set when the file on disk was not a readable spool (damaged, or
+    a database with other tables than the spool's): it is then set aside (``spool.sqlite.unreadable-<unix time>``) and the spool starts empty,
     rather than keep the agent from starting."""
 
     def __init__(self, path: Path, max_bytes: int = 8 << 20, *, set_aside: bool = True):
         """``set_aside=False`` (readers such as ``edgefleet agent status``) raises
-        ``sqlite3.DatabaseError`` for a damaged file instead of moving it, and writes
+        ``sqlite3.DatabaseError`` (``SchemaMismatch`` for other tables) for a damaged file instead of moving it, and writes
         nothing. Errors other than damage (the database locked by another process, a
         full disk, I/O) are raised either way: the file may be fine."""
         self.path = path
@@ -93,6 +145,10 @@ class Spool:
                 " retain INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
+        # Existing tables are kept as they are: check that they are the spool's before any
+        # statement that needs their columns.
+        _check_schema(self._db)
+        if writer:
             # The spool's identity: a new one for every new file (53 bits, exact in JSON).
             # A lock held by another process or a full disk must not keep the agent from
             # starting: reports then go without an epoch (the hub compares seq as before).
@@ -101,7 +157,7 @@ class Spool:
                                  (secrets.randbits(53),))
             except sqlite3.OperationalError as e:
                 log.warning("spool: no epoch written: %s", e)
-        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
+        self._bytes = self._db.execute(f"SELECT COALESCE(SUM({_SIZE}), 0) FROM records").fetchone()[0]
         row = self._db.execute("SELECT value FROM counters WHERE name = 'spool.epoch'").fetchone()
         self.epoch: int | None = None if row is None else row[0]
 
@@ -135,7 +191,7 @@ class Spool:
     def _evict(self) -> None:
         for prio in sorted(Priority):
             rows = self._db.execute(
-                "SELECT id, size FROM records WHERE priority = ? ORDER BY id", (int(prio),)
+                f"SELECT id, {_SIZE} FROM records WHERE priority = ? ORDER BY id", (int(prio),)
             ).fetchall()
             dropped = []
             for rid, size in rows:
@@ -150,19 +206,57 @@ class Spool:
                 return
 
     def peek(self) -> Record | None:
-        """The oldest record, or None when empty."""
+        """The oldest record, or None when empty.
+
+        Rows that cannot be decoded (written by something else, or damaged in a way SQLite
+        does not notice) are deleted on the way and counted as ``dropped.undecodable``:
+        one such row must not stop every record behind it."""
+        limit = 1  # the usual case: the oldest row decodes; batches only past bad ones
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, priority, topic, payload, retain FROM records ORDER BY id LIMIT 1"
-            ).fetchone()
-            if row is None:
-                self.available.clear()
-                return None
-        return Record(row[0], Priority(row[1]), row[2], bytes(row[3]), bool(row[4]))
+            while True:
+                rows = self._db.execute(
+                    f"SELECT id, priority, topic, payload, retain, {_SIZE} FROM records ORDER BY id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+                if not rows:
+                    self.available.clear()
+                    return None
+                if limit == 1:
+                    try:
+                        return _decode(rows[0][:5])
+                    except ValueError:
+                        limit = _PEEK_BATCH  # read on in batches, dropping the bad rows together
+                        continue
+                bad: list[tuple[int, int]] = []
+                first_error = ""
+                found: Record | None = None
+                for row in rows:
+                    try:
+                        found = _decode(row[:5])
+                        break
+                    except ValueError as e:
+                        bad.append((row[0], row[5]))
+                        first_error = first_error or f"record {row[0]}: {e}"
+                if bad:
+                    self._drop_undecodable(bad, first_error)
+                if found is not None:
+                    return found
+
+    def _drop_undecodable(self, bad: list[tuple[int, int]], first_error: str) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("DELETE FROM records WHERE id = ?", [(rid,) for rid, _ in bad])
+            self._bump("dropped.undecodable", len(bad))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._bytes = max(self._bytes - sum(size for _, size in bad), 0)
+        log.warning("spool: dropped %d record(s) that could not be decoded (%s)", len(bad), first_error)
 
     def ack(self, record_id: int) -> None:
         with self._lock:
-            row = self._db.execute("SELECT size FROM records WHERE id = ?", (record_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_SIZE} FROM records WHERE id = ?", (record_id,)).fetchone()
             if row is not None:
                 self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
                 self._bytes -= row[0]
@@ -195,7 +289,7 @@ class Spool:
             return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
 
     def dropped(self) -> int:
-        return sum(v for k, v in self.counters().items() if k.startswith("dropped."))
+        return sum(v for k, v in self.counters().items() if k.startswith("dropped.") and isinstance(v, int))
 
     def size_bytes(self) -> int:
         with self._lock:
