@@ -734,14 +734,16 @@ class Agent:
         """Stop serving the shadow or split candidate, and unload it unless it is the
         active model."""
         self.server.set_candidate(None)
-        if self._candidate is not None and self._candidate is not self.server.active:
+        self._drop_candidate()
+
+    def _drop_candidate(self, *, keep_loaded: bool = False) -> None:
+        """Forget the candidate; unload it unless ``keep_loaded`` or it is the active model."""
+        if not keep_loaded and self._candidate is not None and self._candidate is not self.server.active:
             self._candidate.retire()
         self._candidate = None
 
     def _finish(self, rec: DeploymentRecord) -> None:
-        if rec.state != State.CANDIDATE and self._candidate is not None and self._candidate is not self.server.active:
-            self._candidate.retire()
-        self._candidate = None
+        self._drop_candidate(keep_loaded=rec.state == State.CANDIDATE)
         if rec.target_path:
             for p in (self.data_dir / "downloads").glob(f"{rec.target_path}*"):
                 p.unlink(missing_ok=True)

@@ -519,14 +519,14 @@ class InferenceClient:
                  headers: dict[str, str] | None = None) -> tuple[bytes, Any]:
         import http.client
 
+        if body is not None and len(body) > MAX_REQUEST_BYTES:
+            raise V2Error(f"{method} {path}: request of {len(body)} bytes exceeds the agent's limit "
+                          f"of {MAX_REQUEST_BYTES}", 413)
         for attempt in (0, 1):
             conn = getattr(self._local, "conn", None)
             fresh = conn is None
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-            if body is not None and len(body) > MAX_REQUEST_BYTES:
-                raise V2Error(f"{method} {path}: request of {len(body)} bytes exceeds the agent's limit "
-                              f"of {MAX_REQUEST_BYTES}", 413)
             try:
                 conn.request(method, self._prefix + path, body, headers or {})
                 resp = conn.getresponse()

@@ -39,7 +39,7 @@ def load_npz_bounded(data: bytes, max_unpacked: int, max_arrays: int = 256) -> d
             raise ValueError(f"{len(infos)} arrays exceed {max_arrays}")
         unpacked = sum(i.file_size for i in infos)
         if unpacked > max_unpacked:
-            raise ValueError(f"its arrays are {unpacked} bytes once unpacked, over {max_unpacked}")
+            raise ValueError(f"its arrays unpack to {unpacked} bytes, over {max_unpacked}, the limit once unpacked")
         for info in infos:
             if not info.filename.endswith(".npy"):
                 raise ValueError(f"member {info.filename[:100]!r} is not an .npy array")

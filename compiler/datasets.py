@@ -8,14 +8,13 @@ whose ``y`` does not match ``x`` row for row is refused with a
 from __future__ import annotations
 
 import hashlib
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from agent.npz import load_npz_bounded
 from compiler.errors import DataFileError
 
 __all__ = ["Dataset", "load_npz", "check_input_shape"]
@@ -60,27 +59,13 @@ def load_npz(path: Path, role: str, *, need_labels: bool = False) -> Dataset:
     except OSError as e:
         raise DataFileError(f"{role} data {path}: cannot read ({e.strerror})") from e
     digest = hashlib.sha256(raw).hexdigest()
+    if raw[:6] == b"\x93NUMPY":
+        raise DataFileError(f"{role} data {path}: a single .npy array, not an .npz archive "
+                            "(save one with numpy.savez(path, x=..., y=...))")
     try:
-        import io
-
-        if zipfile.is_zipfile(io.BytesIO(raw)):
-            with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-                unpacked = sum(i.file_size for i in zf.infolist())
-            if unpacked > MAX_UNPACKED_BYTES:
-                raise DataFileError(f"{role} data {path}: its arrays unpack to {unpacked} bytes, "
-                                    f"over {MAX_UNPACKED_BYTES}")
-        z = np.load(io.BytesIO(raw), allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise DataFileError(f"{role} data {path}: a single .npy array, not an .npz archive "
-                                "(save one with numpy.savez(path, x=..., y=...))")
-        with z:
-            arrays = {k: z[k] for k in z.files}
-    except DataFileError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        arrays = load_npz_bounded(raw, MAX_UNPACKED_BYTES)
+    except ValueError as e:  # not a zip, a bomb, a header claiming more than its data, pickles
         raise DataFileError(f"{role} data {path}: not a readable .npz file ({e})") from e
-    except MemoryError as e:  # an array header claiming a shape far larger than its data
-        raise DataFileError(f"{role} data {path}: an array declares more data than can be loaded ({e})") from e
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise DataFileError(f"{role} data {path}: no array named 'x' (found {found})")

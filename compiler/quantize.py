@@ -423,6 +423,17 @@ FP16_MAX = 65504.0
 FP16_CHECK_ROWS = 1024  # calibration rows the fp16 range check runs
 
 
+def _unoptimized_session(model: bytes) -> Any:
+    """A one-thread CPU session with graph optimizations off: every node runs as
+    written (no fusion hides an intermediate, no cast pair is folded away)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
 def fp16_overflows(model: bytes, input_name: str, x: np.ndarray) -> list[str]:
     """Float tensors of the fp32 ``model`` whose values on ``x`` (calibration rows) reach
     beyond fp16's largest finite value, as ``"name (max |v| 1.1e+05)"``.
@@ -433,7 +444,6 @@ def fp16_overflows(model: bytes, input_name: str, x: np.ndarray) -> list[str]:
     intermediates are seen too. At most ``FP16_CHECK_ROWS`` rows are run.
     """
     import onnx
-    import onnxruntime as ort
 
     proto = onnx.load_model_from_string(model)
     present = {o.name for o in proto.graph.output}
@@ -442,10 +452,7 @@ def fp16_overflows(model: bytes, input_name: str, x: np.ndarray) -> list[str]:
             if name and name not in present:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
                 present.add(name)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _unoptimized_session(proto.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
     # A running maximum per tensor, a few rows at a time: every intermediate of every
     # row at once would take hundreds of MiB for an ordinary CNN.
@@ -499,23 +506,17 @@ def fp16_storage_model(model: bytes) -> bytes:
     inferred = onnx.shape_inference.infer_shapes(proto)
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
-    for node in inferred.graph.node:  # Constant outputs are not always in value_info
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type:
-                    types.setdefault(node.output[0], a.t.data_type)
-
-    def rounded(name: str, nodes: list[onnx.NodeProto]) -> str:
-        half, back = f"{name}__fp16", f"{name}__fp16r"
-        nodes.append(helper.make_node("Cast", [name], [half], to=TensorProto.FLOAT16))
-        nodes.append(helper.make_node("Cast", [half], [back], to=TensorProto.FLOAT))
-        return back
-
     nodes: list[onnx.NodeProto] = []
+
+    def round_into(src: str, dst: str) -> None:
+        nodes.append(helper.make_node("Cast", [src], [f"{dst}__fp16"], to=TensorProto.FLOAT16))
+        nodes.append(helper.make_node("Cast", [f"{dst}__fp16"], [dst], to=TensorProto.FLOAT))
+
     renamed: dict[str, str] = {}  # tensor -> its rounded copy, for the nodes that read it
     for inp in g.input:
         if types.get(inp.name) == TensorProto.FLOAT:
-            renamed[inp.name] = rounded(inp.name, nodes)
+            renamed[inp.name] = f"{inp.name}__fp16r"
+            round_into(inp.name, renamed[inp.name])
     outputs = {o.name for o in g.output}
     for node in g.node:
         for k, name in enumerate(node.input):
@@ -527,13 +528,11 @@ def fp16_storage_model(model: bytes) -> bytes:
                 continue
             if name in outputs:
                 # A graph output keeps its name: the node writes a raw copy, rounded into it.
-                raw = f"{name}__fp32"
-                node.output[k] = raw
-                half = f"{name}__fp16"
-                nodes.append(helper.make_node("Cast", [raw], [half], to=TensorProto.FLOAT16))
-                nodes.append(helper.make_node("Cast", [half], [name], to=TensorProto.FLOAT))
+                node.output[k] = f"{name}__fp32"
+                round_into(node.output[k], name)
             else:
-                renamed[name] = rounded(name, nodes)
+                renamed[name] = f"{name}__fp16r"
+                round_into(name, renamed[name])
     del g.node[:]
     g.node.extend(nodes)
     return proto.SerializeToString()
@@ -542,11 +541,6 @@ def fp16_storage_model(model: bytes) -> bytes:
 def run_fp16_storage(model: bytes, input_name: str, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
     """Outputs of :func:`fp16_storage_model` on ``x`` (ONNX Runtime, CPU, optimizations
     off so that the rounding casts stay), in ``batch``-row slices."""
-    import onnxruntime as ort
+    from compiler.measure import run_batched
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(fp16_storage_model(model), so, providers=["CPUExecutionProvider"])
-    parts = [sess.run(None, {input_name: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+    return run_batched(_unoptimized_session(fp16_storage_model(model)), input_name, x, batch)
