@@ -24,15 +24,22 @@ def _telemetry(bench, device_id: str) -> list[Telemetry]:
     return got
 
 
+def _with_candidate(bench, mode: str, ratio: float):
+    """An agent serving v1 (deployment d1) with v2 beside it as a ``mode`` candidate
+    (deployment d2). Returns (agent, (tp1, m1, w1, b1), (tp2, m2, w2, b2))."""
+    a = bench.agent()
+    v1 = bench.bundle("1.0.0", seed=1)
+    v2 = bench.bundle("1.1.0", seed=2)
+    bench.deploy("dev1", "d1", v1[0], v1[1].ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    bench.deploy("dev1", "d2", v2[0], v2[1].ref, mode=mode, ratio=ratio)
+    assert bench.wait_for(a, "d2") == "candidate"
+    return a, v1, v2
+
+
 def test_shadow_never_changes_responses_and_reports_agreement(bench):
     tel = _telemetry(bench, "dev1")
-    a = bench.agent()
-    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
-    tp2, m2, w2, b2 = bench.bundle("1.1.0", seed=2)
-    bench.deploy("dev1", "d1", tp1, m1.ref)
-    assert bench.wait_for(a, "d1") == "installed"
-    bench.deploy("dev1", "d2", tp2, m2.ref, mode="shadow", ratio=1.0)
-    assert bench.wait_for(a, "d2") == "candidate"
+    a, (tp1, m1, w1, b1), (tp2, m2, w2, b2) = _with_candidate(bench, "shadow", 1.0)
     assert a.server.candidate is not None and a.server.candidate.model.ref == "lin:1.1.0"
     for i in range(len(ROWS)):
         out = a.infer({"input": ROWS[i:i + 1]})["logits"]
@@ -53,13 +60,7 @@ def test_shadow_never_changes_responses_and_reports_agreement(bench):
 
 
 def test_split_serves_a_share_with_the_candidate_and_survives_restart(bench):
-    a = bench.agent()
-    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
-    tp2, m2, w2, b2 = bench.bundle("1.1.0", seed=2)
-    bench.deploy("dev1", "d1", tp1, m1.ref)
-    assert bench.wait_for(a, "d1") == "installed"
-    bench.deploy("dev1", "d2", tp2, m2.ref, mode="split", ratio=0.3)
-    assert bench.wait_for(a, "d2") == "candidate"
+    a, (tp1, m1, w1, b1), (tp2, m2, w2, b2) = _with_candidate(bench, "split", 0.3)
     x = ROWS[:1]
     served = {"old": 0, "new": 0}
     for _ in range(400):
@@ -80,13 +81,7 @@ def test_split_serves_a_share_with_the_candidate_and_survives_restart(bench):
 def test_redeploying_the_active_model_calls_off_a_split_run(bench):
     """A hub cancels an A/B run by deploying the active model again: the shortcut for
     "already active" must end the candidate too, not leave it answering requests."""
-    a = bench.agent()
-    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
-    tp2, m2, _, _ = bench.bundle("1.1.0", seed=2)
-    bench.deploy("dev1", "d1", tp1, m1.ref)
-    assert bench.wait_for(a, "d1") == "installed"
-    bench.deploy("dev1", "d2", tp2, m2.ref, mode="split", ratio=1.0)
-    assert bench.wait_for(a, "d2") == "candidate"
+    a, (tp1, m1, w1, b1), _ = _with_candidate(bench, "split", 1.0)
     bench.deploy("dev1", "d3", tp1, m1.ref)
     assert bench.wait_for(a, "d3") == "installed"
     assert a.server.candidate is None and a.model_ref == "lin:1.0.0"
