@@ -750,10 +750,8 @@ class Agent:
 
     # Each handler does its state's work and returns an Event (or raises _Reject/_Fail).
 
-    def _trusted_repo(self):  # -> agent.trust.TrustedRepository
-        # TUF is imported on first use: a device that only serves never loads it.
-        from agent.trust import RepoFetcher, TrustedRepository
-
+    def _trust_dir(self) -> Path:
+        """The device's trusted TUF metadata folder, with a root to start from."""
         trust_dir = self.data_dir / "trust"
         trust_dir.mkdir(exist_ok=True)
         root = trust_dir / "root.json"
@@ -771,10 +769,10 @@ class Agent:
                 except TransportError as e:
                     raise _Fail(f"cannot fetch trust root: {e}", "transport") from e
                 atomic_write(root, data)
-        return TrustedRepository(trust_dir, RepoFetcher(self.fetch_client))
+        return trust_dir
 
     def _do_download(self, rec: DeploymentRecord) -> Event:
-        from agent.trust import check_upgrade, serve_path_for, target_custom
+        from agent.trust import check_upgrade, lookup_target, serve_path_for, target_custom
 
         assert rec.target_path is not None
         delay = 1.0
@@ -782,7 +780,7 @@ class Agent:
         for attempt in range(1, self.settings.max_download_attempts + 1):
             rec.attempts = attempt
             try:
-                target = self._trusted_repo().lookup(rec.target_path)
+                target = lookup_target(self._trust_dir(), rec.target_path, self.fetch_client, stop=self._stop)
                 self._conditions.discard("metadata_expired")
                 if target.length <= 0:
                     raise _Reject(f"signed target {rec.target_path} is empty (length {target.length})", "bundle")
@@ -794,7 +792,7 @@ class Agent:
                 cur = active.bundle.manifest if active else None
                 check_upgrade(custom, cur.name if cur else None, cur.version if cur else None)
                 rec.target_length = target.length
-                rec.target_sha256 = target.hashes.get("sha256")
+                rec.target_sha256 = target.hashes["sha256"]
                 rec.target_custom = custom.model_dump()
                 rec.model = custom.ref
                 self.store.save(rec)
@@ -833,17 +831,14 @@ class Agent:
         return self.data_dir / "downloads" / str(rec.target_path)
 
     def _do_verify(self, rec: DeploymentRecord) -> Event:
-        from tuf.api.metadata import TargetFile
-
         from agent.trust import TargetCustom, check_manifest_matches, verify_target_file
 
         path = self._download_path(rec)
         if rec.target_length is None or rec.target_sha256 is None or rec.target_custom is None:
             raise _Fail("no signed target information recorded", "state")
-        target = TargetFile(rec.target_length, {"sha256": rec.target_sha256}, str(rec.target_path))
         try:
             with open(path, "rb") as fh:
-                verify_target_file(target, fh)
+                verify_target_file(str(rec.target_path), rec.target_length, rec.target_sha256, fh)
             manifest = read_manifest(path, self.slots.limits)
             check_manifest_matches(TargetCustom.model_validate(rec.target_custom), manifest, self.profile.name)
         except FileNotFoundError as e:

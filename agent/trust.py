@@ -3,13 +3,15 @@
 The hub is a TUF repository (root, targets, snapshot and timestamp roles, Ed25519
 keys). Each bundle is a TUF *target*; its signed ``custom`` entry
 (:class:`TargetCustom`) carries the bundle's identity and whether a downgrade to it was
-explicitly allowed. The agent refreshes metadata with :class:`tuf.ngclient.Updater`
-(which performs every signature, threshold, version, expiry and rollback check of the
-TUF specification) over whatever :class:`~tuf.ngclient.FetcherInterface` it is given,
-normally the MQTT fetcher in :mod:`agent.transfer`.
+explicitly allowed. Metadata is refreshed by :class:`tuf.ngclient.Updater` (which
+performs every signature, threshold, version, expiry and rollback check of the TUF
+specification) in a short-lived helper process, :mod:`agent.tufclient`;
+:func:`lookup_target` runs it and fetches for it through the agent's own repository
+client, normally the MQTT one in :mod:`agent.transfer`. The serving process never
+imports python-tuf (docs/security.md, "Device trust").
 
-The policy checks here are pure: they take metadata objects and bytes and return a
-verdict or raise. IO happens around them.
+The policy checks here are pure: they take metadata and bytes and return a verdict or
+raise. IO happens around them.
 
 Failure modes and what the agent does (it keeps serving its current model in all):
 
@@ -19,20 +21,28 @@ expired metadata               :class:`~agent.errors.ExpiredMetadataError`
 tampered bundle                :class:`~agent.errors.TrustError` (hash/length)
 lower version                  :class:`~agent.errors.DowngradeError`
 repository unreachable         :class:`~agent.errors.TransportError`
+TUF helper crashed             :class:`~agent.errors.TrustError`
 ============================  ==================================================
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import TargetFile
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+import agent
 from agent.bundle import Manifest, SemVer
 from agent.errors import (
     DowngradeError,
@@ -41,20 +51,23 @@ from agent.errors import (
     TransportError,
     TrustError,
 )
+from agent.pipes import read_message, send
 from agent.transfer import HttpRepoClient, NotFound, RepoClient
 
 __all__ = [
     "CUSTOM_KEY",
     "TargetCustom",
+    "SignedTarget",
     "target_custom",
     "check_upgrade",
     "check_manifest_matches",
     "verify_target_file",
-    "TrustedRepository",
+    "lookup_target",
     "target_path_for",
-    "RepoFetcher",
     "serve_path_for",
 ]
+
+log = logging.getLogger(__name__)
 
 CUSTOM_KEY = "edgefleet"
 
@@ -87,13 +100,39 @@ def serve_path_for(target_path: str) -> str:
     return f"targets/{target_path}"
 
 
-def target_custom(target: TargetFile) -> TargetCustom:
+@dataclass(frozen=True)
+class SignedTarget:
+    """A target's entry in verified targets metadata: what the helper reports."""
+
+    path: str
+    length: int
+    hashes: dict[str, str]
+    custom: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_report(cls, path: str, raw: Any) -> SignedTarget:
+        """Raises TrustError when the helper's report is not a target entry with a sha256."""
+        if not isinstance(raw, dict):
+            raise TrustError(f"target {path}: the TUF helper reported {type(raw).__name__}, not an object")
+        length, hashes, custom = raw.get("length"), raw.get("hashes"), raw.get("custom") or {}
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise TrustError(f"target {path}: signed length {length!r} is not a non-negative integer")
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise TrustError(f"target {path}: signed hashes {hashes!r} are not a name → hex map")
+        if "sha256" not in hashes:
+            raise TrustError(f"target {path}: no sha256 among its signed hashes {sorted(hashes)}")
+        if not isinstance(custom, dict):
+            raise TrustError(f"target {path}: signed custom metadata is not an object")
+        return cls(path, length, dict(hashes), custom)
+
+
+def target_custom(target: SignedTarget) -> TargetCustom:
     """The edgefleet entry of a target's signed custom metadata.
 
     Raises:
         TrustError: the target has no (valid) edgefleet entry.
     """
-    raw = (target.custom or {}).get(CUSTOM_KEY)
+    raw = target.custom.get(CUSTOM_KEY)
     if raw is None:
         raise TrustError(f"target {target.path}: no '{CUSTOM_KEY}' custom metadata")
     try:
@@ -140,88 +179,126 @@ def check_manifest_matches(custom: TargetCustom, manifest: Manifest, profile: st
         raise TrustError(f"bundle is for profile {manifest.profile!r}, this device is {profile!r}")
 
 
-def verify_target_file(target: TargetFile, fh: IO[bytes]) -> None:
-    """Check length and hashes of a downloaded target against signed metadata.
+def verify_target_file(path: str, length: int, sha256: str, fh: IO[bytes]) -> None:
+    """Check a downloaded target's length and sha256 against its signed entry.
 
     Raises:
         TrustError: length or hash mismatch (a tampered or corrupted bundle).
     """
-    try:
-        target.verify_length_and_hashes(fh)
-    except tuf_exc.LengthOrHashMismatchError as e:
-        raise TrustError(f"bundle {target.path} failed verification: {e}") from e
+    h = hashlib.sha256()
+    got = 0
+    while chunk := fh.read(1 << 20):
+        got += len(chunk)
+        if got > length:
+            break
+        h.update(chunk)
+    if got != length:
+        more = "more than" if got > length else f"{got} bytes, not"
+        raise TrustError(f"bundle {path} failed verification: {more} the {length} bytes signed for it")
+    if h.hexdigest() != sha256.lower():
+        raise TrustError(f"bundle {path} failed verification: sha256 {h.hexdigest()} "
+                         f"is not the signed {sha256}")
 
 
-class TrustedRepository:
-    """TUF client state for one device: trusted metadata on disk plus a fetcher.
+def _helper_env() -> dict[str, str]:
+    # The helper imports this package the way this process did, installed or from a tree.
+    root = str(Path(agent.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
-    ``metadata_dir`` must hold a trusted ``root.json`` (provisioned with the device,
-    or pinned on first contact; see docs/security.md).
+
+def lookup_target(
+    metadata_dir: Path,
+    target_path: str,
+    client: RepoClient | HttpRepoClient,
+    *,
+    stop: threading.Event | None = None,
+    timeout_s: float = 300.0,
+    max_bytes: int = 4 << 20,
+) -> SignedTarget:
+    """Refresh trusted metadata and return the signed entry of ``target_path``.
+
+    Runs ``python -m agent.tufclient`` and serves its fetches through ``client``.
+
+    Raises:
+        ExpiredMetadataError: the newest metadata available has expired.
+        TrustError: metadata does not verify, the target is not listed, or the helper
+            failed.
+        TransportError: the repository could not be reached, the lookup took longer than
+            ``timeout_s``, or ``stop`` was set.
     """
-
-    def __init__(self, metadata_dir: Path, fetcher: FetcherInterface, *, max_bytes: int = 4 << 20):
-        self.metadata_dir = metadata_dir
-        self.fetcher = fetcher
-        self.config = UpdaterConfig(
-            root_max_length=max_bytes,
-            timestamp_max_length=64 * 1024,
-            snapshot_max_length=max_bytes,
-            targets_max_length=max_bytes,
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.tufclient", str(metadata_dir), target_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=_helper_env(),
         )
+        done = threading.Event()
+        why: list[str] = []
+        deadline = time.monotonic() + timeout_s
 
-    def _updater(self) -> Updater:
-        return Updater(
-            metadata_dir=str(self.metadata_dir),
-            metadata_base_url="mqtt:metadata/",
-            target_base_url="mqtt:targets/",
-            fetcher=self.fetcher,
-            config=self.config,
-            bootstrap=None,
-        )
+        def watch() -> None:
+            while not done.wait(0.1):
+                if stop is not None and stop.is_set():
+                    why.append("the agent is stopping")
+                elif time.monotonic() > deadline:
+                    why.append(f"the TUF lookup took longer than {timeout_s:g} s")
+                else:
+                    continue
+                proc.kill()
+                return
 
-    def lookup(self, target_path: str) -> TargetFile:
-        """Refresh metadata and return the signed entry for ``target_path``.
-
-        Raises:
-            ExpiredMetadataError: the newest metadata available has expired.
-            TrustError: signatures, thresholds or versions do not verify, or the
-                target is not listed.
-            TransportError: the repository could not be reached.
-        """
+        watcher = threading.Thread(target=watch, name="tuf-watch", daemon=True)
+        watcher.start()
+        assert proc.stdin is not None and proc.stdout is not None
         try:
-            updater = self._updater()
-            updater.refresh()
-            target = updater.get_targetinfo(target_path)
-        except tuf_exc.ExpiredMetadataError as e:
-            raise ExpiredMetadataError(f"repository metadata expired: {e}") from e
-        except tuf_exc.DownloadError as e:
-            raise TransportError(f"repository unreachable: {e}") from e
-        except tuf_exc.RepositoryError as e:
-            raise TrustError(f"repository metadata rejected: {type(e).__name__}: {e}") from e
-        except (OSError, ValueError) as e:
-            # Unreadable local trusted metadata, or undecodable remote metadata.
-            raise TrustError(f"trusted metadata unusable: {e}") from e
-        if target is None:
-            raise TrustError(f"target {target_path} is not in signed targets metadata")
-        return target
+            return _serve_helper(proc.stdout, proc.stdin, target_path, client, max_bytes)
+        except (TransferError, OSError) as e:
+            # The helper's pipe broke or it wrote something unreadable: say why it stopped.
+            proc.kill()
+            proc.wait()
+            if why:
+                raise TransportError(why[0]) from e
+            errors.seek(0)
+            tail = errors.read()[-2000:].decode(errors="replace").strip().splitlines()
+            raise TrustError(f"the TUF helper failed (exit status {proc.returncode}): {e}"
+                             + (f"; it said: {tail[-1]}" if tail else "")) from e
+        finally:
+            done.set()
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-class RepoFetcher(FetcherInterface):
-    """python-tuf fetcher reading ``mqtt:<path>`` URLs through a repository client
-    (:class:`~agent.transfer.RepoClient` over MQTT, or
-    :class:`~agent.transfer.HttpRepoClient` over HTTP)."""
-
-    def __init__(self, client: RepoClient | HttpRepoClient, max_bytes: int = 4 << 20):
-        self.client = client
-        self.max_bytes = max_bytes
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith("mqtt:"):
-            raise tuf_exc.DownloadError(f"unsupported URL {url}")
-        try:
-            data = self.client.fetch_bytes(url[len("mqtt:"):], self.max_bytes)
-        except NotFound as e:
-            raise tuf_exc.DownloadHTTPError(str(e), 404) from e
-        except TransferError as e:
-            raise tuf_exc.DownloadError(str(e)) from e
-        return iter([data])
+def _serve_helper(rx: IO[bytes], tx: IO[bytes], target_path: str,
+                  client: RepoClient | HttpRepoClient, max_bytes: int) -> SignedTarget:
+    errors = {"ExpiredMetadataError": ExpiredMetadataError, "TrustError": TrustError,
+              "TransportError": TransportError, "DowngradeError": TrustError}
+    while True:
+        msg = read_message(rx, "TUF helper")
+        if "fetch" in msg:
+            path, limit = msg.get("fetch"), msg.get("max")
+            if not isinstance(path, str) or not isinstance(limit, int) or not 0 < limit <= max_bytes:
+                raise TransferError(f"malformed fetch request {msg!r:.200}")
+            try:
+                data = client.fetch_bytes(path, limit)
+            except NotFound as e:
+                send(tx, {"not_found": str(e)})
+            except TransportError as e:
+                send(tx, {"error": str(e)})
+            else:
+                send(tx, {"ok": len(data)}, data)
+        elif "target" in msg:
+            return SignedTarget.from_report(target_path, msg["target"])
+        elif "error" in msg:
+            cls = errors.get(str(msg["error"]), TrustError)
+            raise cls(str(msg.get("message", msg["error"])))
+        else:
+            raise TransferError(f"unexpected message with keys {sorted(msg)[:5]}")

@@ -143,6 +143,11 @@ def test_sigkill_in_every_state(tmp_path: Path, mosquitto, procs):
         table.add_row(*r)
     Console(width=140).print(table)
     assert len(rows) == 3 * len(KILL_STATES)
+    # Every deployment above was checked against TUF metadata, in the helper process: the
+    # serving process never mapped the crypto behind it (agent.trust, docs/agent.md).
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "onnxruntime" in maps
+    assert "cryptography" not in maps and "_cffi_backend" not in maps
 
 
 def _ready(a: AgentProcess) -> bool:
