@@ -777,6 +777,7 @@ class Agent:
         assert rec.target_path is not None
         delay = 1.0
         refetched = False
+        last = "no attempt made"
         for attempt in range(1, self.settings.max_download_attempts + 1):
             rec.attempts = attempt
             try:
@@ -822,10 +823,12 @@ class Agent:
                 if self._stop.is_set():
                     raise _Stopped() from e
                 log.warning("download attempt %d failed: %s", attempt, e)
+                last = str(e)
                 if self._stop.wait(delay):
                     raise _Stopped() from e
                 delay = min(delay * 2, 30.0)
-        raise _Fail(f"repository unreachable after {self.settings.max_download_attempts} attempts", "transport")
+        raise _Fail(f"repository unreachable after {self.settings.max_download_attempts} attempts: {last}",
+                    "transport")
 
     def _download_path(self, rec: DeploymentRecord) -> Path:
         return self.data_dir / "downloads" / str(rec.target_path)

@@ -194,7 +194,9 @@ class Deployment(Payload):
 
     deployment_id: str = Field(min_length=1, max_length=64)
     model: str = Field(max_length=200, description="name:version")
-    target_path: str = Field(max_length=512, description="TUF target path of the bundle.")
+    target_path: str = Field(max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="TUF target path of the bundle (one file name, as "
+                             "the hub's <sha256>.efb).")
     health_window_s: float = Field(5.0, ge=0, le=86400)
     mode: Literal["activate", "shadow", "split"] = Field(
         "activate",

@@ -21,7 +21,7 @@ expired metadata               :class:`~agent.errors.ExpiredMetadataError`
 tampered bundle                :class:`~agent.errors.TrustError` (hash/length)
 lower version                  :class:`~agent.errors.DowngradeError`
 repository unreachable         :class:`~agent.errors.TransportError`
-TUF helper crashed             :class:`~agent.errors.TrustError`
+TUF helper gave no verdict     :class:`~agent.errors.TransportError`
 ============================  ==================================================
 """
 
@@ -200,12 +200,20 @@ def verify_target_file(path: str, length: int, sha256: str, fh: IO[bytes]) -> No
                          f"is not the signed {sha256}")
 
 
-def _helper_env() -> dict[str, str]:
-    # The helper imports this package the way this process did, installed or from a tree.
+def _helper_command(metadata_dir: Path, target_path: str) -> tuple[list[str], dict[str, str]]:
+    """The helper's command line and environment.
+
+    ``-P``: the working directory (the agent's data folder under systemd) is not on the
+    helper's import path, so nothing in it can stand in for the helper. The helper imports
+    this very package: its folder is added to ``PYTHONPATH`` unless this interpreter finds
+    it on its own path anyway (an installed wheel), so a wheel's site-packages never comes
+    before the standard library.
+    """
     root = str(Path(agent.__file__).resolve().parent.parent)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    if root not in (str(Path(p).resolve()) for p in sys.path[1:] if p):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return [sys.executable, "-P", "-m", "agent.tufclient", str(metadata_dir), target_path], env
 
 
 def lookup_target(
@@ -219,20 +227,24 @@ def lookup_target(
 ) -> SignedTarget:
     """Refresh trusted metadata and return the signed entry of ``target_path``.
 
-    Runs ``python -m agent.tufclient`` and serves its fetches through ``client``.
+    Runs ``python -m agent.tufclient`` and serves its fetches through ``client``. Only
+    the helper's own verdict rejects a target; a helper that gave none (it could not
+    start, was killed, crashed, wrote something unreadable or ran out of time, or the
+    agent is stopping) is a transport failure, which the agent retries.
 
     Raises:
         ExpiredMetadataError: the newest metadata available has expired.
-        TrustError: metadata does not verify, the target is not listed, or the helper
-            failed.
-        TransportError: the repository could not be reached, the lookup took longer than
-            ``timeout_s``, or ``stop`` was set.
+        TrustError: metadata does not verify, or the target is not listed.
+        TransportError: the repository could not be reached, or the helper gave no
+            verdict (why is in the message).
     """
+    cmd, env = _helper_command(metadata_dir, target_path)
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.tufclient", str(metadata_dir), target_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=_helper_env(),
-        )
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=errors, env=env)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"cannot start the TUF helper {cmd[0]}: {e}") from e
         done = threading.Event()
         why: list[str] = []
         deadline = time.monotonic() + timeout_s
@@ -254,15 +266,17 @@ def lookup_target(
         try:
             return _serve_helper(proc.stdout, proc.stdin, target_path, client, max_bytes)
         except (TransferError, OSError) as e:
-            # The helper's pipe broke or it wrote something unreadable: say why it stopped.
+            # No verdict: the pipe broke or the helper wrote something unreadable.
             proc.kill()
             proc.wait()
+            if stop is not None and stop.is_set():
+                raise TransportError("the agent is stopping") from e
             if why:
                 raise TransportError(why[0]) from e
             errors.seek(0)
             tail = errors.read()[-2000:].decode(errors="replace").strip().splitlines()
-            raise TrustError(f"the TUF helper failed (exit status {proc.returncode}): {e}"
-                             + (f"; it said: {tail[-1]}" if tail else "")) from e
+            raise TransportError(f"the TUF helper gave no verdict (exit status {proc.returncode}): {e}"
+                                 + (f"; it said: {tail[-1]}" if tail else "")) from e
         finally:
             done.set()
             for f in (proc.stdin, proc.stdout):
@@ -291,8 +305,8 @@ def _serve_helper(rx: IO[bytes], tx: IO[bytes], target_path: str,
                 data = client.fetch_bytes(path, limit)
             except NotFound as e:
                 send(tx, {"not_found": str(e)})
-            except TransportError as e:
-                send(tx, {"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - as python-tuf's fetcher: any failure is a download error
+                send(tx, {"error": f"{path}: {type(e).__name__}: {e}"})
             else:
                 send(tx, {"ok": len(data)}, data)
         elif "target" in msg:

@@ -259,3 +259,29 @@ def test_a_download_reports_its_progress(bench, monkeypatch):
         late.loop_stop()
     final = decode(StatusReport, retained[-1])
     assert final.state == "committed" and final.progress is None
+
+
+def test_a_tuf_helper_without_a_verdict_is_retried_then_fails_not_rejected(bench, tmp_path, monkeypatch):
+    # A helper that crashes says nothing about the bundle: the deployment is retried as a
+    # transport failure and ends "failed" (a later deployment may succeed), never "rejected".
+    import sys
+
+    a = bench.agent(max_download_attempts=2)
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    python = tmp_path / "crashing-python"
+    python.write_text("#!/bin/sh\necho 'MemoryError' >&2\nkill -9 $$\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    bench.deploy("dev1", "d2", tp2, m2.ref)
+    assert bench.wait_for(a, "d2") == "failed"
+    assert not a.record.rejected
+    assert a.record.error_kind == "transport"
+    assert "after 2 attempts" in a.record.error and "exit status -9" in a.record.error
+    assert "said: MemoryError" in a.record.error
+    assert serves(a, w1, b1)
+    monkeypatch.undo()
+    bench.deploy("dev1", "d3", tp2, m2.ref)
+    assert bench.wait_for(a, "d3") == "installed"

@@ -32,6 +32,11 @@ GOOD = encode(Deployment(deployment_id="d1", model="m:1.0.0", target_path="x.efb
         (b'{"v":1,"deployment_id":"d"}', "schema"),
         (b'{"v":1,"deployment_id":"","model":"m","target_path":"t"}', "schema"),
         (b" " * (MAX_JSON_PAYLOAD + 1), "oversized"),
+        # A target path is one file name: never a path out of the downloads folder.
+        (GOOD.replace(b'"x.efb"', b'"../../etc/passwd"'), "schema"),
+        (GOOD.replace(b'"x.efb"', b'"/etc/passwd"'), "schema"),
+        (GOOD.replace(b'"x.efb"', b'"x\\u0000.efb"'), "schema"),
+        (GOOD.replace(b'"x.efb"', b'".efb"'), "schema"),
     ],
 )
 def test_bad_json_payloads(payload: bytes, kind: str):

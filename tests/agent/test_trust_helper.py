@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -125,14 +127,90 @@ def test_an_unreadable_trusted_root_is_a_trust_error(tmp_path: Path):
         lookup_target(trust, tp, RepoFiles(repo))
 
 
-def test_a_helper_that_dies_is_a_trust_error_with_its_last_words(tmp_path: Path, monkeypatch):
-    repo, tp, trust = _repo(tmp_path)
+def _fake_python(tmp_path: Path, monkeypatch, script: str) -> None:
     python = tmp_path / "python"
-    python.write_text("#!/bin/sh\necho 'ImportError: no module named tuf' >&2\nexit 3\n")
+    python.write_text("#!/bin/sh\n" + script)
     python.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(python))
-    with pytest.raises(TrustError, match=r"exit status 3.*pipe closed.*said: ImportError: no module named tuf"):
+
+
+def test_a_helper_that_dies_gives_no_verdict_and_says_why(tmp_path: Path, monkeypatch):
+    repo, tp, trust = _repo(tmp_path)
+    _fake_python(tmp_path, monkeypatch, "echo 'ImportError: no module named tuf' >&2\nexit 3\n")
+    with pytest.raises(TransportError, match=r"no verdict \(exit status 3\).*pipe closed.*"
+                                             r"said: ImportError: no module named tuf"):
         lookup_target(trust, tp, RepoFiles(repo))
+
+
+def test_a_helper_that_cannot_start_gives_no_verdict(tmp_path: Path, monkeypatch):
+    repo, tp, trust = _repo(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(TransportError, match="cannot start the TUF helper"):
+        lookup_target(trust, tp, RepoFiles(repo))
+
+
+def _helper_pid() -> int:
+    import psutil
+
+    for child in psutil.Process().children():
+        if "agent.tufclient" in child.cmdline():
+            return child.pid
+    raise AssertionError("no TUF helper running")
+
+
+def test_a_helper_killed_mid_lookup_gives_no_verdict(tmp_path: Path):
+    repo, tp, trust = _repo(tmp_path)
+
+    class KillsTheHelper(RepoFiles):
+        def fetch_bytes(self, path: str, max_bytes: int) -> bytes:
+            os.kill(_helper_pid(), signal.SIGKILL)
+            time.sleep(0.2)
+            return super().fetch_bytes(path, max_bytes)
+
+    with pytest.raises(TransportError, match=r"no verdict \(exit status -9\)"):
+        lookup_target(trust, tp, KillsTheHelper(repo))
+
+
+def test_a_signal_to_agent_and_helper_at_once_is_a_stop_not_a_verdict(tmp_path: Path):
+    # systemd's stop (and Ctrl-C) signals the whole group: the helper may die before the
+    # agent's handler has set its stop event, and nothing about the target is known.
+    repo, tp, trust = _repo(tmp_path)
+    stop = threading.Event()
+
+    class Stopping(RepoFiles):
+        def fetch_bytes(self, path: str, max_bytes: int) -> bytes:
+            os.kill(_helper_pid(), signal.SIGTERM)
+            time.sleep(0.2)
+            stop.set()
+            return super().fetch_bytes(path, max_bytes)
+
+    with pytest.raises(TransportError, match="the agent is stopping"):
+        lookup_target(trust, tp, Stopping(repo), stop=stop)
+
+
+def test_any_failure_of_the_agents_client_is_a_transport_error(tmp_path: Path):
+    import http.client
+
+    _, tp, trust = _repo(tmp_path)
+
+    class Garbage:
+        def fetch_bytes(self, path: str, max_bytes: int) -> bytes:
+            raise http.client.BadStatusLine("garbage")
+
+    with pytest.raises(TransportError, match="repository unreachable.*BadStatusLine: garbage"):
+        lookup_target(trust, tp, Garbage())
+
+
+def test_nothing_in_the_working_directory_stands_in_for_the_helper(tmp_path: Path, monkeypatch):
+    repo, _, trust = _repo(tmp_path)
+    fake = tmp_path / "cwd" / "agent"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "tufclient.py").write_text(
+        'print(\'{"target":{"length":1,"hashes":{"sha256":"00"},"custom":{}}}\', flush=True)\n')
+    monkeypatch.chdir(fake.parent)
+    with pytest.raises(TrustError, match="not in signed targets metadata"):
+        lookup_target(trust, "0" * 64 + ".efb", RepoFiles(repo))
 
 
 def test_stop_ends_a_lookup_at_once(tmp_path: Path):
@@ -225,8 +303,9 @@ def test_the_helpers_own_verdicts_keep_their_class():
     for name, cls in (("ExpiredMetadataError", ExpiredMetadataError), ("TransportError", TransportError),
                       ("TrustError", TrustError), ("SomethingElse", TrustError)):
         rx, tx = _helper_says(json.dumps({"error": name, "message": "why"}).encode() + b"\n")
-        with pytest.raises(cls, match="why"):
+        with pytest.raises(TrustError if cls is not TransportError else TransportError, match="why") as ei:
             _serve_helper(rx, tx, "t.efb", OneFile(b""), 4 << 20)
+        assert type(ei.value) is cls, name
 
 
 # the helper's side of the pipe ---------------------------------------------------------
