@@ -45,6 +45,7 @@ from agent.lifecycle import (
     MAX_SAVES_PER_DEPLOYMENT,
     OUTCOME,
     RESUME,
+    ROLLBACK_SAVES_PAST_CAP,
     TERMINAL,
     DeploymentRecord,
     Event,
@@ -294,6 +295,15 @@ class Agent:
         the deployment record committed last, or else the one it was not installing."""
         self.slots.clean_staging()
         pointer = self.slots.pointer()
+        rec = self.record
+        if rec.state not in TERMINAL and RESUME[rec.state] == State.ROLLING_BACK:
+            # The deployment will roll back as soon as the worker starts: serve what it
+            # rolls back to from the start, never the unproven model (which may be what
+            # brought the agent down). The new model is the last resort.
+            if rec.from_slot is None:
+                log.info("deployment %s rolls back to serving nothing", rec.deployment_id)
+                return
+            pointer = rec.from_slot
         if pointer in ("none", "missing"):
             log.info("no model is active (slot pointer: %s)", pointer)
             return
@@ -657,8 +667,14 @@ class Agent:
             rec.saves += 1
             if rec.saves > MAX_SAVES_PER_DEPLOYMENT:
                 rec.error, rec.error_kind = "deployment looped; giving up", "loop"
-                rec.state = State.ROLLING_BACK if rec.state in (State.ACTIVATING, State.HEALTH_CHECK) else State.FAILED
-                if rec.state == State.FAILED:
+                # Past the pointer flip the new model may be live: the previous one must
+                # serve again, so rolling back goes on past the cap, within its own few
+                # saves (a rollback that keeps crashing the agent ends in failed).
+                live = rec.state in (State.ACTIVATING, State.HEALTH_CHECK, State.ROLLING_BACK)
+                if live and rec.saves <= MAX_SAVES_PER_DEPLOYMENT + ROLLBACK_SAVES_PAST_CAP:
+                    rec.state = State.ROLLING_BACK
+                else:
+                    rec.state = State.FAILED
                     break
             rec.history.append(rec.state.value)
             if not self._save_or_wait(rec):  # before the state's side effects

@@ -21,7 +21,9 @@ redo is redone; anything after the pointer may have flipped goes to rolling back
 since a model that was live when the agent died has not proven itself.
 
 :attr:`DeploymentRecord.saves` caps the number of saves per deployment, so a device
-that keeps crashing in a loop ends in ``failed`` with the old model serving.
+that keeps crashing in a loop ends in ``failed``, or in ``rolled_back`` when the new model
+may have been live: the rollback still runs past the cap, within
+:data:`ROLLBACK_SAVES_PAST_CAP` saves of its own.
 """
 
 from __future__ import annotations
@@ -46,9 +48,13 @@ __all__ = [
     "StateStore",
     "next_state",
     "MAX_SAVES_PER_DEPLOYMENT",
+    "ROLLBACK_SAVES_PAST_CAP",
 ]
 
 MAX_SAVES_PER_DEPLOYMENT = 64
+# Saves a rollback may still take once the cap is reached: the new model may be live, so
+# the previous one must serve again; a rollback that keeps crashing ends in failed.
+ROLLBACK_SAVES_PAST_CAP = 8
 
 
 class State(StrEnum):

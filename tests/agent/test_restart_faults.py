@@ -321,3 +321,55 @@ def test_a_locked_spool_is_not_mistaken_for_a_damaged_one(tmp_path):
     with pytest.raises(sqlite3.DatabaseError) as notadb:
         sqlite3.connect(str(garbage)).execute("SELECT * FROM sqlite_master")
     assert _damaged(notadb.value)
+
+
+def _stopped_in_health_check(bench, device_id: str):
+    """v1.0.0 committed, then v1.1.0 live in its health window when the agent stopped:
+    ``(agent, v1 manifest, v2 manifest)``."""
+    tp1, m1, *_ = bench.bundle("1.0.0")
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    a = bench.agent(device_id)
+    bench.deploy(device_id, "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    bench.deploy(device_id, "d2", tp2, m2.ref, health_window_s=60)
+    deadline = time.monotonic() + 30
+    while a.record.state != State.HEALTH_CHECK and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a.record.state == State.HEALTH_CHECK and a.model_ref == m2.ref
+    a.stop()
+    bench.agents.remove(a)
+    return a, m1, m2
+
+
+def _saved(a, **fields) -> None:
+    st = a.settings.data_dir / "state.json"
+    st.write_text(json.dumps({**json.loads(st.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("saved_state", ["health_check", "rolling_back"])
+def test_a_crash_loop_at_the_save_cap_still_rolls_back(bench, saved_state):
+    # A device that crash-looped to the cap while the new model was live: giving up must
+    # not leave the unproven model serving (found in review: it ended "failed" on v1.1.0).
+    from agent.lifecycle import MAX_SAVES_PER_DEPLOYMENT
+
+    dev = f"cap-{saved_state}"
+    a, m1, _ = _stopped_in_health_check(bench, dev)
+    _saved(a, state=saved_state, saves=MAX_SAVES_PER_DEPLOYMENT)
+    b = bench.agent(dev)
+    assert bench.wait_for(b, "d2") == "rolled_back"
+    assert b.record.error_kind == "loop"
+    assert b.model_ref == m1.ref
+    assert json.loads((b.settings.data_dir / "slots" / "pointer.json").read_text())["active"] == b.record.from_slot
+
+
+def test_a_restart_that_will_roll_back_never_serves_the_unproven_model(bench):
+    # Even when the rollback itself has used up its saves (it kept crashing the agent),
+    # the start serves the previous model, not the one that may be bringing it down.
+    from agent.lifecycle import MAX_SAVES_PER_DEPLOYMENT, ROLLBACK_SAVES_PAST_CAP
+
+    a, m1, m2 = _stopped_in_health_check(bench, "boot-rollback")
+    _saved(a, state="rolling_back", saves=MAX_SAVES_PER_DEPLOYMENT + ROLLBACK_SAVES_PAST_CAP)
+    b = bench.agent("boot-rollback")
+    assert bench.wait_for(b, "d2") == "failed"
+    assert b.model_ref == m1.ref
+    assert b.status()["slots"][b.record.from_slot] == m1.ref
