@@ -130,10 +130,17 @@ class Slots:
         """
         if slot == self.active_name():
             raise ValueError(f"refusing to install into the active slot {slot!r}")
-        need = bundle_file.stat().st_size
+        need = int(bundle_file.stat().st_size * 1.1)
+        target = self.path(slot)
         free = shutil.disk_usage(self.root).free
-        if free < need * 1.1:
-            raise DiskSpaceError(f"need {need} bytes to install, {free} free in {self.root}")
+        if free < need:
+            # The slot's old contents go anyway: make room with them first (the slot is
+            # not active, so it is nobody's rollback target).
+            old = _tree_size(target)
+            if free + old < need:
+                raise DiskSpaceError(f"need {need} bytes to install, {free} free in {self.root}"
+                                     + (f" and {old} in slot {slot}'s old contents" if old else ""))
+            self._clear(slot)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".staging-{slot}-"))
         try:
             bundle = unpack(bundle_file, staging, self.limits)
@@ -144,15 +151,25 @@ class Slots:
             for f in staging.iterdir():
                 fsync_path(f)
             fsync_path(staging)
-            target = self.path(slot)
-            if target.exists():
-                shutil.rmtree(target)
+            self._clear(slot)
             os.replace(staging, target)
             fsync_path(self.root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return Bundle(target, bundle.manifest, sha256)
+
+    def _clear(self, slot: SlotName) -> None:
+        """Empty ``slot`` at once: its folder is renamed out of place, then deleted, so a
+        crash never leaves a half-deleted slot that still looks complete (a
+        ``manifest.json`` without its model). A leftover is removed at the next start."""
+        target = self.path(slot)
+        if not target.exists():
+            return
+        gone = self.root / f".staging-old-{slot}-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(target, gone)
+        fsync_path(self.root)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def activate(self, slot: SlotName) -> None:
         atomic_write(self._pointer, json.dumps({"active": slot}).encode())
@@ -163,3 +180,10 @@ class Slots:
     def clean_staging(self) -> None:
         for p in self.root.glob(".staging-*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (0 when it does not exist)."""
+    if not path.exists():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
