@@ -683,7 +683,7 @@ class Agent:
             try:
                 self._hook(rec, "enter")
                 event = handlers[rec.state](rec)
-                if event == Event.OK:
+                if event in (Event.OK, Event.HOLD):  # the work succeeded (HOLD: a shadow/split stops here)
                     self._hook(rec, "leave")
             except _Stopped:
                 log.info("stopping in state %s; will resume from there", rec.state)

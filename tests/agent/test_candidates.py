@@ -88,3 +88,22 @@ def test_redeploying_the_active_model_calls_off_a_split_run(bench):
     x = ROWS[:1]
     for _ in range(20):
         np.testing.assert_allclose(a.infer({"input": x})["logits"], x @ w1 + b1, rtol=1e-5, atol=1e-5)
+
+
+def test_self_test_leave_hook_runs_for_a_shadow_deployment(bench, tmp_path):
+    # The leave hook runs after a state's work succeeded; a shadow or split deployment
+    # succeeds at self_test by holding there (found in review: its leave hook never ran).
+    hooks = tmp_path / "hooks-shadow"
+    hooks.mkdir()
+    log = tmp_path / "hooks.log"
+    for name in ("self_test_enter", "self_test_leave"):
+        (hooks / name).write_text(f'#!/bin/sh\necho "$EDGEFLEET_HOOK $EDGEFLEET_DEPLOYMENT_ID" >> {log}\n')
+        (hooks / name).chmod(0o755)
+    a = bench.agent(hooks_dir=hooks)
+    tp1, m1, *_ = bench.bundle("1.0.0", seed=1)
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=2)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    bench.deploy("dev1", "d2", tp2, m2.ref, mode="shadow", ratio=0.5)
+    assert bench.wait_for(a, "d2") == "candidate"
+    assert log.read_text().splitlines() == ["enter d1", "leave d1", "enter d2", "leave d2"]
