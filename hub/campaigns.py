@@ -20,7 +20,9 @@ this module does the IO around it:
   device whose deployment reached the broker more than the engine's report timeout
   ago (``report_timeout_s``, default 30 minutes) without a result is ``timed_out``,
   which counts as an install failure (a result arriving later, while the campaign is
-  active, is still folded in).
+  active, is still folded in). The timeout restarts at each report of progress (a new
+  lifecycle state, or download progress), not at a repeat of the same state, which an
+  agent re-sends on each reconnect.
   A wave none of whose devices could be started (all offline) is *held*, with the
   reason in the campaign's status, until one comes online; it never passes untested.
 - **Gates** are measured from telemetry rows and drift sketches (:func:`wave_metrics`)
@@ -34,7 +36,9 @@ this module does the IO around it:
   deployment per previous version and per 10,000 devices. A device is marked sent only
   once the broker acknowledged it, so the others are retried on the next tick; a
   previous version the hub cannot deploy (not in the registry) makes its devices
-  ``revert_failed`` with the reason, and the other groups go on.
+  ``revert_failed`` with the reason, and the other groups go on. A device whose
+  rollback timed out (``revert_failed``) and that reports later that it installed it
+  is ``reverted``, even once the campaign has ended.
 
 One engine runs per hub (:class:`CampaignEngine`, ticked from the app's lifespan).
 Operator commands and engine ticks take the same lock, so a command never races a
@@ -612,9 +616,15 @@ def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, in
     """(install, health): how many of the devices failing now an operator accepted
     when resuming past a failed gate. By device, not by number: an accepted device
     that recovers later (a timed-out one that did install) frees no room for a new
-    failure."""
-    ok_install: set[str] = set()
-    ok_health: set[str] = set()
+    failure.
+
+    By device, whichever count it is in now: a timed-out device (an install failure
+    when accepted) that reports later that the agent rolled back is a health failure
+    now, but it is the failure the operator accepted, known better, not a new one. It
+    is counted once (it leaves the install count) and stays accepted, so it does not
+    trip a health gate in whatever wave runs when it reports; a health failure of any
+    other device still does."""
+    ok: set[str] = set()  # accepted devices, install and health alike
     counted = (0, 0)  # overrides saved before devices were recorded: by number, as then
     for res in c.wave_results:
         if res.get("overridden_by"):
@@ -623,10 +633,10 @@ def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, in
                 m = res.get("metrics") or {}
                 counted = (int(m.get("install_failures") or 0), int(m.get("health_failures") or 0))
                 continue
-            ok_install.update(acc.get("install") or ())
-            ok_health.update(acc.get("health") or ())
-    return (min(len(install), max(len(install & ok_install), counted[0])),
-            min(len(health), max(len(health & ok_health), counted[1])))
+            ok.update(acc.get("install") or ())
+            ok.update(acc.get("health") or ())
+    return (min(len(install), max(len(install & ok), counted[0])),
+            min(len(health), max(len(health & ok), counted[1])))
 
 
 def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime, *, quality: bool = True) -> WaveMetrics:
@@ -774,6 +784,10 @@ class CampaignEngine:
         self.report_timeout_s = report_timeout_s
         self.clock = clock
         self.lock = threading.RLock()
+        # (campaign, device, deployment) -> (lifecycle state, time): the state a device
+        # reported when its report timeout last restarted, at the time saved then in
+        # its ``updated``; see _note_progress.
+        self._progress: dict[tuple[str, str, str], tuple[str | None, datetime]] = {}
 
     # ---- public
 
@@ -789,6 +803,18 @@ class CampaignEngine:
                 .where(col(Campaign.state).in_([st.value for st in TERMINAL]),
                        col(CampaignDevice.state).in_([D.DEPLOYING, D.REVERTING]))
             ).all() if i not in ids]
+            # A rollback that timed out usually ends the campaign (nothing else holds it),
+            # so its late result mostly comes after: fold it in then too (see _sync).
+            ids += [i for i in s.exec(
+                select(CampaignDevice.campaign_id).distinct()
+                .join(Campaign, col(Campaign.id) == col(CampaignDevice.campaign_id))
+                .join(DeploymentDevice, (col(DeploymentDevice.device_id) == col(CampaignDevice.device_id))
+                      & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))
+                .where(col(Campaign.state).in_([st.value for st in TERMINAL]),
+                       CampaignDevice.state == D.REVERT_FAILED, DeploymentDevice.outcome == "installed")
+            ).all() if i not in ids]
+        with self.lock:  # what _note_progress remembers of campaigns no longer driven
+            self._progress = {k: v for k, v in self._progress.items() if k[0] in ids}
         for cid in ids:
             try:
                 self.step(cid)
@@ -824,6 +850,10 @@ class CampaignEngine:
         installing has nothing to fold, and loading every in-flight device on every
         tick was most of the engine's time in a 1,000-device wave. A ``timed_out``
         device's late result is folded in like any other (it did install, or it failed).
+        So is a ``revert_failed`` device's rollback that reports ``installed`` after all
+        (its rollback timed out, or failed and was retried): it runs its previous version,
+        so it is ``reverted``, also once the campaign ended. Its other outcomes change
+        nothing: it is ``revert_failed`` already.
         """
         rows = s.exec(
             select(CampaignDevice, DeploymentDevice)
@@ -831,7 +861,10 @@ class CampaignEngine:
                 (col(CampaignDevice.state).in_([D.DEPLOYING, D.TIMED_OUT])
                  & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.deployment_id)))
                 | ((col(CampaignDevice.state) == D.REVERTING)
-                   & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))))
+                   & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))
+                | ((col(CampaignDevice.state) == D.REVERT_FAILED)
+                   & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id))
+                   & (col(DeploymentDevice.outcome) == "installed"))))
             .where(CampaignDevice.campaign_id == c.id, col(DeploymentDevice.outcome).in_(TERMINAL_OUTCOMES))
         ).all()
         for cd, dd in rows:
@@ -841,19 +874,58 @@ class CampaignEngine:
                        "rolled_back": D.HEALTH_FAILED}.get(dd.outcome)
                 if dd.outcome == "failed" and dd.state is None:
                     new = None  # the hub could not publish; the engine retries, not a device failure
-            else:
+            elif cd.state == D.REVERTING:
                 new = {"installed": D.REVERTED, "failed": D.REVERT_FAILED, "rejected": D.REVERT_FAILED,
                        "rolled_back": D.REVERT_FAILED, "skipped": D.REVERT_FAILED}.get(dd.outcome)
                 if dd.outcome == "failed" and dd.state is None:
                     new = None
+            elif dd.outcome == "installed":  # revert_failed, and its rollback installed after all
+                new = D.REVERTED
             if new is not None:
-                late = cd.state == D.TIMED_OUT
+                was, why = cd.state, cd.detail
                 cd.state, cd.finished, cd.updated = new.value, now, now
                 if new in (D.FAILED, D.HEALTH_FAILED, D.REVERT_FAILED):
                     cd.detail = dd.error
-                elif late:
+                elif was == D.TIMED_OUT:
                     cd.detail = f"reported {dd.outcome} after its report timed out"
+                elif was == D.REVERT_FAILED:
+                    cd.detail = f"reported {dd.outcome} after it was marked revert_failed ({why})"
                 s.add(cd)
+
+    def _note_progress(self, s: Session, c: Campaign) -> None:
+        """Restart the report timeout of each device in flight whose latest report, if
+        newer than the timer's start, shows progress on the deployment it waits on: a
+        lifecycle state other than the one it reported when the timer last restarted,
+        or a download's progress. The timer then counts from that report.
+
+        A repeat is not progress: the agent re-sends its status on every reconnect
+        (the same deployment and state, with a new seq, so a seq tells nothing), and a
+        device stuck in one state that keeps reconnecting must still time out.
+
+        The state the timer last restarted on is remembered here, not saved: a
+        restarted hub takes the first report it sees from each device as progress, so
+        a stuck device gets one more report timeout per hub restart, never more; a
+        remembered state whose time is not the device's saved ``updated`` (that step
+        was not saved) is ignored the same way.
+        """
+        rows = s.exec(
+            select(CampaignDevice, DeploymentDevice.state, DeploymentDevice.progress, DeploymentDevice.updated)
+            .join(DeploymentDevice, (col(DeploymentDevice.device_id) == col(CampaignDevice.device_id)) & (
+                ((col(CampaignDevice.state) == D.DEPLOYING)
+                 & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.deployment_id)))
+                | ((col(CampaignDevice.state) == D.REVERTING)
+                   & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.rollback_deployment_id)))))
+            .where(CampaignDevice.campaign_id == c.id, col(CampaignDevice.published).is_(True),
+                   col(DeploymentDevice.state).is_not(None),  # the device reported: not just the row's creation
+                   col(DeploymentDevice.updated) > col(CampaignDevice.updated))
+        ).all()
+        for cd, state, progress, at in rows:
+            key = (c.id, cd.device_id, _dep_of(cd))
+            if progress is None and self._progress.get(key) == (state, cd.updated):
+                continue  # the state the timer last restarted on, again
+            self._progress[key] = (state, at)
+            cd.updated = at
+            s.add(cd)
 
     def _expire(self, s: Session, c: Campaign, now: datetime) -> None:
         """Devices sent their deployment more than ``report_timeout_s`` ago without a
@@ -864,27 +936,23 @@ class CampaignEngine:
 
         The clock starts when the broker acknowledged the deployment (``updated`` is
         set then, see :meth:`_publish`), so a broker outage does not time devices out,
-        and starts again at each report the device sends about it (a long download
-        reports its progress), so what times out is silence, not a slow link.
+        and starts again at each report about it that shows progress (a new lifecycle
+        state, or a long download's progress; see :meth:`_note_progress`), so what
+        times out is a device making no progress, not a slow link, and not one that
+        only repeats its state on each reconnect.
         """
+        self._note_progress(s, c)
         deadline = now - timedelta(seconds=self.report_timeout_s)
         states = [D.DEPLOYING, D.REVERTING] if c.state == CampaignState.ROLLING_BACK else [D.DEPLOYING]
-        quiet = s.exec(
+        late = s.exec(
             select(CampaignDevice).where(CampaignDevice.campaign_id == c.id, col(CampaignDevice.state).in_(states),
                                          col(CampaignDevice.published).is_(True),
                                          col(CampaignDevice.updated) <= deadline)
         ).all()
-        if not quiet:
-            return
-        heard = {(dd.device_id, dd.deployment_id) for dd in s.exec(select(DeploymentDevice).where(
-            col(DeploymentDevice.device_id).in_([cd.device_id for cd in quiet]),
-            col(DeploymentDevice.deployment_id).in_({_dep_of(cd) for cd in quiet}),
-            col(DeploymentDevice.state).is_not(None),  # the device reported: not just the row's creation
-            col(DeploymentDevice.updated) > deadline)).all()}
-        late = [cd for cd in quiet if (cd.device_id, _dep_of(cd)) not in heard]
         if not late:
             return
-        why = f"no result within {self.report_timeout_s:g} s of its deployment reaching the broker"
+        why = (f"no result within {self.report_timeout_s:g} s of its deployment reaching the broker "
+               f"or of its last report of progress")
         for cd in late:
             expired = D.REVERT_FAILED if cd.state == D.REVERTING else D.TIMED_OUT
             cd.state, cd.finished, cd.updated, cd.detail = expired.value, now, now, why

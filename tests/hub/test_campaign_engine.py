@@ -104,6 +104,16 @@ class Env:
                 seq=self.seq[device_id], deployment_id=deployment_id, state="committed",
                 outcome=outcome, model=model, previous_model="tiny:1.0.0"), self.clock())  # type: ignore[arg-type]
 
+    def in_progress(self, device_id: str, deployment_id: str, state: str, progress: float | None = None) -> None:
+        """A status report of a deployment not finished yet: a lifecycle state, with
+        ``progress`` while downloading. Without ``progress`` it is also what the agent
+        re-sends on every reconnect (a new seq, the same deployment and state)."""
+        self.seq[device_id] = self.seq.get(device_id, 0) + 1
+        with self.db.session() as s:
+            fleet.apply_status(s, device_id, protocol.StatusReport(
+                seq=self.seq[device_id], deployment_id=deployment_id, state=state, outcome="in_progress",
+                model="tiny:1.0.0", target_model="tiny:2.0.0", progress=progress), self.clock())
+
     def create(self, **kw: object) -> str:
         with self.db.session() as s:
             return create_campaign(s, CampaignCreate(**{"model": "tiny:2.0.0", "select": "all", **kw}),  # type: ignore[arg-type]
@@ -702,6 +712,130 @@ def test_rollback_of_more_devices_than_one_deployment_takes(env: Env) -> None:
     assert {(st, pub) for _, st, pub in rows} == {("reverting", True)}
     assert sorted(Counter(rb for rb, _, _ in rows).values()) == [1, 10_000]
     assert len({d for d, dep in env.pub.sent if dep.model == "tiny:1.0.0"}) == n
+
+
+# --------------------------------------------------------------------------- late and repeated reports
+
+
+def test_a_status_repeated_on_reconnect_does_not_restart_the_report_timeout(env: Env) -> None:
+    """Only progress restarts the report timeout: a new lifecycle state or a download
+    progress report. The status an agent re-sends on every reconnect (same deployment,
+    same state, a new seq) is not progress, so a device stuck in one state that keeps
+    reconnecting still times out, one timeout after its last progress."""
+    env.report_timeout(600)
+    env.hello("d0")
+    cid = env.create(waves="100", soak_s=0, gates=["install_failures<=0"])
+    env.tick()
+    dep0 = env.pub.sent[0][1].deployment_id
+    env.tick(10)
+    env.in_progress("d0", dep0, "downloading", progress=0.2)  # progress: the timer restarts
+    env.tick(290)
+    env.hello("d0")
+    env.in_progress("d0", dep0, "downloading")  # a reconnect: the same state again
+    env.tick(100)
+    env.in_progress("d0", dep0, "verifying")  # a new state: the timer restarts (at 400 s)
+    for _ in range(5):  # reconnects every 100 s, each re-sending "verifying"
+        env.tick(100)
+        env.hello("d0")
+        env.in_progress("d0", dep0, "verifying")
+    env.tick(99)  # 599 s after "verifying" was first reported
+    assert _states(env, cid)["d0"] == "deploying"
+    env.tick(2)
+    assert _states(env, cid)["d0"] == "timed_out"
+    assert env.status(cid).state == "paused"
+
+
+def test_a_restarted_hub_gives_a_repeating_device_one_more_timeout_at_most(env: Env) -> None:
+    """The state a device's timer last restarted on is not saved: a restarted engine
+    takes the first report it sees as progress, once, then times the device out."""
+    env.report_timeout(600)
+    env.hello("d0")
+    cid = env.create(waves="100", soak_s=0)
+    env.tick()
+    dep0 = env.pub.sent[0][1].deployment_id
+    env.tick(10)
+    env.in_progress("d0", dep0, "downloading", progress=0.2)
+    env.tick(290)
+    env.in_progress("d0", dep0, "downloading")  # a reconnect, at 300 s
+    env.report_timeout(600)  # the hub restarts: a new engine, same database
+    for _ in range(5):  # reconnects every 100 s, up to 800 s
+        env.tick(100)
+        env.in_progress("d0", dep0, "downloading")
+    env.tick(99)  # 599 s after the repeat (at 300 s) the new engine took as progress
+    assert _states(env, cid)["d0"] == "deploying"
+    env.tick(2)
+    assert _states(env, cid)["d0"] == "timed_out"
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["while_rolling_back", "after_rolled_back"])
+def test_a_rollback_result_after_its_timeout_is_folded_in(env: Env, finished: bool) -> None:
+    """A device whose rollback timed out (``revert_failed``) and that reports later it
+    did roll back is ``reverted``, as a forward result after ``timed_out`` is folded
+    in: while the campaign still rolls back, and after it ended ``rolled_back``."""
+    env.report_timeout(600)
+    cid = _all_updated_then_rolled_back(env, 3)
+    _tick_without_acks_for(env, "d2")  # d0's and d1's rollbacks reach the broker now
+    env.tick(300)  # d2's 300 s later
+    rb = {d: dep.deployment_id for d, dep in env.pub.sent if dep.model == "tiny:1.0.0"}
+    env.offline("d1")
+    env.report("d0", "installed", "tiny:1.0.0", rb["d0"])
+    if finished:
+        env.report("d2", "installed", "tiny:1.0.0", rb["d2"])
+    env.tick(301)  # d1 silent 601 s
+    assert _states(env, cid)["d1"] == "revert_failed"
+    assert env.status(cid).state == ("rolled_back" if finished else "rolling_back")
+    env.hello("d1", model="tiny:1.0.0")
+    env.report("d1", "installed", "tiny:1.0.0", rb["d1"])
+    env.tick()
+    d1 = {d.device_id: d for d in env.status(cid).devices}["d1"]
+    assert d1.state == "reverted"
+    assert d1.detail == ("reported installed after it was marked revert_failed (no result within 600 s of its "
+                         "deployment reaching the broker or of its last report of progress)")
+    if not finished:
+        env.report("d2", "installed", "tiny:1.0.0", rb["d2"])
+        env.tick()
+    st = env.status(cid)
+    assert st.state == "rolled_back" and st.counts == {"reverted": 3}
+    if not finished:
+        assert st.reason == "3 devices back on their previous version"
+
+
+def test_an_accepted_timeout_that_reports_rolled_back_counts_once(env: Env) -> None:
+    """d0 times out, the install gate trips and the operator resumes, accepting d0.
+    d0 then reports that the agent rolled back after its health window: the failure the
+    operator accepted, now known to be a health failure. It is counted once (a health
+    failure, no longer an install failure) and stays accepted, so it trips no gate
+    again and re-opens no wave; a health failure of another device still trips."""
+    env.report_timeout(600)
+    for i in range(4):
+        env.hello(f"d{i}")
+    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0", "health_failures<=0"])
+    env.tick()
+    dep0 = env.pub.sent[0][1].deployment_id
+    env.offline("d0")
+    env.tick(601)
+    assert env.status(cid).state == "paused"
+    assert env.command(cid, "resume")  # accepts d0's timeout
+    for _ in range(3):
+        env.tick()
+    st = env.status(cid)
+    assert (st.state, st.wave_index) == ("running", 1)
+    env.hello("d0")
+    env.report("d0", "rolled_back", "tiny:1.0.0", dep0)
+    env.tick()
+    st = env.status(cid)
+    assert _states(env, cid)["d0"] == "health_failed"
+    assert (st.state, st.wave_index) == ("running", 1), st.reason
+    assert st.waves[0].status == "overridden"
+    sent = {d: dep.deployment_id for d, dep in env.pub.sent}
+    env.report("d1", "rolled_back", "tiny:1.0.0", sent["d1"])
+    env.report("d2", "installed", "tiny:2.0.0", sent["d2"])
+    env.report("d3", "installed", "tiny:2.0.0", sent["d3"])
+    env.tick()
+    st = env.status(cid)
+    assert st.state == "paused"
+    assert "health_failures<=0 failed: 1 (2 of 4 devices so far, 1 accepted by an override)" in (st.reason or "")
+    assert "install_failures" not in (st.reason or "")
 
 
 # --------------------------------------------------------------------------- small samples
