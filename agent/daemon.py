@@ -739,8 +739,10 @@ class Agent:
         env = {"EDGEFLEET_DEPLOYMENT_ID": rec.deployment_id or "", "EDGEFLEET_MODEL": rec.model or "",
                "EDGEFLEET_DEVICE_ID": self.settings.device_id}
         try:
-            self.hooks.run(rec.state.value, when, env)
+            self.hooks.run(rec.state.value, when, env, stop=self._stop)
         except HookFailed as e:
+            if self._stop.is_set():
+                raise _Stopped() from e  # cut off by the stop: the state resumes at the next start
             if rec.state == State.ROLLING_BACK:
                 log.error("ignoring failed hook while rolling back: %s", e)
                 return

@@ -7,24 +7,47 @@ lifecycle takes its ``fail`` transition), except while rolling back, where a fai
 hook is logged and ignored so that nothing can block a rollback.
 
 Hooks get ``EDGEFLEET_STATE``, ``EDGEFLEET_HOOK`` (enter/leave), ``EDGEFLEET_DEPLOYMENT_ID``,
-``EDGEFLEET_MODEL`` and ``EDGEFLEET_DEVICE_ID`` in their environment.
+``EDGEFLEET_MODEL`` and ``EDGEFLEET_DEVICE_ID`` in their environment, on top of the
+agent's own environment less the ``EDGEFLEET_`` variables that can hold credentials
+(see :func:`agent.commands.command_environment`).
+
+A hook runs as :func:`agent.commands.run_command` runs any device-side command: in a
+session of its own, its output not held in memory, its whole process group killed on a
+timeout or when the agent stops.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Event
+
+from agent.commands import STDERR_TAIL_BYTES, command_environment, redact_userinfo, run_command
 
 __all__ = ["HookFailed", "Hooks"]
 
 log = logging.getLogger(__name__)
 
+EXCERPT_CHARS = 500
+"""Longest stderr excerpt in a hook's error (it goes into the deployment status)."""
+
 
 class HookFailed(Exception):
-    """A hook exited non-zero, timed out, or could not run."""
+    """A hook exited non-zero, timed out, could not run, or was stopped."""
+
+
+def _excerpt(raw: bytes) -> str:
+    """The end of a hook's stderr fit for the deployment status: URL passwords redacted,
+    at most ``EXCERPT_CHARS``, a word cut at the start dropped (it could be the end of a
+    password whose URL was cut off)."""
+    text = redact_userinfo(raw.decode(errors="replace")).strip()
+    cut = len(raw) >= STDERR_TAIL_BYTES
+    if len(text) > EXCERPT_CHARS:
+        text, cut = text[-EXCERPT_CHARS:], True
+    return re.sub(r"^\S*\s*", "…", text) if cut else text
 
 
 @dataclass(frozen=True)
@@ -32,11 +55,12 @@ class Hooks:
     directory: Path | None
     timeout_s: float = 60.0
 
-    def run(self, state: str, when: str, env: dict[str, str]) -> None:
-        """Run ``<state>_<when>`` if it exists.
+    def run(self, state: str, when: str, env: dict[str, str], stop: Event | None = None) -> None:
+        """Run ``<state>_<when>`` if it exists; kill it (and what it started) when
+        ``stop`` is set.
 
         Raises:
-            HookFailed: the hook failed; the message says how.
+            HookFailed: the hook failed or was stopped; the message says how.
         """
         if self.directory is None:
             return
@@ -45,15 +69,15 @@ class Hooks:
             return
         if not os.access(path, os.X_OK):
             raise HookFailed(f"hook {path} is not executable")
-        full_env = {**os.environ, "EDGEFLEET_STATE": state, "EDGEFLEET_HOOK": when, **env}
+        full_env = command_environment({"EDGEFLEET_STATE": state, "EDGEFLEET_HOOK": when, **env})
         try:
-            proc = subprocess.run([str(path)], env=full_env, capture_output=True, timeout=self.timeout_s,
-                                  check=False)
-        except subprocess.TimeoutExpired as e:
-            raise HookFailed(f"hook {path.name} timed out after {self.timeout_s:.0f}s") from e
+            r = run_command([str(path)], timeout_s=self.timeout_s, stop=stop, env=full_env)
         except OSError as e:
             raise HookFailed(f"hook {path.name} could not run: {e}") from e
-        if proc.returncode != 0:
-            tail = proc.stderr.decode(errors="replace").strip()[-500:]
-            raise HookFailed(f"hook {path.name} exited {proc.returncode}: {tail}")
+        if r.stopped:
+            raise HookFailed(f"hook {path.name} stopped: the agent is stopping")
+        if r.timed_out:
+            raise HookFailed(f"hook {path.name} timed out after {self.timeout_s:g}s")
+        if r.returncode != 0:
+            raise HookFailed(f"hook {path.name} exited {r.returncode}: {_excerpt(r.stderr_tail)}")
         log.info("hook %s ok", path.name)
