@@ -7,7 +7,7 @@ exits: a background process it leaves behind keeps running, but the agent stops 
 its stderr then (writes to it fail with EPIPE/SIGPIPE, so such a process should redirect
 its output). On a timeout, or when the agent stops, the whole process group is killed; a
 process that started a session of its own (``setsid``) is out of reach. Commands get the
-agent's environment less the ``EDGEFLEET_`` variables that can hold credentials
+agent's environment less its ``EDGEFLEET_`` settings, which can hold credentials
 (:func:`command_environment`).
 """
 
@@ -30,11 +30,11 @@ STDERR_TAIL_BYTES = 4096
 _POLL_S = 0.05  # how often a running command's exit, deadline and stop are checked
 _DRAIN_READS = 16  # reads of stderr after the command exits (a background process may keep writing)
 
-# EDGEFLEET_ variables whose value can hold a credential, by a word in their name: the
-# agent's broker_url (mqtt://user:password@host) and repository_url (agent.config), and
-# the hub's db_url and key_passphrase, set in the same environment when both run on one
-# host. Names are matched case-insensitively, as agent.config matches them.
-_SECRET_NAME = re.compile(r"URL|PASS|SECRET|TOKEN|CREDENTIAL|AUTH", re.IGNORECASE)
+# The EDGEFLEET_ variables a command inherits from the agent: who and where it is. The
+# others stay behind, because settings can hold credentials (broker_url, repository_url,
+# probe URLs in health_probes, webhook URLs, and the hub's db_url and key_passphrase when
+# both run on one host) and a hook has no use for the agent's settings.
+_INHERITED = frozenset({"EDGEFLEET_DEVICE_ID", "EDGEFLEET_PROFILE", "EDGEFLEET_DATA_DIR"})
 # scheme://userinfo@ in free text: everything from the scheme to the last @ of the word
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
 
@@ -52,12 +52,11 @@ class CommandResult:
 
 
 def command_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The agent's environment for a hook or probe command, less the ``EDGEFLEET_``
-    variables that can hold credentials (named with URL, PASS, SECRET, TOKEN,
-    CREDENTIAL or AUTH: ``EDGEFLEET_BROKER_URL``, ``EDGEFLEET_REPOSITORY_URL``, ...),
-    plus ``extra``."""
+    """The agent's environment for a hook or probe command, less its ``EDGEFLEET_``
+    settings other than the device id, profile and data folder (settings can hold
+    credentials), plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
-           if not (k.upper().startswith("EDGEFLEET_") and _SECRET_NAME.search(k[len("EDGEFLEET_"):]))}
+           if not k.upper().startswith("EDGEFLEET_") or k.upper() in _INHERITED}
     env.update(extra or {})
     return env
 

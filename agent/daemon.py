@@ -738,11 +738,15 @@ class Agent:
     def _hook(self, rec: DeploymentRecord, when: str) -> None:
         env = {"EDGEFLEET_DEPLOYMENT_ID": rec.deployment_id or "", "EDGEFLEET_MODEL": rec.model or "",
                "EDGEFLEET_DEVICE_ID": self.settings.device_id}
+        # A stop cuts off an enter hook: its state's work has not begun and resumes at the
+        # next start. A leave hook runs to its timeout: cutting it off would leave the
+        # state saved as not done, and a health check that passed would roll back.
+        stop = self._stop if when == "enter" else None
         try:
-            self.hooks.run(rec.state.value, when, env, stop=self._stop)
+            self.hooks.run(rec.state.value, when, env, stop=stop)
         except HookFailed as e:
-            if self._stop.is_set():
-                raise _Stopped() from e  # cut off by the stop: the state resumes at the next start
+            if self._stop.is_set() and when == "enter":
+                raise _Stopped() from e
             if rec.state == State.ROLLING_BACK:
                 log.error("ignoring failed hook while rolling back: %s", e)
                 return

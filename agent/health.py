@@ -87,6 +87,8 @@ def _check_url(url: str, field: str) -> None:
     u = urlsplit(url)
     if u.scheme.lower() not in ("http", "https") or not u.hostname:
         raise ValueError(f"{field} must be an http:// or https:// URL with a host, got {shown!r}")
+    if u.username is not None or u.password is not None:
+        raise ValueError(f"{field} {shown!r} carries a user or password: probes send no credentials")
     try:
         _ = u.port  # urlsplit checks the port only when asked
     except ValueError:

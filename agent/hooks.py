@@ -8,8 +8,8 @@ hook is logged and ignored so that nothing can block a rollback.
 
 Hooks get ``EDGEFLEET_STATE``, ``EDGEFLEET_HOOK`` (enter/leave), ``EDGEFLEET_DEPLOYMENT_ID``,
 ``EDGEFLEET_MODEL`` and ``EDGEFLEET_DEVICE_ID`` in their environment, on top of the
-agent's own environment less the ``EDGEFLEET_`` variables that can hold credentials
-(see :func:`agent.commands.command_environment`).
+agent's own environment less its other ``EDGEFLEET_`` settings, which can hold
+credentials (see :func:`agent.commands.command_environment`).
 
 A hook runs as :func:`agent.commands.run_command` runs any device-side command: in a
 session of its own, its output not held in memory, its whole process group killed on a
@@ -41,13 +41,17 @@ class HookFailed(Exception):
 
 def _excerpt(raw: bytes) -> str:
     """The end of a hook's stderr fit for the deployment status: URL passwords redacted,
-    at most ``EXCERPT_CHARS``, a word cut at the start dropped (it could be the end of a
-    password whose URL was cut off)."""
+    at most ``EXCERPT_CHARS``. When the start was cut off, a first word that holds an
+    ``@`` loses everything up to it (it could be the end of a URL whose scheme was cut,
+    with its password)."""
     text = redact_userinfo(raw.decode(errors="replace")).strip()
     cut = len(raw) >= STDERR_TAIL_BYTES
     if len(text) > EXCERPT_CHARS:
         text, cut = text[-EXCERPT_CHARS:], True
-    return re.sub(r"^\S*\s*", "…", text) if cut else text
+    if not cut:
+        return text
+    m = re.match(r"\S*@", text)
+    return "…" + (text[m.end():] if m else text)
 
 
 @dataclass(frozen=True)

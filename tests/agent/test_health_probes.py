@@ -281,6 +281,7 @@ def test_file_probe_allows_for_coarse_mtimes(tmp_path, age_s, passes):
     ({"kind": "http", "url": "http://127.0.0.1:99999/x"}, "the port must be a number"),
     ({"kind": "http", "url": "http://127.0.0.1/a b"}, "whitespace or control characters"),
     ({"kind": "http", "url": "http://u:s3cret@/x"}, "'http://***@/x'"),
+    ({"kind": "http", "url": "http://u:s3cret@127.0.0.1/x"}, "'http://***@127.0.0.1/x' carries a user or password"),
     ({"kind": "exec", "command": ["true"], "url": "http://x/"}, "url does not apply to exec probes"),
     ({"kind": "http", "url": "http://x/", "path": "/tmp/r"}, "path does not apply to http probes"),
     ({"kind": "file", "path": "/tmp/r", "command": ["true"]}, "command does not apply to file probes"),

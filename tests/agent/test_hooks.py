@@ -100,6 +100,9 @@ def test_hook_environment_has_no_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEFLEET_REPOSITORY_URL", "https://user:s3cret@hub/api/v1/repository/")
     monkeypatch.setenv("edgefleet_key_passphrase", "s3cret")
     monkeypatch.setenv("EDGEFLEET_PROFILE", "x86-gateway-vnni")
+    monkeypatch.setenv("EDGEFLEET_HEALTH_PROBES", '[{"kind":"http","url":"http://u:s3cret@app/ready"}]')
+    monkeypatch.setenv("EDGEFLEET_MONITORING_ALERT_WEBHOOKS", '["https://hooks.example/T0/s3cret"]')
+    monkeypatch.setenv("EDGEFLEET_API_KEY", "s3cret")
     monkeypatch.setenv("OPERATOR_VAR", "kept")
     out = tmp_path / "env"
     hook(tmp_path, "self_test_enter", f"env > {out}")
@@ -128,3 +131,16 @@ def test_hook_that_cannot_run_names_the_hook(tmp_path):
     (tmp_path / "downloading_enter").chmod(0o755)
     got, _ = run_timed(Hooks(tmp_path), "downloading")
     assert got.startswith("hook downloading_enter could not run:")
+
+
+@pytest.mark.parametrize("stderr, shown", [
+    # One long word, cut: its end is still worth showing.
+    ("x" * 3000 + '{"error":"model reload refused"}', "…" + ("x" * 3000 + '{"error":"model reload refused"}')[-500:]),
+    # A cut word with an @ may end a URL whose scheme and password were cut off.
+    ("y" * 4090 + "s3cret@hub/x failed", "…hub/x failed"),
+])
+def test_a_cut_stderr_keeps_its_end_and_never_a_cut_password(tmp_path, stderr, shown):
+    (tmp_path / "err").write_text(stderr)
+    hook(tmp_path, "verifying_enter", f"cat {tmp_path / 'err'} >&2\nexit 1")
+    got, _ = run_timed(Hooks(tmp_path), "verifying")
+    assert got == f"hook verifying_enter exited 1: {shown}"

@@ -373,3 +373,25 @@ def test_a_restart_that_will_roll_back_never_serves_the_unproven_model(bench):
     assert bench.wait_for(b, "d2") == "failed"
     assert b.model_ref == m1.ref
     assert b.status()["slots"][b.record.from_slot] == m1.ref
+
+
+def test_a_stop_during_a_leave_hook_lets_it_finish(bench, tmp_path):
+    # The leave hook of a health check that passed: cutting it off would leave the state
+    # saved as health_check, and the next start would roll back a model that passed
+    # (found in review).
+    hooks = tmp_path / "hooks-leave"
+    hooks.mkdir()
+    started = tmp_path / "leave-started"
+    (hooks / "health_check_leave").write_text(f"#!/bin/sh\ntouch {started}\nsleep 1\n")
+    (hooks / "health_check_leave").chmod(0o755)
+    tp, man, *_ = bench.bundle("1.0.0")
+    a = bench.agent("leave-stop", hooks_dir=hooks)
+    bench.deploy("leave-stop", "d1", tp, man.ref, health_window_s=0)
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert started.exists()
+    a.stop()
+    bench.agents.remove(a)
+    saved = json.loads((a.settings.data_dir / "state.json").read_text())
+    assert saved["state"] == "committed", saved
