@@ -618,13 +618,13 @@ def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, in
     that recovers later (a timed-out one that did install) frees no room for a new
     failure.
 
-    By device, whichever count it is in now: a timed-out device (an install failure
-    when accepted) that reports later that the agent rolled back is a health failure
-    now, but it is the failure the operator accepted, known better, not a new one. It
-    is counted once (it leaves the install count) and stays accepted, so it does not
-    trip a health gate in whatever wave runs when it reports; a health failure of any
-    other device still does."""
-    ok: set[str] = set()  # accepted devices, install and health alike
+    By device and by kind: an operator who accepts a timed-out device accepts an
+    install failure (a silent device), not an unhealthy model. When it reports later
+    that its agent rolled back, that is a health failure the operator never saw, and it
+    counts against the health gates of whatever wave runs then (it leaves the install
+    count)."""
+    ok_install: set[str] = set()
+    ok_health: set[str] = set()
     counted = (0, 0)  # overrides saved before devices were recorded: by number, as then
     for res in c.wave_results:
         if res.get("overridden_by"):
@@ -633,10 +633,10 @@ def _accepted(c: Campaign, install: set[str], health: set[str]) -> tuple[int, in
                 m = res.get("metrics") or {}
                 counted = (int(m.get("install_failures") or 0), int(m.get("health_failures") or 0))
                 continue
-            ok.update(acc.get("install") or ())
-            ok.update(acc.get("health") or ())
-    return (min(len(install), max(len(install & ok), counted[0])),
-            min(len(health), max(len(health & ok), counted[1])))
+            ok_install.update(acc.get("install") or ())
+            ok_health.update(acc.get("health") or ())
+    return (min(len(install), max(len(install & ok_install), counted[0])),
+            min(len(health), max(len(health & ok_health), counted[1])))
 
 
 def wave_metrics(session: Session, c: Campaign, wave: int, now: datetime, *, quality: bool = True) -> WaveMetrics:
@@ -784,10 +784,10 @@ class CampaignEngine:
         self.report_timeout_s = report_timeout_s
         self.clock = clock
         self.lock = threading.RLock()
-        # (campaign, device, deployment) -> (lifecycle state, time): the state a device
-        # reported when its report timeout last restarted, at the time saved then in
-        # its ``updated``; see _note_progress.
-        self._progress: dict[tuple[str, str, str], tuple[str | None, datetime]] = {}
+        # (campaign, device, deployment) -> (lifecycle state, download progress, time):
+        # what a device reported when its report timeout last restarted, at the time
+        # saved then in its ``updated``; see _note_progress.
+        self._progress: dict[tuple[str, str, str], tuple[str | None, Any, datetime]] = {}
 
     # ---- public
 
@@ -814,7 +814,8 @@ class CampaignEngine:
                        CampaignDevice.state == D.REVERT_FAILED, DeploymentDevice.outcome == "installed")
             ).all() if i not in ids]
         with self.lock:  # what _note_progress remembers of campaigns no longer driven
-            self._progress = {k: v for k, v in self._progress.items() if k[0] in ids}
+            driven = set(ids)
+            self._progress = {k: v for k, v in self._progress.items() if k[0] in driven}
         for cid in ids:
             try:
                 self.step(cid)
@@ -867,6 +868,7 @@ class CampaignEngine:
                    & (col(DeploymentDevice.outcome) == "installed"))))
             .where(CampaignDevice.campaign_id == c.id, col(DeploymentDevice.outcome).in_(TERMINAL_OUTCOMES))
         ).all()
+        reverted_late: list[str] = []
         for cd, dd in rows:
             new: DeviceState | None = None
             if cd.state in (D.DEPLOYING, D.TIMED_OUT):
@@ -890,13 +892,30 @@ class CampaignEngine:
                     cd.detail = f"reported {dd.outcome} after its report timed out"
                 elif was == D.REVERT_FAILED:
                     cd.detail = f"reported {dd.outcome} after it was marked revert_failed ({why})"
+                    reverted_late.append(cd.device_id)
                 s.add(cd)
+        if reverted_late:
+            self._reverted_late(s, c, sorted(reverted_late), now)
+
+    def _reverted_late(self, s: Session, c: Campaign, devices: list[str], now: datetime) -> None:
+        """Record rollbacks reported installed after they were marked revert_failed, and
+        bring an ended campaign's reason up to date with them."""
+        audit.record(s, actor=audit.ENGINE_ACTOR, action="campaign.reverted_late", campaign_id=c.id,
+                     target=c.model, reason="rollback reported installed after its report timed out",
+                     ts=now, detail={"devices": devices[:100], "count": len(devices)})
+        if c.state == CampaignState.ROLLED_BACK:
+            states = s.exec(select(CampaignDevice.state).where(CampaignDevice.campaign_id == c.id)).all()
+            n, bad = sum(st == D.REVERTED for st in states), sum(st == D.REVERT_FAILED for st in states)
+            c.reason = f"{n} devices back on their previous version" + (
+                f"; {bad} could not be reverted (see their detail)" if bad else "")
+            c.updated = now
+            s.add(c)
 
     def _note_progress(self, s: Session, c: Campaign) -> None:
         """Restart the report timeout of each device in flight whose latest report, if
         newer than the timer's start, shows progress on the deployment it waits on: a
-        lifecycle state other than the one it reported when the timer last restarted,
-        or a download's progress. The timer then counts from that report.
+        lifecycle state, or a download progress, other than the one it reported when the
+        timer last restarted. The timer then counts from that report.
 
         A repeat is not progress: the agent re-sends its status on every reconnect
         (the same deployment and state, with a new seq, so a seq tells nothing), and a
@@ -908,8 +927,12 @@ class CampaignEngine:
         remembered state whose time is not the device's saved ``updated`` (that step
         was not saved) is ignored the same way.
         """
+        # Columns, not objects: after a mass reconnect every device in flight repeats its
+        # state and matches here on every tick until it moves on or times out.
         rows = s.exec(
-            select(CampaignDevice, DeploymentDevice.state, DeploymentDevice.progress, DeploymentDevice.updated)
+            select(CampaignDevice.device_id, CampaignDevice.state, CampaignDevice.deployment_id,
+                   CampaignDevice.rollback_deployment_id, CampaignDevice.updated,
+                   DeploymentDevice.state, DeploymentDevice.progress, DeploymentDevice.updated)
             .join(DeploymentDevice, (col(DeploymentDevice.device_id) == col(CampaignDevice.device_id)) & (
                 ((col(CampaignDevice.state) == D.DEPLOYING)
                  & (col(DeploymentDevice.deployment_id) == col(CampaignDevice.deployment_id)))
@@ -919,13 +942,18 @@ class CampaignEngine:
                    col(DeploymentDevice.state).is_not(None),  # the device reported: not just the row's creation
                    col(DeploymentDevice.updated) > col(CampaignDevice.updated))
         ).all()
-        for cd, state, progress, at in rows:
-            key = (c.id, cd.device_id, _dep_of(cd))
-            if progress is None and self._progress.get(key) == (state, cd.updated):
-                continue  # the state the timer last restarted on, again
-            self._progress[key] = (state, at)
-            cd.updated = at
-            s.add(cd)
+        restart: dict[str, datetime] = {}
+        for device_id, cd_state, dep, rollback_dep, since, state, progress, at in rows:
+            key = (c.id, device_id, str(rollback_dep if cd_state == D.REVERTING else dep))
+            seen = self._progress.get(key)
+            if seen is not None and seen[2] == since and seen[:2] == (state, progress):
+                continue  # the state (and download progress) the timer last restarted on, again
+            self._progress[key] = (state, progress, at)
+            restart[device_id] = at
+        for device_id, at in restart.items():
+            s.execute(update(CampaignDevice)
+                      .where(col(CampaignDevice.campaign_id) == c.id, col(CampaignDevice.device_id) == device_id)
+                      .values(updated=at))
 
     def _expire(self, s: Session, c: Campaign, now: datetime) -> None:
         """Devices sent their deployment more than ``report_timeout_s`` ago without a

@@ -349,16 +349,22 @@ def test_a_device_that_reports_progress_does_not_time_out(env: Env) -> None:
     cid = env.create(waves="100", soak_s=0, gates=["install_failures<=0"])
     env.tick()
     dep0 = env.pub.sent[0][1].deployment_id
-    for _ in range(3):  # 1,500 s in all, a progress report every 500 s
-        env.tick(500)
+    def progress(value: float) -> None:
         env.seq["d0"] = env.seq.get("d0", 0) + 1
         with env.db.session() as s:
             fleet.apply_status(s, "d0", protocol.StatusReport(
                 seq=env.seq["d0"], deployment_id=dep0, state="downloading", outcome="in_progress",
-                progress=0.3), env.clock())
+                progress=value), env.clock())
+
+    for value in (0.2, 0.4, 0.6):  # 1,500 s in all, a progress report every 500 s
+        env.tick(500)
+        progress(value)
     env.tick(500)
     assert _states(env, cid)["d0"] == "deploying" and env.status(cid).state == "running"
-    env.tick(101)  # 601 s after its last report
+    # The same progress again is no progress: a download stuck at 60% still times out.
+    env.tick(50)
+    progress(0.6)
+    env.tick(51)  # 601 s after its last report that moved
     assert _states(env, cid)["d0"] == "timed_out"
 
 
@@ -796,16 +802,17 @@ def test_a_rollback_result_after_its_timeout_is_folded_in(env: Env, finished: bo
         env.tick()
     st = env.status(cid)
     assert st.state == "rolled_back" and st.counts == {"reverted": 3}
-    if not finished:
-        assert st.reason == "3 devices back on their previous version"
+    assert st.reason == "3 devices back on their previous version"
+    with env.db.session() as s:
+        late = s.exec(select(AuditEntry).where(AuditEntry.action == "campaign.reverted_late")).all()
+    assert [e.detail["devices"] for e in late] == [["d1"]]
 
 
-def test_an_accepted_timeout_that_reports_rolled_back_counts_once(env: Env) -> None:
-    """d0 times out, the install gate trips and the operator resumes, accepting d0.
-    d0 then reports that the agent rolled back after its health window: the failure the
-    operator accepted, now known to be a health failure. It is counted once (a health
-    failure, no longer an install failure) and stays accepted, so it trips no gate
-    again and re-opens no wave; a health failure of another device still trips."""
+def test_an_accepted_timeout_that_reports_rolled_back_is_a_health_failure(env: Env) -> None:
+    """d0 times out, the install gate trips and the operator resumes, accepting d0's
+    timeout. d0 then reports that its agent rolled back after its health window: the
+    operator accepted a silent device, not an unhealthy model, so the health gate
+    trips; d0 no longer counts as an install failure."""
     env.report_timeout(600)
     for i in range(4):
         env.hello(f"d{i}")
@@ -825,16 +832,8 @@ def test_an_accepted_timeout_that_reports_rolled_back_counts_once(env: Env) -> N
     env.tick()
     st = env.status(cid)
     assert _states(env, cid)["d0"] == "health_failed"
-    assert (st.state, st.wave_index) == ("running", 1), st.reason
-    assert st.waves[0].status == "overridden"
-    sent = {d: dep.deployment_id for d, dep in env.pub.sent}
-    env.report("d1", "rolled_back", "tiny:1.0.0", sent["d1"])
-    env.report("d2", "installed", "tiny:2.0.0", sent["d2"])
-    env.report("d3", "installed", "tiny:2.0.0", sent["d3"])
-    env.tick()
-    st = env.status(cid)
     assert st.state == "paused"
-    assert "health_failures<=0 failed: 1 (2 of 4 devices so far, 1 accepted by an override)" in (st.reason or "")
+    assert "health_failures<=0 failed: 1" in (st.reason or "")
     assert "install_failures" not in (st.reason or "")
 
 
