@@ -950,10 +950,9 @@ class CampaignEngine:
                 continue  # the state (and download progress) the timer last restarted on, again
             self._progress[key] = (state, progress, at)
             restart[device_id] = at
-        for device_id, at in restart.items():
-            s.execute(update(CampaignDevice)
-                      .where(col(CampaignDevice.campaign_id) == c.id, col(CampaignDevice.device_id) == device_id)
-                      .values(updated=at))
+        if restart:  # one executemany by primary key
+            s.execute(update(CampaignDevice), [{"campaign_id": c.id, "device_id": d, "updated": at}
+                                               for d, at in restart.items()])
 
     def _expire(self, s: Session, c: Campaign, now: datetime) -> None:
         """Devices sent their deployment more than ``report_timeout_s`` ago without a
