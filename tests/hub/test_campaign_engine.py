@@ -464,19 +464,27 @@ def test_override_accepts_the_failures_it_saw_not_later_ones(env: Env) -> None:
     assert "install_failures<=0 failed: 1 (2 of 4 devices so far, 1 accepted by an override)" in (st.reason or "")
 
 
-def test_an_accepted_failure_that_recovers_frees_no_room_for_a_new_one(env: Env) -> None:
-    """The override accepts devices, not a number: d0 timed out and was accepted, then
-    installed after all; d1's later failure must still trip the gate."""
+def _d0_times_out_and_is_accepted(env: Env, gates: list[str]) -> tuple[str, str]:
+    """Four devices in a canary-then-all campaign; the canary d0 goes silent, times out,
+    trips the install gate, and the operator resumes, accepting it. (campaign, d0's
+    deployment id)."""
     env.report_timeout(600)
     for i in range(4):
         env.hello(f"d{i}")
-    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0"])
+    cid = env.create(waves="1n,100", soak_s=0, gates=gates)
     env.tick()
     dep0 = env.pub.sent[0][1].deployment_id
     env.offline("d0")
     env.tick(601)
     assert env.status(cid).state == "paused"
     assert env.command(cid, "resume")  # accepts d0's timeout
+    return cid, dep0
+
+
+def test_an_accepted_failure_that_recovers_frees_no_room_for_a_new_one(env: Env) -> None:
+    """The override accepts devices, not a number: d0 timed out and was accepted, then
+    installed after all; d1's later failure must still trip the gate."""
+    cid, dep0 = _d0_times_out_and_is_accepted(env, ["install_failures<=0"])
     env.hello("d0")
     env.report("d0", "installed", "tiny:2.0.0", dep0)
     for _ in range(3):
@@ -813,16 +821,7 @@ def test_an_accepted_timeout_that_reports_rolled_back_is_a_health_failure(env: E
     timeout. d0 then reports that its agent rolled back after its health window: the
     operator accepted a silent device, not an unhealthy model, so the health gate
     trips; d0 no longer counts as an install failure."""
-    env.report_timeout(600)
-    for i in range(4):
-        env.hello(f"d{i}")
-    cid = env.create(waves="1n,100", soak_s=0, gates=["install_failures<=0", "health_failures<=0"])
-    env.tick()
-    dep0 = env.pub.sent[0][1].deployment_id
-    env.offline("d0")
-    env.tick(601)
-    assert env.status(cid).state == "paused"
-    assert env.command(cid, "resume")  # accepts d0's timeout
+    cid, dep0 = _d0_times_out_and_is_accepted(env, ["install_failures<=0", "health_failures<=0"])
     for _ in range(3):
         env.tick()
     st = env.status(cid)
