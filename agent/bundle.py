@@ -488,6 +488,8 @@ def _check_member(path: Path, m: tarfile.TarInfo, limits: BundleLimits) -> None:
         raise BundleError(f"{path}: unexpected member {m.name!r}")
     if not m.isreg():
         raise BundleError(f"{path}: member {m.name!r} is not a regular file (links are refused)")
+    if m.issparse():  # unpacks to its declared size, not its bytes in the archive
+        raise BundleError(f"{path}: member {m.name!r} is a sparse file (refused: bundles hold plain files)")
     limit = limits.for_member(m.name)
     if m.size > limit:
         raise BundleError(f"{path}: member {m.name!r} is {m.size} bytes, over the limit {limit}")

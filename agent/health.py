@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from threading import Event
 from typing import Literal
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -36,6 +36,7 @@ __all__ = ["MAX_REDIRECTS", "MTIME_TOLERANCE_S", "ProbeConfig", "ProbeFailed", "
 MAX_REDIRECTS = 5
 MTIME_TOLERANCE_S = 2.0
 _POLL_S = 0.05  # how often a running GET's deadline and the stop event are checked
+_URL_SAFE = "/?#[]@!$&'()*+,;=%:-._~"  # RFC 3986 reserved and unreserved characters, and %
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _TARGET_FIELD = {"exec": "command", "http": "url", "file": "path"}
 
@@ -176,7 +177,9 @@ def _http_get(url: str, deadline: float, conns: list[http.client.HTTPConnection]
             conn = cls(u.hostname or "", u.port, timeout=left)
             conns.append(conn)
             try:
-                conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                # percent-encode what is not ASCII (http.client sends the target as is)
+                target = quote((u.path or "/") + (f"?{u.query}" if u.query else ""), safe=_URL_SAFE)
+                conn.request("GET", target,
                              headers={"Connection": "close", "User-Agent": "edgefleet-agent-probe"})
                 resp = conn.getresponse()
                 status, location = resp.status, resp.getheader("Location")

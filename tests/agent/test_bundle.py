@@ -134,3 +134,24 @@ def test_semver_order():
     assert v == sorted(v)
     with pytest.raises(ValueError):
         SemVer.parse("1.0")
+
+
+def test_a_sparse_member_is_refused(tmp_path: Path, good: Path):
+    # GNU tar's sparse members pass as regular files and unpack to their declared size: a
+    # 10 KB archive can write 200 MB (found in review).
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("needs GNU tar to write a sparse member")
+    src = tmp_path / "model.onnx"
+    with open(src, "wb") as f:
+        f.truncate(200 << 20)  # all hole
+    with tarfile.open(good) as tf:  # a valid manifest first, as unpack wants it
+        (tmp_path / "manifest.json").write_bytes(tf.extractfile("manifest.json").read())
+    bad = tmp_path / "sparse.efb"
+    subprocess.run(["tar", "--format=gnu", "-S", "-cf", str(bad), "-C", str(tmp_path), "manifest.json", "model.onnx"],
+                   check=True)
+    assert bad.stat().st_size < 1 << 20
+    with pytest.raises(BundleError, match="'model.onnx' is a sparse file"):
+        unpack(bad, tmp_path / "out")

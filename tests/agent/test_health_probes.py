@@ -156,6 +156,20 @@ def test_http_probe_reads_the_status_not_the_body(serve):
     assert probe_within(p, 2.5)[0] == "passed"
 
 
+def test_http_probe_percent_encodes_a_non_ascii_path(serve):
+    # http.client sends the request target as is and refuses what is not ASCII.
+    seen: list[bytes] = []
+
+    def record(c: socket.socket, port: int) -> None:
+        seen.append(c.recv(4096).split(b"\r\n", 1)[0])
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    port = serve(record)
+    p = ProbeConfig(kind="http", url=f"http://127.0.0.1:{port}/bereit/grün?q=ä%20b", timeout_s=2, attempts=1)
+    assert probe_within(p, 2.5)[0] == "passed"
+    assert seen == [b"GET /bereit/gr%C3%BCn?q=%C3%A4%20b HTTP/1.1"]
+
+
 def test_http_probe_ignores_proxy_variables(serve, monkeypatch):
     port = serve(_ok)
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
