@@ -745,7 +745,7 @@ class Agent:
         try:
             self.hooks.run(rec.state.value, when, env, stop=stop)
         except HookFailed as e:
-            if self._stop.is_set() and when == "enter":
+            if stop is not None and stop.is_set():
                 raise _Stopped() from e
             if rec.state == State.ROLLING_BACK:
                 log.error("ignoring failed hook while rolling back: %s", e)
@@ -862,8 +862,7 @@ class Agent:
         if rec.target_length is None or rec.target_sha256 is None or rec.target_custom is None:
             raise _Fail("no signed target information recorded", "state")
         try:
-            with open(path, "rb") as fh:
-                verify_target_file(str(rec.target_path), rec.target_length, rec.target_sha256, fh)
+            verify_target_file(path, rec.target_length, rec.target_sha256)
             manifest = read_manifest(path, self.slots.limits)
             check_manifest_matches(TargetCustom.model_validate(rec.target_custom), manifest, self.profile.name)
         except FileNotFoundError as e:

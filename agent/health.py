@@ -29,7 +29,8 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.commands import command_environment, redact_userinfo, run_command
+from agent.commands import command_environment, run_command
+from agent.connection import shown_url
 
 __all__ = ["MAX_REDIRECTS", "MTIME_TOLERANCE_S", "ProbeConfig", "ProbeFailed", "run_probe"]
 
@@ -76,13 +77,13 @@ class ProbeConfig(BaseModel):
         if self.command is not None:
             return shlex.join(self.command)[:200]
         if self.url is not None:
-            return redact_userinfo(self.url)[:200]
+            return shown_url(self.url)
         return str(self.path)
 
 
 def _check_url(url: str, field: str) -> None:
     """Raises ValueError unless ``url`` is an http(s) URL with a host (and a valid port)."""
-    shown = redact_userinfo(url)[:200]
+    shown = shown_url(url)
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise ValueError(f"{field} {shown!r} holds whitespace or control characters")
     u = urlsplit(url)
@@ -169,7 +170,7 @@ def _http_get(url: str, deadline: float, conns: list[http.client.HTTPConnection]
         left = deadline - time.monotonic()
         if left <= 0 or cancelled.is_set():
             return "GET timed out"
-        at = f" at {redact_userinfo(url)[:200]}" if hop else ""  # the probe's own URL is in its message
+        at = f" at {shown_url(url)}" if hop else ""  # the probe's own URL is in its message
         try:
             u = urlsplit(url)
             cls = http.client.HTTPSConnection if u.scheme.lower() == "https" else http.client.HTTPConnection

@@ -28,8 +28,6 @@ TUF helper gave no verdict     :class:`~agent.errors.TransportError`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import logging
 import os
 import subprocess
 import sys
@@ -43,7 +41,7 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import agent
-from agent.bundle import Manifest, SemVer
+from agent.bundle import Manifest, SemVer, file_sha256
 from agent.errors import (
     DowngradeError,
     ExpiredMetadataError,
@@ -66,8 +64,6 @@ __all__ = [
     "target_path_for",
     "serve_path_for",
 ]
-
-log = logging.getLogger(__name__)
 
 CUSTOM_KEY = "edgefleet"
 
@@ -179,25 +175,20 @@ def check_manifest_matches(custom: TargetCustom, manifest: Manifest, profile: st
         raise TrustError(f"bundle is for profile {manifest.profile!r}, this device is {profile!r}")
 
 
-def verify_target_file(path: str, length: int, sha256: str, fh: IO[bytes]) -> None:
+def verify_target_file(path: Path, length: int, sha256: str) -> None:
     """Check a downloaded target's length and sha256 against its signed entry.
 
     Raises:
         TrustError: length or hash mismatch (a tampered or corrupted bundle).
+        OSError: the file cannot be read (FileNotFoundError when it is gone).
     """
-    h = hashlib.sha256()
-    got = 0
-    while chunk := fh.read(1 << 20):
-        got += len(chunk)
-        if got > length:
-            break
-        h.update(chunk)
-    if got != length:
-        more = "more than" if got > length else f"{got} bytes, not"
-        raise TrustError(f"bundle {path} failed verification: {more} the {length} bytes signed for it")
-    if h.hexdigest() != sha256.lower():
-        raise TrustError(f"bundle {path} failed verification: sha256 {h.hexdigest()} "
-                         f"is not the signed {sha256}")
+    size = path.stat().st_size
+    if size != length:
+        more = "more than" if size > length else f"{size} bytes, not"
+        raise TrustError(f"bundle {path.name} failed verification: {more} the {length} bytes signed for it")
+    got = file_sha256(path)
+    if got != sha256.lower():
+        raise TrustError(f"bundle {path.name} failed verification: sha256 {got} is not the signed {sha256}")
 
 
 def _helper_command(metadata_dir: Path, target_path: str) -> tuple[list[str], dict[str, str]]:
@@ -294,7 +285,7 @@ def lookup_target(
 def _serve_helper(rx: IO[bytes], tx: IO[bytes], target_path: str,
                   client: RepoClient | HttpRepoClient, max_bytes: int) -> SignedTarget:
     errors = {"ExpiredMetadataError": ExpiredMetadataError, "TrustError": TrustError,
-              "TransportError": TransportError, "DowngradeError": TrustError}
+              "TransportError": TransportError}
     while True:
         msg = read_message(rx, "TUF helper")
         if "fetch" in msg:

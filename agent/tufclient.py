@@ -33,64 +33,41 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from agent.errors import ExpiredMetadataError, TransferError, TransportError, TrustError
 from agent.pipes import read_message, send
 
-__all__ = ["TrustedRepository", "PipeFetcher", "main"]
+__all__ = ["lookup", "PipeFetcher", "main"]
 
 METADATA_MAX_BYTES = 4 << 20
 
 
-class TrustedRepository:
-    """TUF client state for one device: trusted metadata on disk plus a fetcher.
+def lookup(metadata_dir: Path, target_path: str, fetcher: FetcherInterface,
+           max_bytes: int = METADATA_MAX_BYTES) -> TargetFile:
+    """Refresh the trusted metadata in ``metadata_dir`` (which must hold a trusted
+    ``root.json``, see docs/security.md) and return the signed entry for ``target_path``.
 
-    ``metadata_dir`` must hold a trusted ``root.json`` (provisioned with the device,
-    or pinned on first contact; see docs/security.md).
+    Raises:
+        ExpiredMetadataError: the newest metadata available has expired.
+        TrustError: signatures, thresholds or versions do not verify, or the
+            target is not listed.
+        TransportError: the repository could not be reached.
     """
-
-    def __init__(self, metadata_dir: Path, fetcher: FetcherInterface, *,
-                 max_bytes: int = METADATA_MAX_BYTES):
-        self.metadata_dir = metadata_dir
-        self.fetcher = fetcher
-        self.config = UpdaterConfig(
-            root_max_length=max_bytes,
-            timestamp_max_length=64 * 1024,
-            snapshot_max_length=max_bytes,
-            targets_max_length=max_bytes,
-        )
-
-    def _updater(self) -> Updater:
-        return Updater(
-            metadata_dir=str(self.metadata_dir),
-            metadata_base_url="mqtt:metadata/",
-            target_base_url="mqtt:targets/",
-            fetcher=self.fetcher,
-            config=self.config,
-            bootstrap=None,
-        )
-
-    def lookup(self, target_path: str) -> TargetFile:
-        """Refresh metadata and return the signed entry for ``target_path``.
-
-        Raises:
-            ExpiredMetadataError: the newest metadata available has expired.
-            TrustError: signatures, thresholds or versions do not verify, or the
-                target is not listed.
-            TransportError: the repository could not be reached.
-        """
-        try:
-            updater = self._updater()
-            updater.refresh()
-            target = updater.get_targetinfo(target_path)
-        except tuf_exc.ExpiredMetadataError as e:
-            raise ExpiredMetadataError(f"repository metadata expired: {e}") from e
-        except tuf_exc.DownloadError as e:
-            raise TransportError(f"repository unreachable: {e}") from e
-        except tuf_exc.RepositoryError as e:
-            raise TrustError(f"repository metadata rejected: {type(e).__name__}: {e}") from e
-        except (OSError, ValueError) as e:
-            # Unreadable local trusted metadata, or undecodable remote metadata.
-            raise TrustError(f"trusted metadata unusable: {e}") from e
-        if target is None:
-            raise TrustError(f"target {target_path} is not in signed targets metadata")
-        return target
+    config = UpdaterConfig(root_max_length=max_bytes, timestamp_max_length=64 * 1024,
+                           snapshot_max_length=max_bytes, targets_max_length=max_bytes)
+    try:
+        updater = Updater(metadata_dir=str(metadata_dir), metadata_base_url="mqtt:metadata/",
+                          target_base_url="mqtt:targets/", fetcher=fetcher, config=config, bootstrap=None)
+        updater.refresh()
+        target = updater.get_targetinfo(target_path)
+    except tuf_exc.ExpiredMetadataError as e:
+        raise ExpiredMetadataError(f"repository metadata expired: {e}") from e
+    except tuf_exc.DownloadError as e:
+        raise TransportError(f"repository unreachable: {e}") from e
+    except tuf_exc.RepositoryError as e:
+        raise TrustError(f"repository metadata rejected: {type(e).__name__}: {e}") from e
+    except (OSError, ValueError) as e:
+        # Unreadable local trusted metadata, or undecodable remote metadata.
+        raise TrustError(f"trusted metadata unusable: {e}") from e
+    if target is None:
+        raise TrustError(f"target {target_path} is not in signed targets metadata")
+    return target
 
 
 class PipeFetcher(FetcherInterface):
@@ -131,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     tx = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     rx = sys.stdin.buffer
-    repo = TrustedRepository(Path(args[0]), PipeFetcher(rx, tx))
     try:
-        target = repo.lookup(args[1])
+        target = lookup(Path(args[0]), args[1], PipeFetcher(rx, tx))
     except (ExpiredMetadataError, TrustError, TransportError) as e:
         send(tx, {"error": type(e).__name__, "message": str(e)})
         return 0

@@ -597,9 +597,21 @@ def _merge_predictions(rows: Iterable[DriftSketchRow]) -> tuple[Any, int]:
     return m.predictions.counts, int(m.predictions.counts.sum())
 
 
+def _reverted_reason(states: Sequence[str]) -> str:
+    """A rolled-back campaign's reason, from its devices' states."""
+    n, bad = sum(st == D.REVERTED for st in states), sum(st == D.REVERT_FAILED for st in states)
+    return f"{n} devices back on their previous version" + (
+        f"; {bad} could not be reverted (see their detail)" if bad else "")
+
+
 def _dep_of(cd: CampaignDevice) -> str:
     """The deployment a campaign device waits on: its rollback while reverting."""
-    return str(cd.rollback_deployment_id if cd.state == D.REVERTING else cd.deployment_id)
+    return _waits_on(cd.state, cd.deployment_id, cd.rollback_deployment_id)
+
+
+def _waits_on(state: str, deployment_id: str | None, rollback_deployment_id: str | None) -> str:
+    """:func:`_dep_of` from the columns."""
+    return str(rollback_deployment_id if state == D.REVERTING else deployment_id)
 
 
 def _failing_devices(session: Session, campaign_id: str) -> dict[str, list[str]]:
@@ -905,9 +917,7 @@ class CampaignEngine:
                      ts=now, detail={"devices": devices[:100], "count": len(devices)})
         if c.state == CampaignState.ROLLED_BACK:
             states = s.exec(select(CampaignDevice.state).where(CampaignDevice.campaign_id == c.id)).all()
-            n, bad = sum(st == D.REVERTED for st in states), sum(st == D.REVERT_FAILED for st in states)
-            c.reason = f"{n} devices back on their previous version" + (
-                f"; {bad} could not be reverted (see their detail)" if bad else "")
+            c.reason = _reverted_reason(states)
             c.updated = now
             s.add(c)
 
@@ -944,7 +954,7 @@ class CampaignEngine:
         ).all()
         restart: dict[str, datetime] = {}
         for device_id, cd_state, dep, rollback_dep, since, state, progress, at in rows:
-            key = (c.id, device_id, str(rollback_dep if cd_state == D.REVERTING else dep))
+            key = (c.id, device_id, _waits_on(cd_state, dep, rollback_dep))
             seen = self._progress.get(key)
             if seen is not None and seen[2] == since and seen[:2] == (state, progress):
                 continue  # the state (and download progress) the timer last restarted on, again
@@ -1161,11 +1171,7 @@ class CampaignEngine:
                 event, reason = Event.DRAINED, "every returning device was updated"
         elif state == CampaignState.ROLLING_BACK:
             if not any(st in (D.UPDATED, D.DEPLOYING, D.REVERTING) for _, st, _ in devs):
-                n = sum(st == D.REVERTED for _, st, _ in devs)
-                bad = sum(st == D.REVERT_FAILED for _, st, _ in devs)
-                event, reason = Event.REVERTED, f"{n} devices back on their previous version"
-                if bad:
-                    reason += f"; {bad} could not be reverted (see their detail)"
+                event, reason = Event.REVERTED, _reverted_reason([st for _, st, _ in devs])
         if event is not None:
             _transition(s, c, event, actor=audit.ENGINE_ACTOR, reason=reason, now=now, detail=detail)
 

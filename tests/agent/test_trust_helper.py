@@ -78,8 +78,7 @@ def test_lookup_returns_the_signed_entry_and_the_file_verifies(tmp_path: Path):
     assert "metadata/timestamp.json" in client.paths
     # The helper kept the refreshed metadata for the next lookup.
     assert (trust / "timestamp.json").exists()
-    with open(tmp_path / "b.efb", "rb") as fh:
-        verify_target_file(tp, target.length, target.hashes["sha256"], fh)
+    verify_target_file(tmp_path / "b.efb", target.length, target.hashes["sha256"])
 
 
 def test_an_unlisted_target_is_a_trust_error(tmp_path: Path):
@@ -231,16 +230,22 @@ def test_a_lookup_over_its_deadline_is_a_transport_error(tmp_path: Path):
 
 # verify_target_file ------------------------------------------------------------------
 
-def test_verify_refuses_a_short_a_long_and_a_changed_file():
+def test_verify_refuses_a_short_a_long_and_a_changed_file(tmp_path: Path):
     data = b"x" * 5000
     sha = hashlib.sha256(data).hexdigest()
-    verify_target_file("t", 5000, sha, io.BytesIO(data))
+    t = tmp_path / "t"
+
+    def verify(content: bytes) -> None:
+        t.write_bytes(content)
+        verify_target_file(t, 5000, sha)
+
+    verify(data)
     with pytest.raises(TrustError, match="failed verification: 4999 bytes, not the 5000"):
-        verify_target_file("t", 5000, sha, io.BytesIO(data[:-1]))
+        verify(data[:-1])
     with pytest.raises(TrustError, match="failed verification: more than the 5000"):
-        verify_target_file("t", 5000, sha, io.BytesIO(data + b"y"))
+        verify(data + b"y")
     with pytest.raises(TrustError, match="failed verification: sha256"):
-        verify_target_file("t", 5000, sha, io.BytesIO(b"y" + data[1:]))
+        verify(b"y" + data[1:])
 
 
 # the helper's report -----------------------------------------------------------------
