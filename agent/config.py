@@ -97,6 +97,11 @@ class AgentSettings(BaseModel):
         256 * 1024, ge=1024, le=MAX_CAPTURE_BYTES, description="Larger samples are not captured."
     )
     capture_upload: bool = Field(False, description="Also send captured samples to the hub.")
+    release_memory: bool = Field(
+        True, description="Once serving has started, and after each deployment ends, ask the kernel to "
+        "reclaim the library code pages touched only at start-up, then warm the models up again "
+        "(agent.memory; Linux 5.4 and later)."
+    )
     feedback_max_pending: int = Field(
         10_000, ge=1, description="Labels held between telemetry intervals before new ones are dropped."
     )

@@ -54,6 +54,7 @@ from agent.lifecycle import (
     next_state,
 )
 from agent.localapi import LocalApi
+from agent.memory import Released, release_cold_pages, rss_bytes
 from agent.profiles import Profile, load_profile
 from agent.protocol import (
     MAX_COUNT,
@@ -184,6 +185,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._candidate: LoadedModel | None = None
+        self.released: Released | None = None  # the last agent.memory release, when one ran
         self._conditions: set[str] = set()
         if self.spool.reset_reason is not None:
             self._conditions.add("spool_reset")  # reported once connected; the reason is in the log
@@ -255,6 +257,7 @@ class Agent:
 
     def start(self) -> None:
         self._load_active()
+        self._release_memory()
         if self.settings.api_port or self.settings.api_socket:
             self.api = LocalApi(self.server, self.settings.api_port, socket_path=self.settings.api_socket,
                                 feedback=self.feedback)
@@ -716,6 +719,23 @@ class Agent:
             return
         self._finish(rec)
         self._report()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Give back the pages start-up and model loading touched once (agent.memory),
+        then warm the serving models up again so that the pages inference needs are
+        resident before the next request."""
+        if not self.settings.release_memory:
+            return
+        released = release_cold_pages()
+        if released is None:
+            return
+        self.released = released
+        for m in (self.server.active, getattr(self.server.candidate, "model", None)):
+            if m is not None:
+                m.warm()
+        log.info("released %.1f MiB of start-up pages (%d mappings); RSS now %.1f MiB",
+                 released.freed / 2**20, released.mappings, rss_bytes() / 2**20)
 
     def _save_or_wait(self, rec: DeploymentRecord) -> bool:
         """Save the record, retrying every few seconds while the disk refuses (full,

@@ -276,6 +276,8 @@ class _Worker:
                 telemetry_interval=cfg.telemetry_interval, tags=list(cfg.tags), trust_root=cfg.trust_root,
                 profiles_dir=self.profiles_dir, health_probes=probes, hooks_dir=hooks,
                 reconnect_max_delay=5.0, selftest_latency_runs=5,
+                # Many agents share this process: none of them owns its memory to give back.
+                release_memory=False,
             )
         self.agents: dict[str, Any] = {}
         self._lock = threading.Lock()

@@ -11,7 +11,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from agent.bundle import Bundle, TensorSpec
-from agent.errors import RuntimeLoadError
+from agent.errors import EdgefleetError, RuntimeLoadError
 from agent.profiles import RuntimeOptions
 
 __all__ = ["Runtime", "LoadedModel", "register", "create_runtime", "available_runtimes"]
@@ -161,12 +161,34 @@ class LoadedModel:
         if not self._inflight:
             self._unload_once()
 
+    def warm(self) -> bool:
+        """Run the warm-up again on a model that is serving (after
+        :func:`agent.memory.release_cold_pages`, so that the pages inference needs are
+        back before the next request). False when it did not run: the model is retired,
+        or its self-test inputs no longer read or fit (logged; serving goes on as before).
+        """
+        if not self.acquire():
+            return False
+        try:
+            self.runtime.warmup(_first_rows(self.bundle))
+            return True
+        except (ValueError, OSError, EdgefleetError) as e:
+            log.warning("%s: warm-up after releasing memory failed: %s", self.ref, e)
+            return False
+        finally:
+            self.release()
+
     def _unload_once(self) -> None:
         with self._lock:
             if self._unloaded:
                 return
             self._unloaded = True
         self.runtime.unload()
+
+
+def _first_rows(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The first row of each self-test input: what a warm-up runs."""
+    return {k: v[:1] for k, v in bundle.selftest().inputs.items()}
 
 
 def load_bundle(
@@ -181,8 +203,7 @@ def load_bundle(
     runtime.load(str(bundle.model_path), options)
     if warmup:
         try:
-            first = {k: v[:1] for k, v in bundle.selftest().inputs.items()}
-            runtime.warmup(first)
+            runtime.warmup(_first_rows(bundle))
         except ValueError as e:
             runtime.unload()
             raise RuntimeLoadError(f"{bundle.manifest.ref}: warm-up failed: {e}") from e

@@ -39,6 +39,22 @@ def test_install_then_upgrade_keeps_previous_slot(bench):
                                 "activating", "health_check", "committed"]
 
 
+def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_serves(bench):
+    a = bench.agent(release_memory=True)
+    assert a.released is not None and a.released.mappings > 0  # at start
+    a.released = None
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    deadline = time.monotonic() + 10
+    while a.released is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert a.released is not None, "no memory release after the deployment ended"
+    assert serves(a, w1, b1)
+    off = bench.agent("dev2", release_memory=False)
+    assert off.released is None
+
+
 def test_flipped_byte_is_refused_and_old_model_keeps_serving(bench_factory):
     flip = {"on": False}
 
