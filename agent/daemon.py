@@ -186,6 +186,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._candidate: LoadedModel | None = None
         self.released: Released | None = None  # the last agent.memory release, when one ran
+        self._told_not_owned = False
         self._conditions: set[str] = set()
         if self.spool.reset_reason is not None:
             self._conditions.add("spool_reset")  # reported once connected; the reason is in the log
@@ -724,18 +725,27 @@ class Agent:
     def _release_memory(self) -> None:
         """Give back the pages start-up and model loading touched once (agent.memory),
         then warm the serving models up again so that the pages inference needs are
-        resident before the next request."""
+        resident before the next request. Never raises: this only saves memory."""
         if not self.settings.release_memory:
             return
-        released = release_cold_pages()
-        if released is None:
+        try:
+            released = release_cold_pages()
+            if released is None:
+                return
+            self.released = released
+            if released.mappings:
+                for m in (self.server.active, getattr(self.server.candidate, "model", None)):
+                    if m is not None:
+                        m.warm()
+        except Exception:
+            log.exception("releasing memory failed; serving goes on")
             return
-        self.released = released
-        for m in (self.server.active, getattr(self.server.candidate, "model", None)):
-            if m is not None:
-                m.warm()
         log.info("released %.1f MiB of start-up pages (%d mappings); RSS now %.1f MiB",
                  released.freed / 2**20, released.mappings, rss_bytes() / 2**20)
+        if released.not_owned and not self._told_not_owned:
+            self._told_not_owned = True
+            log.warning("%d library mappings are files another user owns: the kernel gives back only the "
+                        "pages of files the agent owns (docs/operations.md, Memory)", released.not_owned)
 
     def _save_or_wait(self, rec: DeploymentRecord) -> bool:
         """Save the record, retrying every few seconds while the disk refuses (full,

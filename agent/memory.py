@@ -10,15 +10,23 @@ until memory runs short, and on a device whose other work never makes it run sho
 stay for the agent's whole life.
 
 :func:`release_cold_pages` asks the kernel (``madvise(MADV_PAGEOUT)``, Linux 5.4 and
-later) to reclaim the read-only file-backed pages mapped into this process; the agent
-calls it once serving has started and after each deployment ends, then runs its models'
-warm-up again, so the pages inference needs are back before the next request. A page
-used later comes back on its first touch, from the page cache or the disk, as any page
-of a program does. Pages written since they were mapped (relocated data, the heap, model
-weights in ONNX Runtime's buffers) are never touched by this: they are not file pages.
-A page another process maps too is left alone by the kernel.
+later) to reclaim them: the pages of private, read-only file mappings that hold nothing
+but the file's own bytes (smaps ``Anonymous: 0``; relocated data, which the process
+wrote before it was made read-only, is left alone, as are the heap and every writable
+mapping). The agent calls it once serving has started and after each deployment ends,
+then runs its models' warm-up again, so the pages inference needs are back before the
+next request. A page used later comes back on its first touch, as any page of a program
+does. Then ``malloc_trim`` hands free heap pages back (glibc only).
 
-Then ``malloc_trim`` hands free heap pages back (glibc only).
+Two rules of the kernel decide what is given back:
+
+* Only pages of files this process owns, or could open for writing, are paged out; for
+  other files the call succeeds and does nothing (mm/madvise.c, ``can_do_file_pageout``:
+  paging out someone else's file would be a side channel). An agent that runs as a
+  service user over a virtual environment owned by root releases nothing; see
+  docs/operations.md "Memory". Such mappings are counted in :attr:`Released.not_owned`
+  and not advised.
+* A page another process maps too is left alone.
 
 What it saves and costs on the reference model is in docs/benchmarks.md.
 """
@@ -27,11 +35,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = ["Released", "release_cold_pages", "rss_bytes"]
 
@@ -43,15 +51,24 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 @dataclass(frozen=True)
 class Released:
-    """What one call gave back: RSS before and after, and the mappings advised."""
+    """What one call did: RSS before and after, the mappings advised, and the mappings
+    left out because their file belongs to another user (the kernel would ignore them)."""
 
     rss_before: int
     rss_after: int
     mappings: int
+    not_owned: int = 0
 
     @property
     def freed(self) -> int:
         return self.rss_before - self.rss_after
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    path: str
 
 
 def rss_bytes() -> int:
@@ -61,68 +78,108 @@ def rss_bytes() -> int:
 
 
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
+        # find_library needs a compiler or ldconfig, which small images lack; the
+        # process's own symbols (dlopen(NULL)) hold libc's functions either way.
+        name = ctypes.util.find_library("c")
         libc = ctypes.CDLL(name, use_errno=True)
     except OSError:
+        return None
+    if not hasattr(libc, "madvise"):
         return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int
     return libc
 
 
-def _file_pages(maps: str) -> list[tuple[int, int]]:
-    """The read-only, file-backed mappings in ``/proc/self/maps`` text, as (start, end).
+def _clean_file_mappings(smaps: str) -> list[Mapping]:
+    """The private, read-only, file-backed mappings in ``/proc/self/smaps`` text that
+    hold only the file's own pages (``Anonymous: 0 kB``).
 
-    A line is ``start-end perms offset dev inode [path]``. Writable mappings are left
-    out (their written pages are the process's own, not the file's), and so are
-    anonymous ones and the kernel's (``[vdso]``, ``[vvar]``: inode 0).
+    A mapping starts with ``start-end perms offset dev inode [path]``, followed by
+    ``Key: value`` lines. Left out: writable mappings and read-only ones with written
+    (anonymous) pages, whose contents are the process's own; shared mappings (another
+    process's business); anonymous ones and the kernel's (``[vdso]``: inode 0). A path
+    may contain spaces and end in `` (deleted)``.
     """
-    spans = []
-    for line in maps.splitlines():
+    out: list[Mapping] = []
+    cur: Mapping | None = None
+    for line in smaps.splitlines():
+        head, _, rest = line.partition(" ")
+        if head.endswith(":"):
+            if cur is not None and head == "Anonymous:":
+                if rest.split()[:1] == ["0"]:
+                    out.append(cur)
+                cur = None
+            continue
+        cur = None
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].startswith("/") or parts[4] == "0":
+        if len(parts) < 6:
+            continue
+        start, dash, end = parts[0].partition("-")
+        if not dash or not parts[5].startswith("/") or parts[4] == "0":
             continue
         perms = parts[1]
         if len(perms) != 4 or perms[0] != "r" or perms[1] == "w" or perms[3] != "p":
             continue
-        start, _, end = parts[0].partition("-")
-        spans.append((int(start, 16), int(end, 16)))
-    return spans
+        try:
+            cur = Mapping(int(start, 16), int(end, 16), parts[5])
+        except ValueError:
+            continue
+    return out
+
+
+def _owned(path: str, cache: dict[str, bool]) -> bool:
+    """Whether the kernel will page out this file's pages for us: we own it or may
+    write it (the rule of ``can_do_file_pageout``). A file gone from its path (replaced
+    or deleted since it was mapped) cannot be checked and counts as not owned."""
+    got = cache.get(path)
+    if got is None:
+        try:
+            got = os.stat(path).st_uid == os.geteuid() or os.access(path, os.W_OK)
+        except OSError:
+            got = False
+        cache[path] = got
+    return got
 
 
 def release_cold_pages() -> Released | None:
-    """Ask the kernel to reclaim this process's read-only file pages, then trim the heap.
+    """Ask the kernel to reclaim this process's clean, read-only file pages, then trim
+    the heap.
 
-    Returns what was released, or None where this cannot work (not Linux, no libc,
-    a kernel without ``MADV_PAGEOUT``); the reason is logged at debug level. Never
-    raises: the agent serves the same either way.
+    Returns what was done, or None where this cannot work (not Linux, no C library
+    with ``madvise``, a kernel without ``MADV_PAGEOUT``); the reason is logged at debug
+    level. Never raises: the agent serves the same either way.
     """
     if not sys.platform.startswith("linux"):
         return None
     libc = _libc()
     if libc is None:
-        log.debug("memory release: no C library found")
+        log.debug("memory release: no C library with madvise")
         return None
     try:
         before = rss_bytes()
-        maps = Path("/proc/self/maps").read_text()
+        with open("/proc/self/smaps", "rb") as f:
+            smaps = f.read().decode("utf-8", "surrogateescape")
     except OSError as e:
         log.debug("memory release: cannot read /proc/self: %s", e)
         return None
-    advised = 0
-    for start, end in _file_pages(maps):
-        if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
-            advised += 1
+    advised = refused = not_owned = 0
+    owned: dict[str, bool] = {}
+    for m in _clean_file_mappings(smaps):
+        if not _owned(m.path, owned):
+            not_owned += 1
             continue
-        err = ctypes.get_errno()
-        if err == 22 and advised == 0:  # EINVAL on the first one: the kernel has no MADV_PAGEOUT
-            log.debug("memory release: this kernel does not support MADV_PAGEOUT")
-            return None
-        # Other errors (a mapping that went away meanwhile: ENOMEM) only skip that mapping.
+        if libc.madvise(m.start, m.end - m.start, MADV_PAGEOUT) == 0:
+            advised += 1
+        elif ctypes.get_errno() == errno.EINVAL:
+            # No MADV_PAGEOUT in this kernel, or a locked (mlock) or special mapping.
+            refused += 1
+        # Any other error (ENOMEM: the mapping went away meanwhile) skips that mapping.
+    if refused and not advised:
+        log.debug("memory release: the kernel refused MADV_PAGEOUT on every mapping (older than 5.4?)")
+        return None
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
-    return Released(before, rss_bytes(), advised)
+    return Released(before, rss_bytes(), advised, not_owned)

@@ -39,7 +39,12 @@ def test_install_then_upgrade_keeps_previous_slot(bench):
                                 "activating", "health_check", "committed"]
 
 
-def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_serves(bench):
+def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is_warmed(bench, monkeypatch):
+    from agent.runtimes.base import LoadedModel
+
+    warmed: list[str] = []
+    real_warm = LoadedModel.warm
+    monkeypatch.setattr(LoadedModel, "warm", lambda self: warmed.append(self.ref) or real_warm(self))
     a = bench.agent(release_memory=True)
     assert a.released is not None and a.released.mappings > 0  # at start
     a.released = None
@@ -50,9 +55,26 @@ def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_se
     while a.released is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert a.released is not None, "no memory release after the deployment ended"
+    assert warmed == [m1.ref]  # the model serving once the deployment ended (none at start)
     assert serves(a, w1, b1)
     off = bench.agent("dev2", release_memory=False)
     assert off.released is None
+
+
+def test_a_memory_release_that_fails_costs_nothing(bench, monkeypatch, caplog):
+    import agent.daemon
+
+    def broken():
+        raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+
+    monkeypatch.setattr(agent.daemon, "release_cold_pages", broken)
+    a = bench.agent(release_memory=True)  # start() goes on
+    assert "releasing memory failed" in caplog.text
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    assert serves(a, w1, b1)
+    assert a.record.error is None and "lifecycle_error" not in a.status()["conditions"]
 
 
 def test_flipped_byte_is_refused_and_old_model_keeps_serving(bench_factory):
