@@ -10,10 +10,9 @@ until memory runs short, and on a device whose other work never makes it run sho
 stay for the agent's whole life.
 
 :func:`release_cold_pages` asks the kernel (``madvise(MADV_PAGEOUT)``, Linux 5.4 and
-later) to reclaim them: the pages of private, read-only file mappings that hold nothing
-but the file's own bytes (smaps ``Anonymous: 0``; relocated data, which the process
-wrote before it was made read-only, is left alone, as are the heap and every writable
-mapping). The agent calls it once serving has started and after each deployment ends,
+later) to reclaim them: the file pages of private, read-only file mappings (pages the
+process wrote before the mapping was made read-only, such as relocated data, are left
+alone, found from ``/proc/self/pagemap``; so are the heap and every writable mapping). The agent calls it once serving has started and after each deployment ends,
 then runs its models' warm-up again, so the pages inference needs are back before the
 next request. A page used later comes back on its first touch, as any page of a program
 does. Then ``malloc_trim`` hands free heap pages back (glibc only).
@@ -69,6 +68,7 @@ class Mapping:
     start: int
     end: int
     path: str
+    anonymous_kb: int = 0  # pages the process wrote (copy-on-write), e.g. relocated data
 
 
 def rss_bytes() -> int:
@@ -92,24 +92,25 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def _clean_file_mappings(smaps: str) -> list[Mapping]:
-    """The private, read-only, file-backed mappings in ``/proc/self/smaps`` text that
-    hold only the file's own pages (``Anonymous: 0 kB``).
+def _file_mappings(smaps: str) -> list[Mapping]:
+    """The private, read-only, file-backed mappings in ``/proc/self/smaps`` text, with
+    how much of each the process wrote before it was made read-only (``Anonymous``).
 
     A mapping starts with ``start-end perms offset dev inode [path]``, followed by
-    ``Key: value`` lines. Left out: writable mappings and read-only ones with written
-    (anonymous) pages, whose contents are the process's own; shared mappings (another
-    process's business); anonymous ones and the kernel's (``[vdso]``: inode 0). A path
-    may contain spaces and end in `` (deleted)``.
+    ``Key: value`` lines. Left out: writable mappings, whose contents are the process's
+    own; shared ones (another process's business); anonymous ones and the kernel's
+    (``[vdso]``: inode 0); and any without a readable ``Anonymous`` line. A path may
+    contain spaces and end in `` (deleted)``.
     """
     out: list[Mapping] = []
-    cur: Mapping | None = None
+    cur: tuple[int, int, str] | None = None
     for line in smaps.splitlines():
         head, _, rest = line.partition(" ")
         if head.endswith(":"):
             if cur is not None and head == "Anonymous:":
-                if rest.split()[:1] == ["0"]:
-                    out.append(cur)
+                value = rest.split()[:1]
+                if value and value[0].isdigit():
+                    out.append(Mapping(*cur, anonymous_kb=int(value[0])))
                 cur = None
             continue
         cur = None
@@ -123,10 +124,33 @@ def _clean_file_mappings(smaps: str) -> list[Mapping]:
         if len(perms) != 4 or perms[0] != "r" or perms[1] == "w" or perms[3] != "p":
             continue
         try:
-            cur = Mapping(int(start, 16), int(end, 16), parts[5])
+            cur = (int(start, 16), int(end, 16), parts[5])
         except ValueError:
             continue
     return out
+
+
+def _file_page_runs(pagemap: int, m: Mapping) -> list[tuple[int, int]]:
+    """The address ranges of ``m`` without pages the process wrote, from
+    ``/proc/self/pagemap`` (one 64-bit entry per page: bit 63 present, bit 61 a file
+    page). Paging out a written page would only move it to swap, where there is swap,
+    and relocated data (vtables, the GOT) is read on every call: it stays."""
+    first, n = m.start // _PAGE, (m.end - m.start) // _PAGE
+    raw = os.pread(pagemap, n * 8, first * 8)
+    entries = memoryview(raw[: len(raw) // 8 * 8]).cast("Q")
+    runs: list[tuple[int, int]] = []
+    begin: int | None = None
+    for i, e in enumerate(entries):
+        written = e >> 63 and not (e >> 61) & 1
+        if written:
+            if begin is not None:
+                runs.append((m.start + begin * _PAGE, m.start + i * _PAGE))
+                begin = None
+        elif begin is None:
+            begin = i
+    if begin is not None:
+        runs.append((m.start + begin * _PAGE, m.start + len(entries) * _PAGE))
+    return runs
 
 
 def _owned(path: str, cache: dict[str, bool]) -> bool:
@@ -166,16 +190,30 @@ def release_cold_pages() -> Released | None:
         return None
     advised = refused = not_owned = 0
     owned: dict[str, bool] = {}
-    for m in _clean_file_mappings(smaps):
-        if not _owned(m.path, owned):
-            not_owned += 1
-            continue
-        if libc.madvise(m.start, m.end - m.start, MADV_PAGEOUT) == 0:
-            advised += 1
-        elif ctypes.get_errno() == errno.EINVAL:
-            # No MADV_PAGEOUT in this kernel, or a locked (mlock) or special mapping.
-            refused += 1
-        # Any other error (ENOMEM: the mapping went away meanwhile) skips that mapping.
+    pagemap: int | None = None
+    try:
+        for m in _file_mappings(smaps):
+            if not _owned(m.path, owned):
+                not_owned += 1
+                continue
+            if m.anonymous_kb == 0:
+                runs = [(m.start, m.end)]
+            else:
+                if pagemap is None:
+                    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+                runs = _file_page_runs(pagemap, m)
+            for start, end in runs:
+                if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+                    advised += 1
+                elif ctypes.get_errno() == errno.EINVAL:
+                    # No MADV_PAGEOUT in this kernel, or a locked (mlock) or special mapping.
+                    refused += 1
+                # Any other error (ENOMEM: the mapping went away meanwhile) skips that range.
+    except OSError as e:
+        log.debug("memory release stopped: %s", e)
+    finally:
+        if pagemap is not None:
+            os.close(pagemap)
     if refused and not advised:
         log.debug("memory release: the kernel refused MADV_PAGEOUT on every mapping (older than 5.4?)")
         return None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from agent.bundle import Bundle, unpack
-from agent.memory import _clean_file_mappings, release_cold_pages
+from agent.memory import _file_mappings, release_cold_pages
 from agent.profiles import RuntimeOptions
 from agent.runtimes.base import load_bundle
 from tests.support import linear_bundle, linear_onnx
@@ -51,13 +51,14 @@ Anonymous:             0 kB
 """
 
 
-def test_only_clean_private_read_only_file_mappings_are_chosen():
-    got = [(m.start, m.end, m.path) for m in _clean_file_mappings(SMAPS)]
+def test_only_private_read_only_file_mappings_are_chosen():
+    got = [(m.start, m.end, m.path, m.anonymous_kb) for m in _file_mappings(SMAPS)]
     assert got == [
-        (0x55D0C0A00000, 0x55D0C0A2C000, "/usr/bin/python3.11"),
-        (0x55D0C0A2C000, 0x55D0C0D00000, "/usr/bin/python3.11"),
-        # relocated data (read-only, but written before): left alone
-        (0x7F0000100000, 0x7F0000200000, "/opt/lib dir/libx.so (deleted)"),
+        (0x55D0C0A00000, 0x55D0C0A2C000, "/usr/bin/python3.11", 0),
+        (0x55D0C0A2C000, 0x55D0C0D00000, "/usr/bin/python3.11", 0),
+        # relocated data (read-only, but written before): its written pages are found per page
+        (0x55D0C0E00000, 0x55D0C0E10000, "/usr/bin/python3.11", 60),
+        (0x7F0000100000, 0x7F0000200000, "/opt/lib dir/libx.so (deleted)", 0),
     ]
 
 
@@ -71,7 +72,7 @@ def test_only_clean_private_read_only_file_mappings_are_chosen():
     "7f00-7f01 rx 0 fd:01 5 /lib/x.so\nAnonymous: 0 kB\n",  # odd permissions
 ])
 def test_malformed_smaps_text_chooses_nothing(text):
-    assert _clean_file_mappings(text) == []
+    assert _file_mappings(text) == []
 
 
 CHILD = textwrap.dedent("""
@@ -144,6 +145,53 @@ def test_pages_of_a_file_another_user_owns_stay_and_are_counted(tmp_path):
     assert got["not_owned"] > 0
     assert got["before"] >= 15 << 20 and got["after"] >= 15 << 20, got
     assert got["same"]
+
+
+COW_CHILD = textwrap.dedent("""
+    import ctypes, json, mmap, os, sys
+    from agent.memory import release_cold_pages
+
+    path = sys.argv[1]
+    size = os.path.getsize(path)
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fd = os.open(path, os.O_RDONLY)
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    ctypes.string_at(addr, size)
+    for i in (3, 7):  # written, as a loader writes relocations, then made read-only
+        ctypes.memset(addr + i * page, 0xAB, page)
+    assert libc.mprotect(addr, size, mmap.PROT_READ) == 0
+
+    def resident():
+        cur, kb = None, 0
+        for line in open("/proc/self/smaps"):
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                cur = line.split()[0]
+            elif cur and line.startswith("Rss:") and int(cur.split("-")[0], 16) == addr:
+                kb += int(line.split()[1])
+        return kb * 1024
+
+    before = resident()
+    release_cold_pages()
+    after = resident()
+    kept = all(ctypes.string_at(addr + i * page, page) == bytes([0xAB]) * page for i in (3, 7))
+    print(json.dumps({"before": before, "after": after, "page": page, "kept": kept}))
+""")
+
+
+@linux_only
+def test_written_pages_of_a_read_only_mapping_stay_and_its_file_pages_go(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", COW_CHILD, str(_payload(tmp_path))], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["before"] >= 8 << 20, got
+    assert got["after"] == 2 * got["page"], got  # exactly the two written pages
+    assert got["kept"]
 
 
 ORT_CHILD = textwrap.dedent("""
