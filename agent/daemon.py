@@ -258,6 +258,8 @@ class Agent:
 
     def start(self) -> None:
         self._load_active()
+        if self.record.state in TERMINAL:
+            self.server.close_health()  # no health check is waiting for requests
         self._release_memory()
         if self.settings.api_port or self.settings.api_socket:
             self.api = LocalApi(self.server, self.settings.api_port, socket_path=self.settings.api_socket,
@@ -720,6 +722,7 @@ class Agent:
             return
         self._finish(rec)
         self._report()
+        self.server.close_health()
         self._release_memory()
 
     def _release_memory(self) -> None:
