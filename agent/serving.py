@@ -19,11 +19,8 @@ With ``observe_limit_per_s`` set, observers see a uniform random sample of the s
 requests once the request rate goes above that limit: every quarter second, the share
 observed becomes ``limit / rate`` of the last quarter second's rate (all of them at or
 below the limit; all of them for the first quarter second after a pause).
-The sample is drawn as gaps between observed requests (geometric draws, the same as a
-coin per request), so a request left out costs one counter instead of two copies and the
-observers' work; it is counted in :attr:`ModelServer.observe_unsampled`. A gap drawn
-before the rate fell runs out before the share is looked at again: at most a few
-requests when the share was small because the rate was high.
+A request left out costs a counter and a random draw instead of two copies and the
+observers' work, and is counted in :attr:`ModelServer.observe_unsampled`.
 """
 
 from __future__ import annotations
@@ -218,16 +215,10 @@ class ModelServer:
         self._health_open = True  # requests count in ``health`` (until close_health; a swap reopens it)
         self.observers: list[Observer] = []  # e.g. the drift sketch; run off the request path
         self.observe_skipped = 0
-        self._unsampled_drawn = 0  # requests the sample has passed over, including those still to come
+        self.observe_unsampled = 0  # served while the rate was over observe_limit_per_s, not observed
         self._observe_limit = float(observe_limit_per_s)
         self._observe_share = 1.0  # share of requests observed in this rate window
         self._observe_seen = 0  # requests served since the window began
-        # The sample is drawn as gaps: after an observed request, the next ``_observe_left``
-        # requests are passed over (a geometric draw: the same as a coin per request, with
-        # one counter on the request path instead of a random draw). ``_observe_run`` is
-        # the gap drawn last, plus the request that ends it.
-        self._observe_left = 0
-        self._observe_run = 1
         self._observe_tick = 0.0  # when the window ends and the share is updated (perf_counter)
         self._share_lock = threading.Lock()  # one request thread updates the share
         self._observed: deque[tuple[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]] = deque()
@@ -259,12 +250,6 @@ class ModelServer:
         window update instead of two."""
         with self._stats_lock:
             self._health_open = False
-
-    @property
-    def observe_unsampled(self) -> int:
-        """Requests served while the rate was over ``observe_limit_per_s`` and left out of
-        the observers' sample."""
-        return self._unsampled_drawn - self._observe_left
 
     # ------------------------------------------------------------------ candidates
 
@@ -378,11 +363,7 @@ class ModelServer:
         t1 = _perf_counter()
         self._record(m, (t1 - t0) * 1000.0, True)
         if self.observers:
-            left = self._observe_left
-            if left > 0:  # passed over by the sample
-                self._observe_left = left - 1
-            else:
-                self._sampled_observe(inputs, out, m, t1)
+            self._sampled_observe(inputs, out, m, t1)
         if cand is not None and cand.mode == "shadow" and _random() < cand.ratio:
             try:
                 self._shadow_q.put_nowait((cand, inputs, out))
@@ -409,26 +390,24 @@ class ModelServer:
     def _sampled_observe(
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: LoadedModel, now: float
     ) -> None:
-        """Observe one served request, the one that ends a gap of the sample, and draw the
-        next gap from the share observed at the current rate."""
+        """Observe one served request, or only count it when the rate is over the limit."""
         if self._observe_limit <= 0.0:
             self._observe(inputs, outputs, model)
             return
-        # Request threads may race on the counters: a lost update only nudges the share,
-        # which is an estimate anyway. The share itself is one thread's to update.
-        self._observe_seen += self._observe_run
+        # Request threads may race on the counter: a lost increment only nudges the
+        # share, which is an estimate anyway. The update itself is one thread's.
+        self._observe_seen += 1
         if now >= self._observe_tick and self._share_lock.acquire(blocking=False):
             try:
                 if now >= self._observe_tick:
                     self._update_share(now)
             finally:
                 self._share_lock.release()
-        self._observe(inputs, outputs, model)
         share = self._observe_share
-        gap = 0 if share >= 1.0 else int(math.log(1.0 - _random()) / math.log(1.0 - share))
-        self._observe_left = gap
-        self._observe_run = gap + 1
-        self._unsampled_drawn += gap
+        if share >= 1.0 or _random() < share:
+            self._observe(inputs, outputs, model)
+        else:
+            self.observe_unsampled += 1
 
     def _update_share(self, now: float) -> None:
         seen, self._observe_seen = self._observe_seen, 0

@@ -331,23 +331,6 @@ def test_a_closed_health_window_counts_nothing_until_the_next_swap():
     assert server.health.peek() == (1, 0) and server.window.peek() == (3, 0)
 
 
-def test_the_sample_draws_gaps_that_add_up_to_every_request():
-    server = ModelServer(observe_limit_per_s=1)
-    server.swap(_stub_model())
-    seen: list[int] = []
-    server.observers.append(lambda batch: seen.extend(int(i["x"][0]) for i, _, _ in batch))
-    server._observe_share, server._observe_tick = 0.01, float("inf")  # 1 in 100, held
-    x = np.zeros(1, np.float32)
-    for n in range(20_000):
-        x[0] = n
-        server.infer({"x": x})
-    assert server.flush_observers()
-    assert len(seen) + server.observe_unsampled + server.observe_skipped == 20_000
-    assert 120 <= len(seen) <= 280  # about 200: one in a hundred
-    gaps = np.diff(seen)
-    assert gaps.min() >= 1 and 60 <= float(np.mean(gaps)) <= 160
-
-
 class _Failing(_Stub):
     """A runtime whose request fails once ``release`` is set (a retiring model's last request)."""
 
