@@ -12,10 +12,12 @@ stay for the agent's whole life.
 :func:`release_cold_pages` asks the kernel (``madvise(MADV_PAGEOUT)``, Linux 5.4 and
 later) to reclaim them: the file pages of private, read-only file mappings (pages the
 process wrote before the mapping was made read-only, such as relocated data, are left
-alone, found from ``/proc/self/pagemap``; so are the heap and every writable mapping). The agent calls it once serving has started and after each deployment ends,
-then runs its models' warm-up again, so the pages inference needs are back before the
-next request. A page used later comes back on its first touch, as any page of a program
-does. Then ``malloc_trim`` hands free heap pages back (glibc only).
+alone, found from ``/proc/self/pagemap``; so are the heap and every writable mapping).
+The agent calls it once serving has started and after a deployment that grew it
+(``agent.daemon.RELEASE_AFTER_GROWTH``), then runs its models' warm-up again, so the
+pages inference needs are back before the next request. A page used later comes back
+on its first touch, as any page of a program does. Then ``malloc_trim`` hands free heap
+pages back (glibc only).
 
 Two rules of the kernel decide what is given back:
 

@@ -40,11 +40,13 @@ def test_install_then_upgrade_keeps_previous_slot(bench):
 
 
 def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is_warmed(bench, monkeypatch):
+    import agent.daemon
     from agent.runtimes.base import LoadedModel
 
     warmed: list[str] = []
     real_warm = LoadedModel.warm
     monkeypatch.setattr(LoadedModel, "warm", lambda self: warmed.append(self.ref) or real_warm(self))
+    monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1)  # any growth: this deployment releases
     a = bench.agent(release_memory=True)
     assert a.released is not None and a.released.mappings > 0  # at start
     a.released = None
@@ -59,6 +61,23 @@ def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is
     assert serves(a, w1, b1)
     off = bench.agent("dev2", release_memory=False)
     assert off.released is None
+
+
+def test_a_deployment_that_grew_the_agent_little_releases_nothing(bench, monkeypatch):
+    # Releasing after every deployment would make the next one read its code from disk
+    # again: only a deployment that brought a runtime in (tens of MiB) releases.
+    import agent.daemon
+
+    monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1 << 40)
+    a = bench.agent(release_memory=True)
+    assert a.released is not None
+    a.released = None
+    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
+    bench.deploy("dev1", "d1", tp1, m1.ref)
+    assert bench.wait_for(a, "d1") == "installed"
+    time.sleep(0.5)  # the release would follow the outcome at once
+    assert a.released is None
+    assert serves(a, w1, b1)
 
 
 def test_a_memory_release_that_fails_costs_nothing(bench, monkeypatch, caplog):
