@@ -82,9 +82,12 @@ __all__ = ["Agent", "run_selftest"]
 
 log = logging.getLogger(__name__)
 
-RELEASE_AFTER_GROWTH = 8 << 20
-"""After a deployment, the agent releases memory again (agent.memory) only when its RSS
-grew by this much since the last release: a runtime was brought in."""
+RELEASE_AFTER_GROWTH = 2 << 20
+"""After a deployment, the agent releases memory again (agent.memory) when its RSS grew
+by this much since the last release, which a deployment that loaded a model does: on the
+benchmark VM the second deployment of the same small ONNX model brought 15 MiB of ONNX
+Runtime's session-building code back. A deployment refused before it loaded anything
+does not grow the agent, and costs no release."""
 
 PROGRESS_REPORT_S = 30.0
 """Least seconds between two progress reports of a download (each is a status record)."""
@@ -736,11 +739,10 @@ class Agent:
         resident before the next request. Never raises: this only saves memory.
 
         ``min_growth``: only when the RSS grew by at least this many bytes since the last
-        release. After a deployment that brought a runtime in (the first ONNX model) the
-        agent grows by tens of MiB; after one more model of a runtime already loaded, by
-        little, and a release would only make the next deployment read its code from disk
-        again (deploy -> committed went from about 170 ms to 250-430 ms on the benchmark
-        VM when every deployment released)."""
+        release. The price of releasing after a deployment is paid by the next one, which
+        reads the code it needs from disk again: deploy -> committed went from about 170
+        to 210-340 ms on the benchmark VM (docs/benchmarks.md, ninth pass). A device
+        deploys a few times a day and serves all day, so the memory wins."""
         if not self.settings.release_memory:
             return
         if min_growth and self._rss_settled is not None:

@@ -64,8 +64,8 @@ def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is
 
 
 def test_a_deployment_that_grew_the_agent_little_releases_nothing(bench, monkeypatch):
-    # Releasing after every deployment would make the next one read its code from disk
-    # again: only a deployment that brought a runtime in (tens of MiB) releases.
+    # A release costs the next deployment a read of its code from disk: one that did not
+    # grow the agent (here: by less than the threshold, set out of reach) releases nothing.
     import agent.daemon
 
     monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1 << 40)
