@@ -599,6 +599,14 @@ def let_telemetry_run() -> None:
     time.sleep(2.5)
 
 
+def add_rss(res: Results, figure: str, p: AgentProcess) -> None:
+    """Read an agent process's RSS once its telemetry has run, against the goal."""
+    let_telemetry_run()
+    rss, uss = p.memory()
+    res.add(figure, "≤ 80 MB", f"{rss:.1f} MiB = {rss * MB / 1e6:.1f} MB (USS {uss:.1f} MiB)",
+            rss * MB / 1e6 <= GOALS["rss_mb"])
+
+
 def serve_some(proc: AgentProcess, m: RefModel, n: int = 1000) -> None:
     from agent.bundle import read_manifest
 
@@ -707,10 +715,7 @@ def bench_memory_and_http(res: Results, models: dict[int, RefModel], inproc: dic
             serve_some(p, m, 200)
             bench_http(res, m, inproc[size], p)
             serve_some(p, m, 1000)
-            let_telemetry_run()
-            rss, uss = p.memory()
-            res.add(f"Agent RSS, {m.label} loaded and serving", "≤ 80 MB",
-                    f"{rss:.1f} MiB = {rss * MB / 1e6:.1f} MB (USS {uss:.1f} MiB)", rss * MB / 1e6 <= GOALS["rss_mb"])
+            add_rss(res, f"Agent RSS, {m.label} loaded and serving", p)
         finally:
             p.stop()
         # The same process without agent.memory's release, for comparison.
@@ -718,10 +723,7 @@ def bench_memory_and_http(res: Results, models: dict[int, RefModel], inproc: dic
         try:
             p.wait("/v2/health/ready")
             serve_some(p, m, 1200)
-            let_telemetry_run()
-            rss, uss = p.memory()
-            res.add(f"Agent RSS, {m.label} loaded and serving, release_memory off", "≤ 80 MB",
-                    f"{rss:.1f} MiB = {rss * MB / 1e6:.1f} MB (USS {uss:.1f} MiB)", rss * MB / 1e6 <= GOALS["rss_mb"])
+            add_rss(res, f"Agent RSS, {m.label} loaded and serving, release_memory off", p)
         finally:
             p.stop()
     for size, m in models.items():
@@ -735,11 +737,8 @@ def bench_memory_and_http(res: Results, models: dict[int, RefModel], inproc: dic
         try:
             p.wait("/v2/health/ready")
             serve_some(p, sel, 1200)
-            let_telemetry_run()
-            rss, uss = p.memory()
-            res.add(f"Agent RSS, digits CNN {size}x{size}, the compiler's selection for {PROFILE} "
-                    f"({m.selected.name}) loaded and serving", "≤ 80 MB",
-                    f"{rss:.1f} MiB = {rss * MB / 1e6:.1f} MB (USS {uss:.1f} MiB)", rss * MB / 1e6 <= GOALS["rss_mb"])
+            add_rss(res, f"Agent RSS, digits CNN {size}x{size}, the compiler's selection for {PROFILE} "
+                    f"({m.selected.name}) loaded and serving", p)
         finally:
             p.stop()
     tuned = {"OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"} | RSS_ENV
@@ -748,11 +747,7 @@ def bench_memory_and_http(res: Results, models: dict[int, RefModel], inproc: dic
     try:
         p.wait("/v2/health/ready")
         serve_some(p, m, 1200)
-        let_telemetry_run()
-        rss, uss = p.memory()
-        res.add(f"Agent RSS, {m.label} loaded and serving, OPENBLAS_NUM_THREADS=1 MALLOC_ARENA_MAX=2",
-                "≤ 80 MB", f"{rss:.1f} MiB = {rss * MB / 1e6:.1f} MB (USS {uss:.1f} MiB)",
-                rss * MB / 1e6 <= GOALS["rss_mb"])
+        add_rss(res, f"Agent RSS, {m.label} loaded and serving, OPENBLAS_NUM_THREADS=1 MALLOC_ARENA_MAX=2", p)
     finally:
         p.stop()
     res.details["RSS added per import, fresh interpreter, in the agent's load order"] = import_deltas(models)
@@ -781,11 +776,7 @@ def bench_ota_rss(res: Results, m: RefModel, broker_url: str, tmp: Path, repo, p
             publisher.publish(topics.device_topic(device, "deploy"), encode(dep), qos=1, retain=True)
             p.wait("/v2/health/ready", timeout=60)
             serve_some(p, ref, 1000)
-            let_telemetry_run()
-            rss, uss = p.memory()
-            res.add(f"Agent RSS, {label} deployed over the air and serving", "≤ 80 MB",
-                    f"{rss:.1f} MiB = {rss * MB / 1e6:.1f} MB (USS {uss:.1f} MiB)",
-                    rss * MB / 1e6 <= GOALS["rss_mb"])
+            add_rss(res, f"Agent RSS, {label} deployed over the air and serving", p)
         finally:
             p.stop()
 

@@ -79,21 +79,29 @@ CHILD = textwrap.dedent("""
     import ctypes, json, mmap, os, sys
     from agent.memory import release_cold_pages
 
-    path = sys.argv[1]
+    path, mode = sys.argv[1], sys.argv[2]
     size = os.path.getsize(path)
+    page = mmap.PAGESIZE
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fd = os.open(path, os.O_RDONLY)
-    if len(sys.argv) > 2:  # become another user, who does not own the file (opened above, read-only)
-        uid = int(sys.argv[2])
+    if mode.isdigit():  # become another user, who does not own the file (opened above, read-only)
+        uid = int(mode)
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: a process that changed user may read its own /proc again
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    written = (3, 7) if mode == "cow" else ()
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if written else 0)
+    addr = libc.mmap(None, size, prot, mmap.MAP_PRIVATE, fd, 0)
     assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
     data = ctypes.string_at(addr, size)  # touches every page
+    for i in written:  # as a loader writes relocations, then makes them read-only
+        ctypes.memset(addr + i * page, 0xAB, page)
+    if written:
+        assert libc.mprotect(addr, size, mmap.PROT_READ) == 0
 
     def resident():
         cur, kb = None, 0
@@ -107,15 +115,18 @@ CHILD = textwrap.dedent("""
     before = resident()
     r = release_cold_pages()
     after = resident()
-    same = ctypes.string_at(addr, size) == data  # the pages come back with the file's bytes
-    print(json.dumps({"before": before, "after": after, "mappings": r.mappings,
-                      "not_owned": r.not_owned, "same": same}))
+    now = ctypes.string_at(addr, size)  # the pages come back with the file's bytes, or the written ones
+    want = bytearray(data)
+    for i in written:
+        want[i * page:(i + 1) * page] = bytes([0xAB]) * page
+    print(json.dumps({"before": before, "after": after, "page": page, "mappings": r.mappings,
+                      "not_owned": r.not_owned, "same": now == bytes(want)}))
 """)
 
 
-def _run_child(path: Path, *args: str) -> dict:
+def _run_child(path: Path, mode: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -130,7 +141,7 @@ def _payload(tmp_path: Path) -> Path:
 
 @linux_only
 def test_pages_of_a_file_the_process_owns_are_given_back_and_read_the_same(tmp_path):
-    got = _run_child(_payload(tmp_path))
+    got = _run_child(_payload(tmp_path), "own")
     assert got["before"] >= 15 << 20, got
     assert got["after"] <= 1 << 20, got
     assert got["same"] and got["mappings"] > 0
@@ -147,51 +158,12 @@ def test_pages_of_a_file_another_user_owns_stay_and_are_counted(tmp_path):
     assert got["same"]
 
 
-COW_CHILD = textwrap.dedent("""
-    import ctypes, json, mmap, os, sys
-    from agent.memory import release_cold_pages
-
-    path = sys.argv[1]
-    size = os.path.getsize(path)
-    page = mmap.PAGESIZE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fd = os.open(path, os.O_RDONLY)
-    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
-    ctypes.string_at(addr, size)
-    for i in (3, 7):  # written, as a loader writes relocations, then made read-only
-        ctypes.memset(addr + i * page, 0xAB, page)
-    assert libc.mprotect(addr, size, mmap.PROT_READ) == 0
-
-    def resident():
-        cur, kb = None, 0
-        for line in open("/proc/self/smaps"):
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-                cur = line.split()[0]
-            elif cur and line.startswith("Rss:") and int(cur.split("-")[0], 16) == addr:
-                kb += int(line.split()[1])
-        return kb * 1024
-
-    before = resident()
-    release_cold_pages()
-    after = resident()
-    kept = all(ctypes.string_at(addr + i * page, page) == bytes([0xAB]) * page for i in (3, 7))
-    print(json.dumps({"before": before, "after": after, "page": page, "kept": kept}))
-""")
-
-
 @linux_only
 def test_written_pages_of_a_read_only_mapping_stay_and_its_file_pages_go(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", COW_CHILD, str(_payload(tmp_path))], capture_output=True,
-                         text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
+    got = _run_child(_payload(tmp_path), "cow")
     assert got["before"] >= 8 << 20, got
     assert got["after"] == 2 * got["page"], got  # exactly the two written pages
-    assert got["kept"]
+    assert got["same"]
 
 
 ORT_CHILD = textwrap.dedent("""
