@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 import sys
@@ -52,12 +53,13 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 @dataclass(frozen=True)
 class Released:
-    """What one call did: RSS before and after, the mappings advised, and the mappings
-    left out because their file belongs to another user (the kernel would ignore them)."""
+    """What one call did: RSS before and after, the address ranges advised, and the
+    mappings left out because their file belongs to another user (the kernel would
+    ignore them)."""
 
     rss_before: int
     rss_after: int
-    mappings: int
+    ranges: int
     not_owned: int = 0
 
     @property
@@ -79,6 +81,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL | None:
     try:
         # find_library needs a compiler or ldconfig, which small images lack; the
@@ -201,9 +204,13 @@ def release_cold_pages() -> Released | None:
             if m.anonymous_kb == 0:
                 runs = [(m.start, m.end)]
             else:
-                if pagemap is None:
-                    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
-                runs = _file_page_runs(pagemap, m)
+                try:
+                    if pagemap is None:
+                        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+                    runs = _file_page_runs(pagemap, m)
+                except OSError as e:  # no pagemap (some sandboxes): leave this mapping
+                    log.debug("memory release: %s: pagemap unreadable: %s", m.path, e)
+                    continue
             for start, end in runs:
                 if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
                     advised += 1
@@ -211,8 +218,6 @@ def release_cold_pages() -> Released | None:
                     # No MADV_PAGEOUT in this kernel, or a locked (mlock) or special mapping.
                     refused += 1
                 # Any other error (ENOMEM: the mapping went away meanwhile) skips that range.
-    except OSError as e:
-        log.debug("memory release stopped: %s", e)
     finally:
         if pagemap is not None:
             os.close(pagemap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -29,6 +30,15 @@ def missing_service(name: str, why: str):
     if name in required:
         pytest.fail(f"{name} is required here (EDGEFLEET_TEST_REQUIRE) but unavailable: {why}")
     pytest.skip(f"{name} unavailable: {why}")
+
+
+def owns_installed_libraries() -> bool:
+    """Whether this process owns (or may write) the installed libraries, which the kernel
+    requires before it pages their code out for us (agent.memory)."""
+    import onnxruntime
+
+    lib = onnxruntime.__file__
+    return os.stat(lib).st_uid == os.geteuid() or os.access(lib, os.W_OK)
 
 
 def free_port() -> int:

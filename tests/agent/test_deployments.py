@@ -10,9 +10,11 @@ import time
 from datetime import timedelta
 
 import numpy as np
+import pytest
 
 from agent.trust import TargetCustom
 from hub.repository import Repository, RepositoryConfig
+from tests.support import owns_installed_libraries
 
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
 
@@ -39,6 +41,8 @@ def test_install_then_upgrade_keeps_previous_slot(bench):
                                 "activating", "health_check", "committed"]
 
 
+@pytest.mark.skipif(not owns_installed_libraries(),
+                    reason="the kernel pages out only files the process owns; these belong to another user")
 def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is_warmed(bench, monkeypatch):
     import agent.daemon
     from agent.runtimes.base import LoadedModel
@@ -48,7 +52,7 @@ def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is
     monkeypatch.setattr(LoadedModel, "warm", lambda self: warmed.append(self.ref) or real_warm(self))
     monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1)  # any growth: this deployment releases
     a = bench.agent(release_memory=True)
-    assert a.released is not None and a.released.mappings > 0  # at start
+    assert a.released is not None and a.released.ranges > 0  # at start
     a.released = None
     tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
     bench.deploy("dev1", "d1", tp1, m1.ref)

@@ -17,13 +17,17 @@ import numpy as np
 import pytest
 
 from agent.bundle import Bundle, unpack
-from agent.memory import _file_mappings, release_cold_pages
+from agent.memory import Mapping, _file_mappings, _file_page_runs, release_cold_pages
 from agent.profiles import RuntimeOptions
 from agent.runtimes.base import load_bundle
-from tests.support import linear_bundle, linear_onnx
+from tests.support import linear_bundle, linear_onnx, owns_installed_libraries
 
 ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+owner_only = pytest.mark.skipif(
+    not owns_installed_libraries(),
+    reason="the kernel pages out only files the process owns; these libraries belong to another user")
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 SMAPS = """\
 55d0c0a00000-55d0c0a2c000 r--p 00000000 fd:01 1234                       /usr/bin/python3.11
@@ -75,6 +79,46 @@ def test_malformed_smaps_text_chooses_nothing(text):
     assert _file_mappings(text) == []
 
 
+PRESENT, FILE = 1 << 63, 1 << 61
+
+
+def _runs(tmp_path: Path, entries: list[int], start_page: int = 3, pages: int | None = None) -> list[tuple[int, int]]:
+    """_file_page_runs over a fake pagemap whose entries for ``start_page`` on are ``entries``."""
+    n = len(entries) if pages is None else pages
+    path = tmp_path / "pagemap"
+    path.write_bytes(bytes(8 * start_page) + np.array(entries, dtype="<u8").tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _file_page_runs(fd, Mapping(start_page * PAGE, (start_page + n) * PAGE, "/lib/x.so"))
+    finally:
+        os.close(fd)
+
+
+def _pages(runs: list[tuple[int, int]], start_page: int = 3) -> list[tuple[int, int]]:
+    return [(a // PAGE - start_page, b // PAGE - start_page) for a, b in runs]
+
+
+W, F, ABSENT = PRESENT, PRESENT | FILE, 0  # written (anonymous), file page, not present
+
+
+@pytest.mark.parametrize(("entries", "want"), [
+    ([F, F, F, F], [(0, 4)]),
+    ([W, F, F, F], [(1, 4)]),  # written first page
+    ([F, F, F, W], [(0, 3)]),  # written last page
+    ([F, W, F, W, F], [(0, 1), (2, 3), (4, 5)]),
+    ([W, W, W], []),  # all written
+    ([ABSENT, W, ABSENT], [(0, 1), (2, 3)]),  # pages not present do no harm in a range
+    ([FILE, W], [(0, 1)]),  # the file bit without the present bit: not present
+])
+def test_file_page_runs_leave_out_exactly_the_written_pages(tmp_path, entries, want):
+    assert _pages(_runs(tmp_path, entries)) == want
+
+
+def test_file_page_runs_stop_where_a_short_pagemap_read_ends(tmp_path):
+    # a mapping of 6 pages whose pagemap holds 3 entries: the range ends at the last one read
+    assert _pages(_runs(tmp_path, [F, F, F], pages=6)) == [(0, 3)]
+
+
 CHILD = textwrap.dedent("""
     import ctypes, json, mmap, os, sys
     from agent.memory import release_cold_pages
@@ -119,7 +163,7 @@ CHILD = textwrap.dedent("""
     want = bytearray(data)
     for i in written:
         want[i * page:(i + 1) * page] = bytes([0xAB]) * page
-    print(json.dumps({"before": before, "after": after, "page": page, "mappings": r.mappings,
+    print(json.dumps({"before": before, "after": after, "page": page, "ranges": r.ranges,
                       "not_owned": r.not_owned, "same": now == bytes(want)}))
 """)
 
@@ -144,7 +188,7 @@ def test_pages_of_a_file_the_process_owns_are_given_back_and_read_the_same(tmp_p
     got = _run_child(_payload(tmp_path), "own")
     assert got["before"] >= 15 << 20, got
     assert got["after"] <= 1 << 20, got
-    assert got["same"] and got["mappings"] > 0
+    assert got["same"] and got["ranges"] > 0
 
 
 @linux_only
@@ -162,7 +206,9 @@ def test_pages_of_a_file_another_user_owns_stay_and_are_counted(tmp_path):
 def test_written_pages_of_a_read_only_mapping_stay_and_its_file_pages_go(tmp_path):
     got = _run_child(_payload(tmp_path), "cow")
     assert got["before"] >= 8 << 20, got
-    assert got["after"] == 2 * got["page"], got  # exactly the two written pages
+    # the two written pages stay; the file's go (a large page-cache folio the kernel could
+    # not split would keep a little more)
+    assert 2 * got["page"] <= got["after"] < 4 << 20, got
     assert got["same"]
 
 
@@ -179,11 +225,12 @@ ORT_CHILD = textwrap.dedent("""
     before = rt.infer(x)["logits"]
     r = release_cold_pages()
     after = rt.infer(x)["logits"]
-    print(json.dumps({"mappings": r.mappings, "same": bool(np.array_equal(before, after)), "out": after.tolist()}))
+    print(json.dumps({"ranges": r.ranges, "same": bool(np.array_equal(before, after)), "out": after.tolist()}))
 """)
 
 
 @linux_only
+@owner_only
 def test_onnxruntime_answers_the_same_after_a_release(tmp_path):
     w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
     b = np.array([0.5, -1.0, 2.0], dtype=np.float32)
@@ -194,16 +241,17 @@ def test_onnxruntime_answers_the_same_after_a_release(tmp_path):
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got["mappings"] > 10 and got["same"]
+    assert got["ranges"] > 10 and got["same"]
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_allclose(np.array(got["out"]), x @ w + b, rtol=1e-6)
 
 
 @linux_only
+@owner_only
 def test_release_in_this_process_reports_what_it_did():
     r = release_cold_pages()
     assert r is not None
-    assert r.mappings > 0 and r.rss_before > 0 and r.rss_after > 0
+    assert r.ranges > 0 and r.rss_before > 0 and r.rss_after > 0
     assert r.freed == r.rss_before - r.rss_after
 
 
