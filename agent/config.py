@@ -98,9 +98,9 @@ class AgentSettings(BaseModel):
     )
     capture_upload: bool = Field(False, description="Also send captured samples to the hub.")
     release_memory: bool = Field(
-        True, description="Once serving has started, and after each deployment that loaded a model, ask "
-        "the kernel to reclaim the library code pages touched only at start-up, then warm the models "
-        "up again (agent.memory; Linux 5.4 and later)."
+        True, description="Once serving has started, and 10 s after the last of a run of deployments that "
+        "loaded a model, ask the kernel to reclaim the library code pages touched only once, then warm "
+        "the models up again (agent.memory; Linux 5.4 and later)."
     )
     feedback_max_pending: int = Field(
         10_000, ge=1, description="Labels held between telemetry intervals before new ones are dropped."

@@ -89,6 +89,12 @@ benchmark VM the second deployment of the same small ONNX model brought 15 MiB o
 Runtime's session-building code back. Growth from serving since the last release counts
 too; a deployment refused at once, after a quiet spell, costs no release."""
 
+RELEASE_DELAY_S = 10.0
+"""A deployment's memory release (agent.memory) waits this long for another deployment:
+one that comes meanwhile finds the code it needs still resident, and the release runs
+once after the last of them. Ten deployments within 8 s under 500 requests/s lost a
+quarter of the requests' throughput to a release after each (tests/agent/test_serving.py)."""
+
 PROGRESS_REPORT_S = 30.0
 """Least seconds between two progress reports of a download (each is a status record)."""
 
@@ -196,6 +202,7 @@ class Agent:
         self._told_not_owned = False
         self._rss_settled: int | None = None  # RSS right after the last release and warm-up
         self._release_unavailable = False
+        self._release_due: float | None = None  # monotonic time of the release after a deployment
         self._conditions: set[str] = set()
         if self.spool.reset_reason is not None:
             self._conditions.add("spool_reset")  # reported once connected; the reason is in the log
@@ -616,7 +623,13 @@ class Agent:
             rec.state = resumed
             self._guarded(self._run, rec)
         while not self._stop.is_set():
-            dep = self._pending.get()
+            due = self._release_due
+            try:
+                dep = self._pending.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
+            except queue.Empty:  # no deployment since the last one ended: give memory back now
+                self._release_due = None
+                self._release_memory(min_growth=RELEASE_AFTER_GROWTH)
+                continue
             if dep is None:
                 return
             # Only the newest desired state matters.
@@ -732,7 +745,9 @@ class Agent:
         self._finish(rec)
         self._report()
         self.server.close_health()
-        self._release_memory(min_growth=RELEASE_AFTER_GROWTH)
+        # Deployments come in runs (a campaign's retries, shadow then activate): memory
+        # is given back once none has followed for a while, not between them.
+        self._release_due = time.monotonic() + RELEASE_DELAY_S
 
     def _release_memory(self, min_growth: int = 0) -> None:
         """Give back the pages start-up and model loading touched once (agent.memory),
@@ -740,9 +755,10 @@ class Agent:
         resident before the next request. Never raises: this only saves memory.
 
         ``min_growth``: only when the RSS grew by at least this many bytes since the last
-        release. The price of releasing after a deployment is paid by the next one, which
-        reads the code it needs from disk again: deploy -> committed of the 8x8 CNN took
-        355 ms instead of 215 ms on the benchmark VM (docs/benchmarks.md, ninth pass). A
+        release. The price of a release after a deployment is paid by the next deployment
+        that comes after it, which reads the code it needs from disk again: deploy ->
+        committed of the 8x8 CNN took 355 ms instead of 215 ms on the benchmark VM when
+        every deployment was followed by a release (docs/benchmarks.md, ninth pass). A
         device deploys a few times a day and serves all day, so the memory wins."""
         if not self.settings.release_memory or self._release_unavailable:
             return

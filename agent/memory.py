@@ -13,8 +13,9 @@ stay for the agent's whole life.
 later) to reclaim them: the file pages of private, read-only file mappings (pages the
 process wrote before the mapping was made read-only, such as relocated data, are left
 alone, found from ``/proc/self/pagemap``; so are the heap and every writable mapping).
-The agent calls it once serving has started and after a deployment that grew it
-(``agent.daemon.RELEASE_AFTER_GROWTH``), then runs its models' warm-up again, so the
+The agent calls it once serving has started and after deployments that grew it
+(``agent.daemon.RELEASE_DELAY_S`` after the last of them), then runs its models' warm-up
+again, so the
 pages inference needs are back before the next request. A page used later comes back
 on its first touch, as any page of a program does. Then ``malloc_trim`` hands free heap
 pages back (glibc only).

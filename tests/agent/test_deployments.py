@@ -51,6 +51,7 @@ def test_memory_is_released_at_start_and_after_a_deployment_and_the_new_model_is
     real_warm = LoadedModel.warm
     monkeypatch.setattr(LoadedModel, "warm", lambda self: warmed.append(self.ref) or real_warm(self))
     monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1)  # any growth: this deployment releases
+    monkeypatch.setattr(agent.daemon, "RELEASE_DELAY_S", 0.1)
     a = bench.agent(release_memory=True)
     assert a.released is not None and a.released.ranges > 0  # at start
     a.released = None
@@ -73,15 +74,39 @@ def test_a_deployment_that_grew_the_agent_little_releases_nothing(bench, monkeyp
     import agent.daemon
 
     monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1 << 40)
+    monkeypatch.setattr(agent.daemon, "RELEASE_DELAY_S", 0.05)
     a = bench.agent(release_memory=True)
     assert a.released is not None
     a.released = None
     tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
     bench.deploy("dev1", "d1", tp1, m1.ref)
     assert bench.wait_for(a, "d1") == "installed"
-    time.sleep(0.5)  # the release would follow the outcome at once
+    time.sleep(0.5)  # ten times the delay
     assert a.released is None
     assert serves(a, w1, b1)
+
+
+def test_deployments_in_a_run_release_memory_once_after_the_last(bench, monkeypatch):
+    import agent.daemon
+
+    monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 1)
+    monkeypatch.setattr(agent.daemon, "RELEASE_DELAY_S", 1.5)
+    a = bench.agent(release_memory=True)
+    releases: list[float] = []
+    real = a._release_memory
+    monkeypatch.setattr(a, "_release_memory", lambda **kw: (releases.append(time.monotonic()), real(**kw)))
+    ends = []
+    for i, seed in enumerate((1, 2, 3)):
+        tp, m, w, b = bench.bundle(f"1.0.{i}", seed=seed)
+        bench.deploy("dev1", f"d{i}", tp, m.ref)
+        assert bench.wait_for(a, f"d{i}") == "installed"
+        ends.append(time.monotonic())
+    assert releases == []  # each deployment came within the delay of the one before
+    deadline = time.monotonic() + 10
+    while not releases and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(releases) == 1 and releases[0] >= ends[-1] + 1.0
+    assert serves(a, w, b)
 
 
 def test_a_memory_release_that_fails_costs_nothing(bench, monkeypatch, caplog):

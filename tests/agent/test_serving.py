@@ -102,6 +102,22 @@ def test_ten_hot_swaps_under_500_requests_per_second(bench):
     assert a.model_ref == "lin:1.0.10"
 
 
+def test_a_memory_release_under_500_requests_per_second_fails_none(bench):
+    port = free_port()
+    a = bench.agent(api_port=port, release_memory=True)
+    tp, m, w, b = bench.bundle("1.0.0", seed=0)
+    bench.deploy("dev1", "d0", tp, m.ref)
+    assert bench.wait_for(a, "d0") == "installed"
+    with Load(port, 500) as load:
+        for _ in range(3):
+            time.sleep(0.3)
+            a._release_memory()
+        time.sleep(0.3)
+    assert a.released is not None
+    assert load.failed == [] and load.ok > 0
+    assert all(_matches_one_of(o, [(w, b)]) for o in load.outputs)
+
+
 @functools.lru_cache(maxsize=1)
 def _slow_model(layers: int = 40, width: int = 1024) -> bytes:
     """~42M multiply-adds per row: well over a 2 ms budget on any CPU we run on."""
