@@ -628,7 +628,10 @@ class Agent:
                 dep = self._pending.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
             except queue.Empty:  # no deployment since the last one ended: give memory back now
                 self._release_due = None
-                self._release_memory(min_growth=RELEASE_AFTER_GROWTH)
+                try:
+                    self._release_memory(min_growth=RELEASE_AFTER_GROWTH)
+                except Exception:  # it catches its own; this thread must outlive any defect in it
+                    log.exception("releasing memory failed; serving goes on")
                 continue
             if dep is None:
                 return

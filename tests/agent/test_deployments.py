@@ -112,16 +112,26 @@ def test_deployments_in_a_run_release_memory_once_after_the_last(bench, monkeypa
 def test_a_memory_release_that_fails_costs_nothing(bench, monkeypatch, caplog):
     import agent.daemon
 
+    calls: list[int] = []
+
     def broken():
+        calls.append(1)
         raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
 
     monkeypatch.setattr(agent.daemon, "release_cold_pages", broken)
+    monkeypatch.setattr(agent.daemon, "RELEASE_AFTER_GROWTH", 0)
+    monkeypatch.setattr(agent.daemon, "RELEASE_DELAY_S", 0.05)
     a = bench.agent(release_memory=True)  # start() goes on
-    assert "releasing memory failed" in caplog.text
-    tp1, m1, w1, b1 = bench.bundle("1.0.0", seed=1)
-    bench.deploy("dev1", "d1", tp1, m1.ref)
-    assert bench.wait_for(a, "d1") == "installed"
-    assert serves(a, w1, b1)
+    assert "releasing memory failed" in caplog.text and calls == [1]
+    for i, seed in enumerate((1, 2)):  # the lifecycle thread outlives the release after d0
+        tp, m, w, b = bench.bundle(f"1.0.{i}", seed=seed)
+        bench.deploy("dev1", f"d{i}", tp, m.ref)
+        assert bench.wait_for(a, f"d{i}") == "installed"
+        deadline = time.monotonic() + 5
+        while len(calls) < i + 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(calls) == i + 2, "no release after the deployment"
+    assert serves(a, w, b)
     assert a.record.error is None and "lifecycle_error" not in a.status()["conditions"]
 
 

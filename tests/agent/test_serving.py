@@ -23,7 +23,7 @@ from agent.protocol import Telemetry, decode
 from agent.runtimes.base import LoadedModel
 from agent.serving import OBSERVE_CHUNK, ModelServer, WindowStats
 from agent.trust import TargetCustom
-from tests.support import free_port, linear_bundle
+from tests.support import free_port, linear_bundle, owns_installed_libraries
 
 pytestmark = pytest.mark.slow
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
@@ -102,6 +102,8 @@ def test_ten_hot_swaps_under_500_requests_per_second(bench):
     assert a.model_ref == "lin:1.0.10"
 
 
+@pytest.mark.skipif(not owns_installed_libraries(),
+                    reason="the kernel pages out only files the process owns; these belong to another user")
 def test_a_memory_release_under_500_requests_per_second_fails_none(bench):
     port = free_port()
     a = bench.agent(api_port=port, release_memory=True)
@@ -111,9 +113,10 @@ def test_a_memory_release_under_500_requests_per_second_fails_none(bench):
     with Load(port, 500) as load:
         for _ in range(3):
             time.sleep(0.3)
+            a.released = None
             a._release_memory()
+            assert a.released is not None and a.released.ranges > 0
         time.sleep(0.3)
-    assert a.released is not None
     assert load.failed == [] and load.ok > 0
     assert all(_matches_one_of(o, [(w, b)]) for o in load.outputs)
 
