@@ -36,7 +36,6 @@ What it saves and costs on the reference model is in docs/benchmarks.md.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -84,11 +83,10 @@ def rss_bytes() -> int:
 
 @functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL | None:
+    """The C library, through the process's own symbols (``dlopen(NULL)``): glibc and
+    musl alike, without ``ctypes.util.find_library`` (which runs ``ldconfig``)."""
     try:
-        # find_library needs a compiler or ldconfig, which small images lack; the
-        # process's own symbols (dlopen(NULL)) hold libc's functions either way.
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
     if not hasattr(libc, "madvise"):

@@ -33,12 +33,19 @@ def missing_service(name: str, why: str):
 
 
 def owns_installed_libraries() -> bool:
-    """Whether this process owns (or may write) the installed libraries, which the kernel
-    requires before it pages their code out for us (agent.memory)."""
+    """Whether the kernel will page out the installed libraries' code for this process
+    (agent.memory's rule: it owns them or may write them)."""
     import onnxruntime
 
-    lib = onnxruntime.__file__
-    return os.stat(lib).st_uid == os.geteuid() or os.access(lib, os.W_OK)
+    from agent.memory import _owned
+
+    return _owned(onnxruntime.__file__, {})
+
+
+def kill_pid_in(pidfile: Path) -> None:
+    """SIGKILL the process whose id a test's command wrote to ``pidfile``, if it did."""
+    if pidfile.exists():
+        os.kill(int(pidfile.read_text()), 9)
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from agent.health import MTIME_TOLERANCE_S, ProbeConfig, ProbeFailed, run_probe
+from tests.support import kill_pid_in
 
 Handler = Callable[[socket.socket, int], None]
 
@@ -202,8 +203,7 @@ def test_exec_probe_passes_when_its_command_leaves_a_background_process(tmp_path
         why, took = probe_within(p, 2.8)
         assert why == "passed" and took < 1.0
     finally:
-        if pidfile.exists():
-            os.kill(int(pidfile.read_text()), 9)
+        kill_pid_in(pidfile)
 
 
 def test_exec_probe_timeout_kills_the_whole_process_group(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.hooks import HookFailed, Hooks
+from tests.support import kill_pid_in
 
 ENV = {"EDGEFLEET_DEPLOYMENT_ID": "dep1", "EDGEFLEET_MODEL": "m:1", "EDGEFLEET_DEVICE_ID": "dev"}
 
@@ -53,8 +54,7 @@ def test_hook_that_leaves_a_background_process_passes(tmp_path):
         got, took = run_timed(Hooks(tmp_path, timeout_s=2), "activating")
         assert got == "ok" and took < 1.0
     finally:
-        if pidfile.exists():
-            os.kill(int(pidfile.read_text()), 9)
+        kill_pid_in(pidfile)
 
 
 def test_hook_timeout_kills_what_the_hook_started(tmp_path):
