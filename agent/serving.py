@@ -6,6 +6,12 @@ and retires the old model, which unloads only when its last in-flight request is
 So requests in flight finish on the old model and new ones go to the new model, and
 no request fails because of a swap.
 
+A request takes no lock: it appends its latency to a buffer that belongs to the model
+it ran on (an ``array`` append is atomic under the GIL), and the windows count those
+buffers in a batch when one holds ``LATENCY_FOLD`` latencies or when a window is read.
+A lock and a window update per request cost 1-2 µs beside an ONNX Runtime call
+(benchmarks/agent_path_parts.py), more than the Python they run.
+
 Observers (the drift sketch, sample capture) never run on the request path: a served
 request leaves copies of its inputs and outputs in a bounded queue that the
 ``observers`` thread drains in batches, so a request costs two small copies and an
@@ -31,6 +37,7 @@ import queue
 import random
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +48,7 @@ from agent.errors import EdgefleetError
 from agent.runtimes.base import LoadedModel
 
 __all__ = ["NoModelError", "WindowStats", "WindowSnapshot", "ModelServer", "Candidate", "Observer",
-           "Observed", "OBSERVE_BACKLOG", "OBSERVE_CHUNK"]
+           "Observed", "OBSERVE_BACKLOG", "OBSERVE_CHUNK", "LATENCY_FOLD", "quantile"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,10 @@ _OBSERVE_EARLY = OBSERVE_BACKLOG // 2
 _RATE_WINDOW_S = 0.25  # the observed share is recomputed from the rate over this long
 _perf_counter = time.perf_counter
 _random = random.random
+_FAILED = math.nan  # a failed request in a latency buffer
+LATENCY_FOLD = 1024
+"""Latencies a model's buffer holds before the request that fills it counts them in the
+windows (otherwise they are counted when a window is read)."""
 
 
 class NoModelError(EdgefleetError):
@@ -96,8 +107,8 @@ class WindowStats:
     one is drawn in advance, so a request costs a comparison instead of a random draw
     (``random.randrange`` was a third of the serving path's Python time).
 
-    ``lock`` may be shared between windows that are always recorded together (the
-    serving window and the health window), so that a request takes it once.
+    ``lock`` may be shared between windows that are updated together (the serving
+    window and the health window), so that one acquisition covers both.
     """
 
     def __init__(self, reservoir: int = 4096, *, lock: threading.Lock | None = None):
@@ -147,14 +158,45 @@ class WindowStats:
             lat[random.randrange(self._cap)] = latency_ms
             self._skip()
 
+    def _add_many(self, latency_ms: np.ndarray) -> None:
+        """``_add`` for each of ``latency_ms`` in order, NaN for a failed request; the
+        caller holds the lock. The reservoir keeps the same uniform sample that one
+        ``_add`` at a time would keep."""
+        n = len(latency_ms)
+        if not n:
+            return
+        ok = latency_ms[~np.isnan(latency_ms)]
+        self.count += n
+        self.errors += n - len(ok)
+        k = len(ok)
+        if not k:
+            return
+        top = float(ok.max())
+        if top > self._max:
+            self._max = top
+        base = self._ok  # ``ok[i]`` is the latency of ordinal base + i + 1
+        lat = self._lat
+        room = self._cap - len(lat)
+        if room > 0:
+            lat.extend(ok[:room].tolist())
+            if len(lat) == self._cap:
+                self._ok = base + room
+                self._skip()
+        end = base + k
+        while len(lat) == self._cap and self._next <= end:
+            lat[random.randrange(self._cap)] = float(ok[self._next - base - 1])
+            self._ok = self._next
+            self._skip()
+        self._ok = end
+
     def snapshot_and_reset(self) -> WindowSnapshot:
         now = time.time()
         with self._lock:
-            lat = np.asarray(self._lat) if self._lat else None
+            lat = np.sort(np.asarray(self._lat)) if self._lat else None
             snap = WindowSnapshot(
                 self.start, now, self.count, self.errors,
-                float(np.percentile(lat, 50)) if lat is not None else None,
-                float(np.percentile(lat, 95)) if lat is not None else None,
+                quantile(lat, 0.5) if lat is not None else None,
+                quantile(lat, 0.95) if lat is not None else None,
                 self._max if lat is not None else None,
             )
             self._reset(now)
@@ -194,8 +236,29 @@ class Candidate:
         return stats
 
 
+def quantile(ordered: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of a sorted, non-empty array, interpolated as ``np.quantile``
+    does by default. ``np.quantile`` itself imports ``numpy.ma`` on its first call (1.2 MiB
+    of the agent's memory, measured), for a window of a few thousand latencies."""
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+
+
 def _copies(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.copy() if type(v) is np.ndarray else np.array(v) for k, v in arrays.items()}
+
+
+def _take_ms(buf: array) -> np.ndarray | None:
+    """Remove the latencies (seconds) in ``buf`` and return them in milliseconds. Request
+    threads may append meanwhile: what they add after the copy stays for the next take."""
+    n = len(buf)
+    if not n:
+        return None
+    taken = buf[:n]
+    del buf[:n]
+    return np.frombuffer(taken, dtype=np.float64) * 1000.0
 
 
 class ModelServer:
@@ -204,14 +267,18 @@ class ModelServer:
         sample of about that many requests per second; 0 (the default) observes every one."""
         if observe_limit_per_s < 0:
             raise ValueError(f"observe_limit_per_s must be >= 0, got {observe_limit_per_s}")
-        self._active: LoadedModel | None = None
+        # The active model and the latency buffer of its requests, read as one: a request
+        # appends to the buffer it started with, so a swap never mixes the two models.
+        self._serving: tuple[LoadedModel | None, array] = (None, array("d"))
+        # Swapped-out models and their buffers, until their last request has added to it.
+        self._retiring: list[tuple[LoadedModel, array]] = []
         self._candidate: Candidate | None = None
         self._shadow_q: queue.Queue = queue.Queue(maxsize=256)
         self._shadow_thread: threading.Thread | None = None
         self._swap_lock = threading.Lock()
-        self._stats_lock = threading.Lock()  # one lock for both windows: a request takes it once
-        self.window = WindowStats(lock=self._stats_lock)
-        self.health = WindowStats(lock=self._stats_lock)  # reset by the health check at activation
+        self._stats_lock = threading.Lock()  # one lock for both windows and the buffers they take in
+        self._window = WindowStats(lock=self._stats_lock)
+        self._health = WindowStats(lock=self._stats_lock)  # reset by the health check at activation
         self._health_open = True  # requests count in ``health`` (until close_health; a swap reopens it)
         self.observers: list[Observer] = []  # e.g. the drift sketch; run off the request path
         self.observe_skipped = 0
@@ -230,25 +297,41 @@ class ModelServer:
 
     @property
     def active(self) -> LoadedModel | None:
-        return self._active
+        return self._serving[0]
+
+    @property
+    def window(self) -> WindowStats:
+        """The telemetry window: every request served since its last reset, on any model."""
+        self._fold()
+        return self._window
+
+    @property
+    def health(self) -> WindowStats:
+        """The health window: requests served by the active model since it was swapped in
+        (until :meth:`close_health`). A request still running on the model before it, and
+        finishing meanwhile, counts only in :attr:`window`."""
+        self._fold()
+        return self._health
 
     def swap(self, new: LoadedModel | None) -> LoadedModel | None:
         """Make ``new`` the active model; retire and return the old one."""
         with self._swap_lock, self._stats_lock:
-            # Both under the stats lock, which _record holds while it reads ``_active``:
-            # a request that finishes on ``old`` never lands in the new health window.
-            self.health = WindowStats(lock=self._stats_lock)
+            self._fold_locked()  # what the old model served so far counts in its health window
+            old, buf = self._serving
+            if old is not None and old is not new:
+                self._retiring.append((old, buf))
+            self._serving = (new, buf if old is new else array("d"))
+            self._health = WindowStats(lock=self._stats_lock)
             self._health_open = True
-            old, self._active = self._active, new
         if old is not None and old is not new:
             old.retire()
         return old
 
     def close_health(self) -> None:
         """Stop counting requests in ``health`` until the next swap: no health check is
-        waiting for them (the deployment has ended), and each request then takes one
-        window update instead of two."""
+        waiting for them (the deployment has ended)."""
         with self._stats_lock:
+            self._fold_locked()
             self._health_open = False
 
     # ------------------------------------------------------------------ candidates
@@ -321,20 +404,20 @@ class ModelServer:
             cand.model.release()
         ms = (time.perf_counter() - t0) * 1000.0
         cand.window.record(ms, True)
-        self.window.record(ms, True)
+        self._window.record(ms, True)
         return out
 
     # ------------------------------------------------------------------ serving
 
-    def _acquire(self) -> LoadedModel:
+    def _acquire(self) -> tuple[LoadedModel, array]:
         # A model retired between reading the reference and acquiring it refuses; the
         # reference has moved on by then, so read it again.
         for _ in range(100):
-            m = self._active
+            m, buf = self._serving
             if m is None:
                 raise NoModelError("no model is active on this device")
             if m.acquire():
-                return m
+                return m, buf
         raise NoModelError("active model kept changing")  # pragma: no cover
 
     def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], LoadedModel]:
@@ -351,17 +434,27 @@ class ModelServer:
                 if self.observers:
                     self._sampled_observe(inputs, out, cand.model, _perf_counter())
                 return out, cand.model
-        m = self._active
+        m, lat = self._serving
         if m is None or not m.acquire():
-            m = self._acquire()
+            m, lat = self._acquire()
+        # The request's latency goes into the buffer, without a lock; the windows take
+        # the buffer in at LATENCY_FOLD latencies or when they are read. It is appended
+        # before the model is released, so a model with no request in flight has added
+        # all of its latencies.
         t0 = _perf_counter()
         try:
             out = m.runtime.infer(inputs)
         except BaseException:
-            self._record(m, (_perf_counter() - t0) * 1000.0, False)
+            lat.append(_FAILED)
+            m.release()
+            if len(lat) >= LATENCY_FOLD:
+                self._fold()
             raise
         t1 = _perf_counter()
-        self._record(m, (t1 - t0) * 1000.0, True)
+        lat.append(t1 - t0)
+        m.release()
+        if len(lat) >= LATENCY_FOLD:
+            self._fold()
         if self.observers:
             self._sampled_observe(inputs, out, m, t1)
         if cand is not None and cand.mode == "shadow" and _random() < cand.ratio:
@@ -371,19 +464,34 @@ class ModelServer:
                 cand.skipped += 1
         return out, m
 
-    def _record(self, m: LoadedModel, ms: float, ok: bool) -> None:
-        """Count a finished request in the serving window, and in the health window when
-        its model is still the active one: a request that ran on a model swapped out
-        meanwhile says nothing about the health of its successor."""
-        m.release()
-        lock = self._stats_lock
-        lock.acquire()
-        try:
-            self.window._add(ms, ok)
-            if self._health_open and m is self._active:
-                self.health._add(ms, ok)
-        finally:
-            lock.release()
+    def _fold(self) -> None:
+        with self._stats_lock:
+            self._fold_locked()
+
+    def _fold_locked(self) -> None:
+        """Count the buffered latencies in the windows; the caller holds the stats lock.
+        Those of the active model count in the health window too, while it is open; a
+        request that ran on a model swapped out meanwhile says nothing about the health
+        of its successor."""
+        vals = _take_ms(self._serving[1])
+        if vals is not None:
+            self._window._add_many(vals)
+            if self._health_open:
+                self._health._add_many(vals)
+        if self._retiring:
+            keep = []
+            for m, buf in self._retiring:
+                # Done when retired with nothing in flight, read in that order before the
+                # take: a request that acquires after the retire backs out without
+                # appending, and one in flight appends before it releases. (swap()
+                # retires the model only after it has left the lock.)
+                done = m.retired and m.inflight == 0
+                vals = _take_ms(buf)
+                if vals is not None:
+                    self._window._add_many(vals)
+                if not done:
+                    keep.append((m, buf))
+            self._retiring = keep
 
     # ------------------------------------------------------------------ observers
 

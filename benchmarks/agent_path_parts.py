@@ -6,9 +6,13 @@ Loads the reference bundle that ``benchmarks/agent_bench.py`` compiled into ``--
 (run that first) with the profile's runtime options and times, interleaved in blocks
 whose order flips every round, the runtime's own call and the same call with the parts
 of ``ModelServer.infer`` added one at a time: two ``perf_counter`` reads, the in-flight
-count (``LoadedModel.acquire``/``release``), the serving window's lock and update, the
-health window's update, and then ``ModelServer.infer`` itself. Medians of ``--rounds``
-blocks; µs added to the runtime's call. docs/benchmarks.md (ninth pass) has the findings.
+count (``LoadedModel.acquire``/``release``), the append to a latency buffer (what a
+request does since the tenth pass; the ``ModelServer.infer`` row adds reading the model
+and its buffer as one, and the batched count in the windows), and then
+``ModelServer.infer`` itself. For
+comparison, the serving path before the tenth pass: a lock and an update of the serving
+window per request, and of the health window. Medians of ``--rounds`` blocks; µs added
+to the runtime's call. docs/benchmarks.md (ninth and tenth passes) has the findings.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,7 @@ def main() -> int:
 
     import agent_bench as ab
 
+    from agent import serving
     from agent.bundle import unpack
     from agent.profiles import load_profile
     from agent.runtimes.base import load_bundle
@@ -52,6 +58,7 @@ def main() -> int:
         server = ModelServer()
         server.swap(lm)
         window, health, lock = server.window, server.health, server._stats_lock
+        buffered = array("d")
         pc = time.perf_counter
 
         def clocks():
@@ -64,6 +71,13 @@ def main() -> int:
             out, dt = clocks()
             lm.release()
             return out, dt
+
+        def latency_buffer():
+            out, dt = inflight()
+            buffered.append(dt)
+            if len(buffered) >= serving.LATENCY_FOLD:
+                del buffered[:]
+            return out
 
         def serving_window():
             out, dt = inflight()
@@ -79,14 +93,20 @@ def main() -> int:
                 health._add(ms, True)
             return out
 
+        runtime, clocks_k, inflight_k = "runtime call (OnnxRuntime.infer)", "+ two perf_counter reads", "+ in-flight count"
+        window_k = "before: + serving window (lock, update)"
         paths = {
-            "runtime call (OnnxRuntime.infer)": lambda: rt.infer(feed),
-            "+ two perf_counter reads": clocks,
-            "+ in-flight count": inflight,
-            "+ serving window (lock, update)": serving_window,
-            "+ health window": both_windows,
+            runtime: lambda: rt.infer(feed),
+            clocks_k: clocks,
+            inflight_k: inflight,
+            "+ latency buffer append": latency_buffer,
             "ModelServer.infer (health window open)": lambda: server.infer(feed),
+            window_k: serving_window,
+            "before: + health window": both_windows,
         }
+        # Each part against the path it adds to.
+        parent = {clocks_k: runtime, inflight_k: clocks_k, "+ latency buffer append": inflight_k,
+                  window_k: inflight_k, "before: + health window": window_k}
         calls = 400 if args.size == 8 else 100
         per: dict[str, list[float]] = {k: [] for k in paths}
         names = list(paths)
@@ -99,14 +119,13 @@ def main() -> int:
                 for _ in range(calls):
                     f()
                 per[k].append((time.perf_counter() - t) / calls)
-        base = statistics.median(per[names[0]])
+        meds = {k: statistics.median(v) for k, v in per.items()}
+        base = meds[runtime]
         print(f"{m.label}, {m.bundle.name}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-        prev = base
         for k in names:
-            v = statistics.median(per[k])
-            step = "" if k == names[0] or k.startswith("ModelServer") else f"  (this part: {(v - prev) * 1e6:+.2f})"
-            print(f"  {k:40s} {v * 1e6:8.2f} µs  {(v - base) * 1e6:+6.2f}{step}")
-            prev = v
+            v = meds[k]
+            step = f"  (this part: {(v - meds[parent[k]]) * 1e6:+.2f})" if k in parent else ""
+            print(f"  {k:42s} {v * 1e6:8.2f} µs  {(v - base) * 1e6:+6.2f}{step}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -143,6 +143,11 @@ class LoadedModel:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def retired(self) -> bool:
+        """Retired: :meth:`acquire` refuses from now on."""
+        return self._retired
+
     def acquire(self) -> bool:
         self._inflight.append(None)
         if self._retired:

@@ -351,16 +351,20 @@ def test_a_closed_health_window_counts_nothing_until_the_next_swap():
 
 
 class _Failing(_Stub):
-    """A runtime whose request fails once ``release`` is set (a retiring model's last request)."""
+    """A runtime whose request fails (or with ``fail=False``, answers) once ``release`` is
+    set (a retiring model's last request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: bool = True) -> None:
         super().__init__()
+        self.fail = fail
         self.entered, self.release = threading.Event(), threading.Event()
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.entered.set()
         self.release.wait(5)
-        raise RuntimeError("the old model failed")
+        if self.fail:
+            raise RuntimeError("the old model failed")
+        return super().infer(inputs)
 
 
 def test_a_request_on_a_swapped_out_model_does_not_count_against_the_new_models_health():
@@ -388,6 +392,87 @@ def test_a_request_on_a_swapped_out_model_does_not_count_against_the_new_models_
     assert server.health.peek() == (1, 0)
 
 
+def test_a_request_finishing_on_a_swapped_out_model_counts_when_it_finishes():
+    """The buffer of a swapped-out model is kept while a request still runs on it, so a
+    window read meanwhile loses nothing, and is dropped once that request is counted."""
+    server = ModelServer()
+    old = LoadedModel(_Bundle(), _Failing(fail=False), "a")  # type: ignore[arg-type]
+    server.swap(old)
+    t = threading.Thread(target=server.infer, args=({"x": np.ones(2, np.float32)},))
+    t.start()
+    assert old.runtime.entered.wait(5)  # type: ignore[attr-defined]
+    server.swap(_stub_model())
+    assert server.window.peek() == (0, 0) and len(server._retiring) == 1  # still running
+    old.runtime.release.set()  # type: ignore[attr-defined]
+    t.join(5)
+    assert server.window.peek() == (1, 0) and server.health.peek() == (0, 0)
+    assert server._retiring == [] and old.runtime.unloads == 1  # type: ignore[attr-defined]
+
+
+def test_a_window_read_between_swap_and_retire_keeps_the_old_models_buffer():
+    """swap() retires the old model after it leaves the lock. A window read in between
+    must keep the old buffer: a request that had read the old model may still acquire it
+    and count its latency there."""
+    server = ModelServer()
+    retiring, retire_now = threading.Event(), threading.Event()
+
+    class Old(LoadedModel):
+        first = True
+
+        def acquire(self) -> bool:
+            if not self.first:
+                return super().acquire()
+            self.first = False  # this request has read (old model, old buffer)
+            swapper = threading.Thread(target=server.swap, args=(new,))
+            swapper.start()
+            assert retiring.wait(5)  # the swap has left the lock, the old model not yet retired
+            server.window.peek()  # a telemetry read or a health poll, just then
+            acquired = super().acquire()
+            retire_now.set()
+            swapper.join(5)
+            return acquired
+
+        def retire(self) -> None:
+            retiring.set()
+            retire_now.wait(5)
+            super().retire()
+
+    old = Old(_Bundle(), _Stub(), "a")  # type: ignore[arg-type]
+    new = _stub_model()
+    server.swap(old)
+    _, served = server.infer({"x": np.ones(2, np.float32)})
+    assert served is old and server.active is new
+    assert server.window.peek() == (1, 0) and server.health.peek() == (0, 0) and server._retiring == []
+
+
+def test_swapping_in_the_active_model_again_keeps_its_buffer():
+    server = ModelServer()
+    m = _stub_model()
+    server.swap(m)
+    server.infer({"x": np.ones(2, np.float32)})
+    assert server.swap(m) is m and m.inflight == 0 and m.runtime.unloads == 0  # type: ignore[attr-defined]
+    server.infer({"x": np.ones(2, np.float32)})
+    assert server._retiring == [] and server.window.peek() == (2, 0) and server.health.peek() == (1, 0)
+
+
+def test_quantile_matches_numpy_and_does_not_load_numpy_ma():
+    import subprocess
+    import sys
+
+    from agent.serving import quantile
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 20, 4096):
+        v = np.sort(rng.exponential(1.0, n))
+        for q in (0.0, 0.05, 0.5, 0.95, 1.0):
+            assert quantile(v, q) == pytest.approx(float(np.quantile(v, q)), rel=1e-12, abs=1e-15)
+    probe = ("import sys; from agent.serving import WindowStats; w = WindowStats(); w.record(1.0, True); "
+             "w.record(3.0, True); s = w.snapshot_and_reset(); assert s.p50_ms == 2.0, s; "
+             "print('numpy.ma' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_latency_reservoir_is_a_uniform_sample_of_the_window():
     """Algorithm L: every successful latency of the window is equally likely to be kept,
     whether it came early or late; failed requests are counted, never kept."""
@@ -411,6 +496,98 @@ def test_latency_reservoir_is_a_uniform_sample_of_the_window():
     assert sorted(small._lat) == [float(i) for i in range(cap - 1)]  # under the cap, all kept
     snap = small.snapshot_and_reset()
     assert snap.count == cap - 1 and snap.max_ms == cap - 2 and small.count == 0 and small._lat == []
+
+
+def test_a_batch_of_latencies_keeps_the_reservoir_one_at_a_time_would():
+    """``_add_many`` (the request buffers, taken in) draws the same random numbers in the
+    same order as ``_add`` per request, so the reservoir, counts and maximum are equal."""
+    rng = np.random.default_rng(7)
+    values = rng.exponential(2.0, 3000)
+    values[rng.random(3000) < 0.05] = np.nan  # failed requests
+    for cap in (1, 64, 5000):
+        random.seed(11)
+        one = WindowStats(cap)
+        for v in values:
+            one._add(float(v), not np.isnan(v))
+        random.seed(11)
+        many = WindowStats(cap)
+        cuts = np.sort(rng.choice(np.arange(1, len(values)), 40, replace=False))
+        for chunk in np.split(values, cuts):
+            many._add_many(chunk)
+        many._add_many(np.array([]))
+        assert (many.count, many.errors, many._ok, many._max) == (one.count, one.errors, one._ok, one._max)
+        assert many._lat == one._lat and len(many._lat) == min(cap, int(np.sum(~np.isnan(values))))
+        assert many._next == one._next
+
+
+def test_latencies_are_counted_once_across_swaps_and_threads():
+    """Four request threads, models swapped under them, the windows read meanwhile: every
+    request is counted exactly once in the serving window, failures as errors, and the
+    buffers of swapped-out models are dropped once their last request has been counted."""
+    from agent import serving
+
+    server = ModelServer()
+    server.swap(_stub_model())
+    good, bad = {"x": np.ones(2, np.float32)}, {"x": None}
+    made = [[0, 0] for _ in range(4)]  # per client: requests, failures
+    counted = [0, 0]
+    done = threading.Event()
+
+    def client(k: int) -> None:
+        i = 0
+        while not done.is_set():
+            i += 1
+            made[k][0] += 1
+            try:
+                server.infer(bad if i % 50 == 0 else good)  # type: ignore[arg-type]
+            except TypeError:
+                made[k][1] += 1
+
+    def read() -> None:
+        snap = server.window.snapshot_and_reset()
+        counted[0] += snap.count
+        counted[1] += snap.errors
+
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in clients:
+        t.start()
+    for i in range(40):
+        server.swap(_stub_model())
+        if i % 3 == 0:
+            read()
+        time.sleep(0.002)
+    done.set()
+    for t in clients:
+        t.join()
+    read()
+    assert counted == [sum(m[0] for m in made), sum(m[1] for m in made)]
+    assert counted[0] > 2 * serving.LATENCY_FOLD and counted[1] > 0
+    assert server._retiring == []  # every swapped-out model's buffer was counted and dropped
+    assert len(server._serving[1]) == 0
+
+
+def test_a_full_latency_buffer_is_counted_without_reading_a_window(monkeypatch):
+    from agent import serving
+
+    class Slow(_Stub):
+        def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            time.sleep(0.002)
+            return super().infer(inputs)
+
+    monkeypatch.setattr(serving, "LATENCY_FOLD", 8)
+    server = ModelServer()
+    server.swap(LoadedModel(_Bundle(), Slow(), "a"))  # type: ignore[arg-type]
+    for _ in range(7):
+        server.infer({"x": np.ones(2, np.float32)})
+    assert server._window.count == 0 and len(server._serving[1]) == 7  # still buffered
+    server.infer({"x": np.ones(2, np.float32)})
+    assert server._window.count == 8 and server._health.count == 8 and len(server._serving[1]) == 0
+    snap = server.health.snapshot_and_reset()
+    assert snap.count == 8 and snap.p50_ms is not None and 2.0 <= snap.p50_ms < 1000.0  # milliseconds
+    for _ in range(8):  # failed requests fill the buffer too
+        with pytest.raises(TypeError):
+            server.infer({"x": None})  # type: ignore[dict-item]
+    assert server._window.count == 16 and server._window.errors == 8 and len(server._serving[1]) == 0
 
 
 def test_observers_run_early_when_half_the_backlog_is_queued(monkeypatch):
