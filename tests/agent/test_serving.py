@@ -291,7 +291,7 @@ def test_over_the_rate_limit_observers_see_a_uniform_sample_and_the_rest_is_coun
     server.observers.append(lambda batch: seen.extend(float(i["x"][0]) for i, _, _ in batch))
     x = np.zeros(1, np.float32)
     served = 0
-    t_end = time.perf_counter() + 2.5  # the first second is observed whole, the rest sampled
+    t_end = time.perf_counter() + 2.5  # sampled from the first quarter second on
     while time.perf_counter() < t_end:
         x[0] = served
         server.infer({"x": x})
@@ -299,7 +299,7 @@ def test_over_the_rate_limit_observers_see_a_uniform_sample_and_the_rest_is_coun
     assert server.flush_observers()
     assert served > 2_000, "the stub runtime should serve thousands of requests a second"
     # every request is either observed, left out by the sample, or skipped because the
-    # observers fell behind (which the first, unsampled second at this rate does)
+    # observers fell behind
     assert len(seen) + server.observe_unsampled + server.observe_skipped == served
     assert server.observe_unsampled > served / 2
     later = [v for v in seen if v >= served / 2.5]
@@ -588,6 +588,28 @@ def test_a_full_latency_buffer_is_counted_without_reading_a_window(monkeypatch):
         with pytest.raises(TypeError):
             server.infer({"x": None})  # type: ignore[dict-item]
     assert server._window.count == 16 and server._window.errors == 8 and len(server._serving[1]) == 0
+
+
+def test_a_burst_after_a_pause_is_sampled_once_the_limits_share_is_served():
+    """After a pause the rate is unknown, so requests are observed whole, but only until a
+    quarter second's worth of the limit has been served; then the share comes from their
+    rate. A burst is not copied whole for a quarter second (which overflowed the backlog)."""
+    server = ModelServer(observe_limit_per_s=40)  # a budget of 10 requests
+    server.swap(_stub_model())
+    count: list[int] = []
+    server.observers.append(lambda batch: count.append(len(batch)))
+    x = {"x": np.zeros(1, np.float32)}
+    for burst in range(3):
+        if burst:
+            time.sleep(0.6)  # a pause: more than two rate windows
+        before = sum(count)
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            server.infer(x)
+        assert server.flush_observers()
+        if time.perf_counter() - t0 < 0.2:  # the burst fit in one rate window, as intended
+            assert 10 <= sum(count) - before <= 30, count
+    assert sum(count) + server.observe_unsampled == 6000 and server.observe_skipped == 0
 
 
 def test_observers_run_early_when_half_the_backlog_is_queued(monkeypatch):
