@@ -24,11 +24,12 @@ requests, further requests are not observed and are counted in
 With ``observe_limit_per_s`` set, observers see a uniform random sample of the served
 requests once the request rate goes above that limit: every quarter second, the share
 observed becomes ``limit / rate`` of the last quarter second's rate (all of them at or
-below the limit). After a pause, and at the first request, all are observed until a
-quarter second has passed or a quarter second's worth of the limit has been served,
-whichever comes first; then the share is set from the rate of those. Before, a burst
-after a pause was observed whole for a quarter second: two tensor copies per request
-(4 µs on the 8x8 CNN), and a backlog that overflowed.
+below the limit). A window also ends early once it has observed a quarter second's
+worth of the limit (twice that while sampling): the rate has risen, and the share is set
+from the rate so far. So after a pause, at the first request, or when the rate jumps,
+about ``limit / 4`` requests are observed before the share follows; before, a burst was
+observed whole for a quarter second: two tensor copies per request (4 µs on the 8x8
+CNN), and a backlog that overflowed.
 A request left out costs a counter and a random draw instead of two copies and the
 observers' work, and is counted in :attr:`ModelServer.observe_unsampled`.
 """
@@ -269,7 +270,7 @@ class ModelServer:
     def __init__(self, observe_limit_per_s: float = 0.0) -> None:
         """``observe_limit_per_s``: above this request rate, observers get a uniform random
         sample of about that many requests per second; 0 (the default) observes every one."""
-        if observe_limit_per_s < 0:
+        if not observe_limit_per_s >= 0:  # NaN too
             raise ValueError(f"observe_limit_per_s must be >= 0, got {observe_limit_per_s}")
         # The active model and the latency buffer of its requests, read as one: a request
         # appends to the buffer it started with, so a swap never mixes the two models.
@@ -290,11 +291,15 @@ class ModelServer:
         self._observe_limit = float(observe_limit_per_s)
         self._observe_share = 1.0  # share of requests observed in this rate window
         self._observe_seen = 0  # requests served since the window began
+        self._observe_taken = 0  # requests observed since the window began
         self._observe_start = 0.0  # when the window began (perf_counter; 0.0 before the first)
         self._observe_tick = 0.0  # when the window ends and the share is updated (perf_counter)
-        # While every request is observed, a window ends early once it has served what the
-        # limit allows a whole window: the rate is over the limit, and is measured then.
-        self._observe_budget = max(1.0, self._observe_limit * _RATE_WINDOW_S)
+        # A window also ends once it has observed what the limit allows a whole window
+        # (twice that while sampling, so that chance alone rarely ends one): the rate has
+        # risen, and is measured then rather than a quarter second later. At least 8, so
+        # that a rate is never taken from one gap between two requests.
+        self._observe_budget = max(8.0, self._observe_limit * _RATE_WINDOW_S)
+        self._observe_cap = self._observe_budget  # observed requests that end this window
         self._share_lock = threading.Lock()  # one request thread updates the share
         self._observed: deque[tuple[dict[str, np.ndarray], dict[str, np.ndarray], LoadedModel]] = deque()
         self._observer_idle = True
@@ -510,42 +515,44 @@ class ModelServer:
         if self._observe_limit <= 0.0:
             self._observe(inputs, outputs, model)
             return
-        # Request threads may race on the counter: a lost increment only nudges the
+        # Request threads may race on the counters: a lost increment only nudges the
         # share, which is an estimate anyway. The update itself is one thread's.
         self._observe_seen += 1
         if now >= self._observe_tick:
-            self._new_rate_window(now)
+            self._new_rate_window()
         share = self._observe_share
-        if share >= 1.0:
-            if self._observe_seen >= self._observe_budget:
-                self._new_rate_window(now)
-            self._observe(inputs, outputs, model)
-        elif _random() < share:
+        if share >= 1.0 or _random() < share:
+            self._observe_taken += 1
+            if self._observe_taken >= self._observe_cap:
+                self._new_rate_window()
             self._observe(inputs, outputs, model)
         else:
             self.observe_unsampled += 1
 
-    def _new_rate_window(self, now: float) -> None:
+    def _new_rate_window(self) -> None:
         if not self._share_lock.acquire(blocking=False):
             return  # another request thread is updating the share
         try:
-            if now >= self._observe_tick or (
-                self._observe_share >= 1.0 and self._observe_seen >= self._observe_budget
-            ):
+            # The clock is read here: a request's own time may be older than the window
+            # another thread has just begun.
+            now = _perf_counter()
+            if now >= self._observe_tick or self._observe_taken >= self._observe_cap:
                 self._update_share(now)
         finally:
             self._share_lock.release()
 
     def _update_share(self, now: float) -> None:
         seen, self._observe_seen = self._observe_seen, 0
+        self._observe_taken = 0
         elapsed = now - self._observe_start
         if self._observe_start == 0.0 or elapsed > 2 * _RATE_WINDOW_S:
             # First request, or after a pause: start from all, until the window ends or
-            # its budget is served, whichever comes first.
+            # its budget is observed, whichever comes first.
             self._observe_share = 1.0
         else:
             rate = seen / max(elapsed, 1e-4)
             self._observe_share = 1.0 if rate <= self._observe_limit else self._observe_limit / rate
+        self._observe_cap = self._observe_budget if self._observe_share >= 1.0 else 2 * self._observe_budget
         self._observe_start = now
         self._observe_tick = now + _RATE_WINDOW_S
 

@@ -21,8 +21,8 @@ Figures, each a median over many repetitions, compared side by side in one run:
   sees a sample of about ``drift_max_rows_per_s`` = 200 requests a second) and, as a
   separate path, on an agent that sketches every request. Measured twice: in short
   blocks, with the observers' work drained between blocks, outside the timing; and in
-  steady state (blocks of a quarter second, nothing drained: the observers thread
-  sketches beside the requests, as in a serving loop).
+  steady state (blocks of about a second, the observers thread sketching beside the
+  requests inside the timing, as in a serving loop).
 * HTTP added latency: a keep-alive ``http.client`` POST /v2/models/{m}/infer to a
   real ``edgefleet agent run`` process, interleaved with in-process ``Agent.infer``
   calls; the client encodes the V2 JSON request and decodes the response as
@@ -216,13 +216,17 @@ def interleaved(paths: dict[str, Path_], rounds: int, calls: int, rewarm: int = 
     return per
 
 
-def steady(paths: dict[str, Callable[[], Any]], rounds: int, block_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each path in blocks of about ``block_s`` (calls counted from
-    the first path's speed), the order flipping every round, nothing drained between
-    blocks: work a path defers to other threads runs while the paths are timed, and a
-    path's request rate is that of a serving loop, not of short bursts with pauses."""
+def steady(paths: dict[str, Path_], rounds: int, block_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each path in long blocks of about ``block_s`` (calls counted
+    from the first path's speed), the order flipping every round. Unlike
+    :func:`interleaved`, work a path defers to other threads (the drift sketch) runs
+    while that path is timed, as in a serving loop; a path's ``settle`` runs after its
+    block, untimed, only so that the rest of that work never lands on the next path.
+    Each block begins after the other paths' blocks, a pause to the drift sample's rate
+    window, which then takes a few milliseconds to find the rate (serving.py)."""
     names = list(paths)
-    first = paths[names[0]]
+    split = {n: p if isinstance(p, tuple) else (p, None, False) for n, p in paths.items()}
+    first = split[names[0]][0]
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.2:
         first()
@@ -231,11 +235,13 @@ def steady(paths: dict[str, Callable[[], Any]], rounds: int, block_s: float) -> 
     per: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names if r % 2 == 0 else names[::-1]:
-            fn = paths[k]
+            fn, settle, _ = split[k]
             t = time.perf_counter()
             for _ in range(calls):
                 fn()
             per[k].append((time.perf_counter() - t) / calls)
+            if settle is not None:
+                settle()
     return per
 
 
@@ -428,8 +434,8 @@ def bench_python_api(res: Results, models: dict[int, RefModel], broker_url: str,
             "session.run": lambda s=sess, o=out_names, f=feed: s.run(o, f),
             "OnnxRuntime.infer": lambda r=lm.runtime, f=feed: r.infer(f),
             "ModelServer.infer": lambda s=bare, f=feed: s.infer(f),
-            "Agent.infer": lambda a=a, f=feed: a.infer(f),
-        }, rounds=16, block_s=0.25)
+            "Agent.infer": (lambda a=a, f=feed: a.infer(f), settle, False),
+        }, rounds=8, block_s=1.0)
         obs_default = observer_cpu_per_request(a, feed)
         # The same model on an agent that sketches every request (drift_max_rows_per_s =
         # 0): a second agent, timed in its own interleaving against its own session, so
@@ -1183,9 +1189,10 @@ def main() -> int:
         "and before the next path's block, so that it never lands on another row. The drift-sketch CPU row is the "
         "observers thread's own run time (Linux `schedstat`) over 20,000 further `Agent.infer` calls, divided by "
         "the calls. "
-        "The steady-state rows time the same paths in blocks of a quarter second with nothing drained between them: "
-        "the observers thread sketches beside the requests, and the drift sample's rate window sees a serving loop's "
-        "rate (short blocks with pauses look like bursts to it). "
+        "The steady-state rows time the same paths in blocks of about a second: the observers thread sketches beside "
+        "the requests, inside the timing, as in a serving loop (what is left queued at a block's end is drained "
+        "untimed, so that it never lands on the next path), and the drift sample's rate window sees a serving loop's "
+        "rate for all but the first milliseconds of a block. "
         "`OnnxRuntime.infer` calls the session's C++ `run` directly (bound at load, CPU provider only), skipping "
         "the per-call Python checks of `InferenceSession.run`; that is why it can be faster than `session.run`.",
         "HTTP rows: the server is a separate `edgefleet agent run` process (as an application on the device would "

@@ -283,8 +283,9 @@ def test_observers_run_off_the_request_path_on_copies():
 
 
 def test_over_the_rate_limit_observers_see_a_uniform_sample_and_the_rest_is_counted():
-    with pytest.raises(ValueError, match="observe_limit_per_s"):
-        ModelServer(observe_limit_per_s=-1)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="observe_limit_per_s"):
+            ModelServer(observe_limit_per_s=bad)
     server = ModelServer(observe_limit_per_s=50)
     server.swap(_stub_model())
     seen: list[float] = []
@@ -610,6 +611,29 @@ def test_a_burst_after_a_pause_is_sampled_once_the_limits_share_is_served():
         if time.perf_counter() - t0 < 0.2:  # the burst fit in one rate window, as intended
             assert 10 <= sum(count) - before <= 30, count
     assert sum(count) + server.observe_unsampled == 6000 and server.observe_skipped == 0
+
+
+def test_a_jump_in_the_rate_without_a_pause_is_sampled_at_once():
+    """Traffic just under the limit, then a tight loop: the window that was observing
+    everything ends once it has observed its budget, so the jump is not copied whole
+    until the window's end."""
+    server = ModelServer(observe_limit_per_s=40)  # a budget of 10 requests
+    server.swap(_stub_model())
+    count: list[int] = []
+    server.observers.append(lambda batch: count.append(len(batch)))
+    x = {"x": np.zeros(1, np.float32)}
+    for _ in range(12):  # about 30 a second: under the limit, every one observed
+        server.infer(x)
+        time.sleep(1 / 30)
+    assert server.flush_observers() and sum(count) == 12 and server.observe_unsampled == 0
+    t0 = time.perf_counter()
+    for _ in range(5000):
+        server.infer(x)
+    fast = time.perf_counter() - t0 < 0.2  # the jump fit in one rate window, as intended
+    assert server.flush_observers()
+    if fast:
+        assert sum(count) - 12 <= 45, count  # the window's rest, then about twice the budget
+    assert sum(count) + server.observe_unsampled == 5012 and server.observe_skipped == 0
 
 
 def test_observers_run_early_when_half_the_backlog_is_queued(monkeypatch):
