@@ -21,7 +21,7 @@ Figures, each a median over many repetitions, compared side by side in one run:
   sees a sample of about ``drift_max_rows_per_s`` = 200 requests a second) and, as a
   separate path, on an agent that sketches every request. Measured twice: in short
   blocks, with the observers' work drained between blocks, outside the timing; and in
-  steady state (blocks of about a second, the observers thread sketching beside the
+  steady state (blocks of about 0.2 s, the observers thread sketching beside the
   requests inside the timing, as in a serving loop).
 * HTTP added latency: a keep-alive ``http.client`` POST /v2/models/{m}/infer to a
   real ``edgefleet agent run`` process, interleaved with in-process ``Agent.infer``
@@ -435,7 +435,7 @@ def bench_python_api(res: Results, models: dict[int, RefModel], broker_url: str,
             "OnnxRuntime.infer": lambda r=lm.runtime, f=feed: r.infer(f),
             "ModelServer.infer": lambda s=bare, f=feed: s.infer(f),
             "Agent.infer": (lambda a=a, f=feed: a.infer(f), settle, False),
-        }, rounds=8, block_s=1.0)
+        }, rounds=30, block_s=0.2)
         obs_default = observer_cpu_per_request(a, feed)
         # The same model on an agent that sketches every request (drift_max_rows_per_s =
         # 0): a second agent, timed in its own interleaving against its own session, so
@@ -1189,7 +1189,7 @@ def main() -> int:
         "and before the next path's block, so that it never lands on another row. The drift-sketch CPU row is the "
         "observers thread's own run time (Linux `schedstat`) over 20,000 further `Agent.infer` calls, divided by "
         "the calls. "
-        "The steady-state rows time the same paths in blocks of about a second: the observers thread sketches beside "
+        "The steady-state rows time the same paths in blocks of about 0.2 s: the observers thread sketches beside "
         "the requests, inside the timing, as in a serving loop (what is left queued at a block's end is drained "
         "untimed, so that it never lands on the next path), and the drift sample's rate window sees a serving loop's "
         "rate for all but the first milliseconds of a block. "
