@@ -457,17 +457,15 @@ class ModelServer:
         t0 = _perf_counter()
         try:
             out = m.runtime.infer(inputs)
+            t1 = _perf_counter()
+            lat.append(t1 - t0)
         except BaseException:
             lat.append(_FAILED)
+            raise
+        finally:
             m.release()
             if len(lat) >= LATENCY_FOLD:
                 self._fold()
-            raise
-        t1 = _perf_counter()
-        lat.append(t1 - t0)
-        m.release()
-        if len(lat) >= LATENCY_FOLD:
-            self._fold()
         if self.observers:
             self._sampled_observe(inputs, out, m, t1)
         if cand is not None and cand.mode == "shadow" and _random() < cand.ratio:
