@@ -35,6 +35,7 @@ PINS=(
   "securesystemslib>=1.0"
   "pydantic>=2.6,<3"
   "psutil>=5.9"
+  "prometheus-client>=0.20"        # GET /metrics (agent/metrics.py)
   "click>=8.1"                     # base dependencies of the package (the CLI)
   "rich>=13"
   "pytest>=8"

@@ -279,7 +279,7 @@ class Agent:
         self._release_memory()
         if self.settings.api_port or self.settings.api_socket:
             self.api = LocalApi(self.server, self.settings.api_port, socket_path=self.settings.api_socket,
-                                feedback=self.feedback)
+                                feedback=self.feedback, metrics=self._metrics_endpoint)
             self.api.start()
         self.link.start()
         for name, target in (
@@ -1063,6 +1063,23 @@ class Agent:
         return Event.OK
 
     # ------------------------------------------------------------------ status
+
+    def _metrics_endpoint(self) -> Any:
+        """``GET /metrics`` of the local API (built at the first scrape)."""
+        from agent.metrics import AgentGauges, MetricsEndpoint
+
+        states = tuple(s.value for s in State)
+
+        def gauges() -> AgentGauges:
+            spool = self.spool
+            return AgentGauges(
+                device_id=self.settings.device_id, state=self.record.state.value, states=states,
+                connected=self.link.connected.is_set(), spool_records=len(spool),
+                spool_bytes=spool.size_bytes(), spool_limit_bytes=spool.max_bytes,
+                spool_dropped=spool.dropped(), conditions=tuple(sorted(self._conditions.copy())),
+            )
+
+        return MetricsEndpoint(self.server, gauges)
 
     def status(self) -> dict[str, Any]:
         return status_from_disk(self.data_dir) | {"model": self.model_ref, "conditions": sorted(self._conditions)}

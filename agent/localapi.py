@@ -20,6 +20,10 @@ extension (``Inference-Header-Content-Length``; see :mod:`agent.v2`), which
 One route is an edgefleet extension, not V2: ``POST /v2/models/{name}[/versions/{v}]/feedback``
 with ``{"label", "prediction", "request_id"?, "score"?, "ts"?}`` reports the true label
 of a prediction (``Agent.feedback``); labels go to the hub with the next telemetry.
+
+``GET /metrics`` answers in the Prometheus text format (:mod:`agent.metrics`): requests
+and their latencies since start, the active model, and, under the daemon, the lifecycle
+state, the broker link and the spool.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
     models: ModelServer  # set on the subclass
     feedback: Callable[..., None] | None = None  # Agent.feedback, when the agent serves labels
+    metrics: _LazyMetrics | None = None  # GET /metrics
     # Each socket read or write; an idle keep-alive connection or a client stalled
     # mid-request is closed after it (InferenceClient reconnects to a closed idle one).
     timeout = IDLE_TIMEOUT_S
@@ -262,7 +267,7 @@ class _Handler(socketserver.StreamRequestHandler):
         if method == "POST":
             return self._post(path, headers, body)
         if method == "GET":
-            return self._get(path)
+            return self._get(path, headers)
         return 501, _error_body(f"unsupported method {method!r}"), None
 
     def _model_for(self, name: str, version: str | None):
@@ -273,8 +278,10 @@ class _Handler(socketserver.StreamRequestHandler):
             raise V2Error(f"model {name!r} version {version!r} is not served here", 404)
         return m
 
-    def _get(self, path: str) -> tuple[int, bytes, None]:
+    def _get(self, path: str, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str] | None]:
         try:
+            if path == "/metrics":
+                return self._get_metrics(headers.get("accept", ""))
             if path == "/v2/health/live":
                 return 200, _json({"live": True}), None
             if path == "/v2/health/ready":
@@ -295,6 +302,15 @@ class _Handler(socketserver.StreamRequestHandler):
                 list(man.inputs), list(man.outputs))), None
         except V2Error as e:
             return e.status, _error_body(str(e)), None
+
+    def _get_metrics(self, accept: str) -> tuple[int, bytes, dict[str, str] | None]:
+        if self.metrics is None:
+            return 404, _error_body("no route /metrics"), None
+        try:
+            body, content_type = self.metrics.render(accept)
+        except ImportError as e:  # an install without the agent extra's prometheus-client
+            return 501, _error_body(f"metrics need the prometheus-client package: {e}"), None
+        return 200, body, {"Content-Type": content_type}
 
     def _post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes, dict[str, str] | None]:
         m = _MODEL_ROUTE.match(path)
@@ -460,15 +476,42 @@ class _UnixServer(_Bounded, socketserver.UnixStreamServer):
     pass
 
 
+class _LazyMetrics:
+    """Builds the metrics endpoint (:class:`agent.metrics.MetricsEndpoint`) at the first
+    scrape, so that an agent nobody scrapes never loads prometheus_client."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._endpoint: Any = None
+        self._lock = threading.Lock()
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        with self._lock:
+            if self._endpoint is None:
+                self._endpoint = self._make()
+        return self._endpoint.render(accept)
+
+
+def _serving_metrics(models: ModelServer) -> Any:
+    from agent.metrics import MetricsEndpoint
+
+    return MetricsEndpoint(models)
+
+
 class LocalApi:
     """Serves :class:`ModelServer` on 127.0.0.1:port and/or a Unix socket, in background threads.
 
     The Unix socket is created with mode 0660 so that access can be granted by group.
+    ``metrics`` builds the ``GET /metrics`` endpoint (an object whose ``render(accept)``
+    returns the body and its content type) at the first scrape; by default, the serving figures of ``models``.
     """
 
     def __init__(self, models: ModelServer, port: int = 0, *, socket_path: Path | None = None,
-                 feedback: Callable[..., None] | None = None, max_connections: int = MAX_CONNECTIONS):
-        handler = type("Handler", (_Handler,), {"models": models, "feedback": staticmethod(feedback) if feedback else None})
+                 feedback: Callable[..., None] | None = None, max_connections: int = MAX_CONNECTIONS,
+                 metrics: Callable[[], Any] | None = None):
+        lazy = _LazyMetrics(metrics if metrics is not None else lambda: _serving_metrics(models))
+        handler = type("Handler", (_Handler,), {"models": models, "metrics": lazy,
+                                                "feedback": staticmethod(feedback) if feedback else None})
         self._servers: list[socketserver.BaseServer] = []
         self.port = 0
         if port:

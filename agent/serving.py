@@ -53,7 +53,8 @@ from agent.errors import EdgefleetError
 from agent.runtimes.base import LoadedModel
 
 __all__ = ["NoModelError", "WindowStats", "WindowSnapshot", "ModelServer", "Candidate", "Observer",
-           "Observed", "OBSERVE_BACKLOG", "OBSERVE_CHUNK", "LATENCY_FOLD", "quantile"]
+           "Observed", "OBSERVE_BACKLOG", "OBSERVE_CHUNK", "LATENCY_FOLD", "quantile", "Totals",
+           "TotalsSnapshot", "LATENCY_BUCKETS_S"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,51 @@ class WindowStats:
             return self.count, self.errors
 
 
+LATENCY_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the buckets of :class:`Totals`' latency histogram, from 50 µs
+(a small model on a gateway) to 10 s; the last bucket is unbounded."""
+
+
+@dataclass(frozen=True)
+class TotalsSnapshot:
+    requests: int
+    errors: int
+    buckets: tuple[int, ...]  # successful requests per bucket of LATENCY_BUCKETS_S, and one over the last
+    sum_s: float  # latency of the successful requests, summed
+
+
+class Totals:
+    """Requests served since the agent started: counts and a histogram of latencies, for
+    the Prometheus endpoint. Unlike :class:`WindowStats` it never resets, so a scraper
+    takes rates of its own. The caller holds the server's stats lock."""
+
+    def __init__(self) -> None:
+        self._bounds_ms = np.asarray(LATENCY_BUCKETS_S) * 1000.0
+        self.requests = 0
+        self.errors = 0
+        self._buckets = np.zeros(len(LATENCY_BUCKETS_S) + 1, dtype=np.int64)
+        self._sum_ms = 0.0
+
+    def _add_many(self, latency_ms: np.ndarray) -> None:
+        """Count latencies (ms; NaN for a failed request)."""
+        ok = latency_ms[~np.isnan(latency_ms)]
+        self.requests += len(latency_ms)
+        self.errors += len(latency_ms) - len(ok)
+        if len(ok):
+            # Bucket i holds bound[i-1] < v <= bound[i], as Prometheus' "le" reads.
+            idx = np.searchsorted(self._bounds_ms, ok, side="left")
+            self._buckets += np.bincount(idx, minlength=len(self._buckets))
+            self._sum_ms += float(ok.sum())
+
+    def _add(self, latency_ms: float, ok: bool) -> None:
+        self._add_many(np.array([latency_ms if ok else math.nan]))
+
+    def snapshot(self) -> TotalsSnapshot:
+        return TotalsSnapshot(self.requests, self.errors, tuple(int(b) for b in self._buckets),
+                              self._sum_ms / 1000.0)
+
+
 @dataclass
 class Candidate:
     """A model running beside the active one: ``shadow`` mirrors a share of requests to it
@@ -285,6 +331,7 @@ class ModelServer:
         self._window = WindowStats(lock=self._stats_lock)
         self._health = WindowStats(lock=self._stats_lock)  # reset by the health check at activation
         self._health_open = True  # requests count in ``health`` (until close_health; a swap reopens it)
+        self._totals = Totals()  # since start, for /metrics
         self.observers: list[Observer] = []  # e.g. the drift sketch; run off the request path
         self.observe_skipped = 0
         self.observe_unsampled = 0  # served while the rate was over observe_limit_per_s, not observed
@@ -325,6 +372,12 @@ class ModelServer:
         finishing meanwhile, counts only in :attr:`window`."""
         self._fold()
         return self._health
+
+    def totals(self) -> TotalsSnapshot:
+        """Requests served since start, on any model (split candidates included)."""
+        with self._stats_lock:
+            self._fold_locked()
+            return self._totals.snapshot()
 
     def swap(self, new: LoadedModel | None) -> LoadedModel | None:
         """Make ``new`` the active model; retire and return the old one."""
@@ -417,7 +470,9 @@ class ModelServer:
             cand.model.release()
         ms = (time.perf_counter() - t0) * 1000.0
         cand.window.record(ms, True)
-        self._window.record(ms, True)
+        with self._stats_lock:
+            self._window._add(ms, True)
+            self._totals._add(ms, True)
         return out
 
     # ------------------------------------------------------------------ serving
@@ -487,6 +542,7 @@ class ModelServer:
         vals = _take_ms(self._serving[1])
         if vals is not None:
             self._window._add_many(vals)
+            self._totals._add_many(vals)
             if self._health_open:
                 self._health._add_many(vals)
         if self._retiring:
@@ -500,6 +556,7 @@ class ModelServer:
                 vals = _take_ms(buf)
                 if vals is not None:
                     self._window._add_many(vals)
+                    self._totals._add_many(vals)
                 if not done:
                     keep.append((m, buf))
             self._retiring = keep
