@@ -1,0 +1,208 @@
+"""Models that pass their self-test but fail in service roll back within the health window.
+
+The self-test catches what its vectors show (tests/agent/test_serving.py,
+``test_bad_models_never_interrupt_the_old_one``). These two models pass it and go live:
+one is over the latency budget on the batches applications send, the other fails on the
+inputs they send. The agent must roll back on its own, from what it measured while
+serving, and serve the previous model again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.localapi import InferenceClient
+from agent.profiles import profiles_dir
+from agent.trust import TargetCustom
+from agent.v2 import V2Error
+from tests.support import free_port, linear_bundle
+
+pytestmark = pytest.mark.slow
+
+BUDGET_MS = 2.0
+
+
+def _model(nodes: list, inits: list) -> bytes:
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def _wide(width: int = 768) -> tuple[bytes, np.ndarray]:
+    """A linear map through two hidden layers of ``width``: 0.6M multiply-adds a row, so
+    well under the budget for the self-test's single row and far over it for 512 rows.
+    Returns the model and its end-to-end matrix."""
+    rng = np.random.default_rng(7)
+    dims = [4, width, width, 3]
+    ws = [(rng.normal(size=(dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32) for i in range(3)]
+    nodes, prev = [], "input"
+    for i in range(3):
+        out = "logits" if i == 2 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [out]))
+        prev = out
+    full = (ws[0].astype(np.float64) @ ws[1] @ ws[2]).astype(np.float32)
+    return _model(nodes, [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(ws)]), full
+
+
+def _lookup(w: np.ndarray, b: np.ndarray) -> bytes:
+    """x @ w + b plus a row of an 8-row table of zeros, looked up by |x[:, 0]|: an
+    embedding lookup that fails for an index out of range, as a model may on inputs
+    unlike its test vectors (those have |x| < 8)."""
+    nodes = [
+        helper.make_node("MatMul", ["input", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "B"], ["lin"]),
+        helper.make_node("Gather", ["input", "col"], ["x0"], axis=1),
+        helper.make_node("Abs", ["x0"], ["ax0"]),
+        helper.make_node("Cast", ["ax0"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "idx"], ["emb"], axis=0),
+        helper.make_node("Add", ["lin", "emb"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
+             numpy_helper.from_array(np.array(0, np.int64), "col"),
+             numpy_helper.from_array(np.zeros((8, 3), np.float32), "table")]
+    return _model(nodes, inits)
+
+
+class _Client:
+    """Sends ``x`` through the local API every ``period`` s; keeps (time, output or error)."""
+
+    def __init__(self, port: int, x: np.ndarray, period: float):
+        self.client = InferenceClient(f"http://127.0.0.1:{port}")
+        self.x, self.period = x, period
+        self.answers: list[tuple[float, np.ndarray | None, str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                out = self.client.infer("lin", {"input": self.x})["logits"]
+                self.answers.append((t, out, None))
+            except (V2Error, OSError) as e:
+                self.answers.append((t, None, str(e)))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> _Client:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _watch_model(a, until: threading.Event) -> list[tuple[float, str | None]]:
+    """Times at which the active model changed, from a thread polling every 2 ms."""
+    seen: list[tuple[float, str | None]] = [(time.monotonic(), a.model_ref)]
+
+    def run() -> None:
+        while not until.is_set():
+            ref = a.model_ref
+            if ref != seen[-1][1]:
+                seen.append((time.monotonic(), ref))
+            time.sleep(0.002)
+
+    threading.Thread(target=run, daemon=True).start()
+    return seen
+
+
+@pytest.fixture
+def tight(tmp_path: Path) -> Path:
+    pdir = tmp_path / "profiles"
+    pdir.mkdir()
+    text = (profiles_dir() / "x86-gateway-vnni.toml").read_text()
+    (pdir / "tight.toml").write_text(text.replace('name = "x86-gateway-vnni"', 'name = "tight"')
+                                     .replace("latency_budget_ms = 20.0", f"latency_budget_ms = {BUDGET_MS}"))
+    return pdir
+
+
+def _publish(bench, path: Path, version: str) -> str:
+    return bench.repo.add_bundle(path, TargetCustom(name="lin", version=version, profile="tight",
+                                                    format="onnx", precision="fp32"))
+
+
+def _live_then_back(seen: list[tuple[float, str | None]], old: str, new: str) -> tuple[float, float]:
+    """When ``new`` went live and when ``old`` came back."""
+    live = next(t for t, ref in seen if ref == new)
+    back = next(t for t, ref in seen if ref == old and t > live)
+    return live, back
+
+
+def test_a_model_over_the_latency_budget_in_service_rolls_back(bench, tight: Path):
+    port = free_port()
+    a = bench.agent(api_port=port, profile="tight", profiles_dir=tight)
+    tp, m, w, b = bench.bundle("1.0.0", seed=0, profile="tight")
+    bench.deploy("dev1", "good", tp, m.ref)
+    assert bench.wait_for(a, "good") == "installed"
+
+    slow_path = bench.tmp / "wide.efb"
+    model, full = _wide()
+    linear_bundle(slow_path, version="1.1.0", profile="tight", model_bytes=model,
+                  weights=(full, np.zeros(3, np.float32)))
+    x = np.random.default_rng(1).normal(size=(512, 4)).astype(np.float32)
+    window = 2.0
+    done = threading.Event()
+    seen = _watch_model(a, done)
+    with _Client(port, x, 0.02) as client:
+        time.sleep(0.3)
+        bench.deploy("dev1", "slow", _publish(bench, slow_path, "1.1.0"), "lin:1.1.0", health_window_s=window)
+        assert bench.wait_for(a, "slow") == "rolled_back"
+        time.sleep(0.3)
+    done.set()
+    assert a.record.error_kind == "latency", a.record.error
+    assert "over budget" in a.record.error
+    assert a.model_ref == "lin:1.0.0"
+    live, back = _live_then_back(seen, "lin:1.0.0", "lin:1.1.0")
+    print(f"wide model live for {back - live:.2f} s (health window {window} s); {len(client.answers)} requests")
+    assert back - live <= window + 1.0
+    errors = [e for _t, _o, e in client.answers if e is not None]
+    assert errors == []  # slow, never failing: every request was answered
+    old_out, new_out = x @ w + b, x @ full
+    by_new = [t for t, o, _e in client.answers if np.allclose(o, new_out, rtol=1e-3, atol=1e-3)]
+    assert by_new and all(live - 0.05 <= t <= back for t in by_new)  # it served, only while live
+    after = [o for t, o, _e in client.answers if t > back]
+    assert after and all(np.allclose(o, old_out, rtol=1e-5, atol=1e-5) for o in after)
+
+
+def test_a_model_failing_on_live_inputs_rolls_back_before_its_window_ends(bench, tight: Path):
+    port = free_port()
+    a = bench.agent(api_port=port, profile="tight", profiles_dir=tight)
+    tp, m, w, b = bench.bundle("1.0.0", seed=0, profile="tight")
+    bench.deploy("dev1", "good", tp, m.ref)
+    assert bench.wait_for(a, "good") == "installed"
+
+    bad_path = bench.tmp / "lookup.efb"
+    linear_bundle(bad_path, version="1.2.0", profile="tight", model_bytes=_lookup(w, b), weights=(w, b))
+    x = np.full((2, 4), 0.5, np.float32)
+    x[:, 0] = 50.0  # index 50 of an 8-row table
+    window = 30.0
+    done = threading.Event()
+    seen = _watch_model(a, done)
+    with _Client(port, x, 0.005) as client:
+        time.sleep(0.3)
+        bench.deploy("dev1", "lookup", _publish(bench, bad_path, "1.2.0"), "lin:1.2.0", health_window_s=window)
+        assert bench.wait_for(a, "lookup") == "rolled_back"
+        time.sleep(0.3)
+    done.set()
+    assert a.record.error_kind == "health", a.record.error
+    assert "error rate" in a.record.error
+    assert a.model_ref == "lin:1.0.0"
+    live, back = _live_then_back(seen, "lin:1.0.0", "lin:1.2.0")
+    print(f"lookup model live for {back - live:.2f} s of a {window} s window; "
+          f"{sum(e is not None for *_x, e in client.answers)} of {len(client.answers)} requests failed")
+    assert back - live < 5.0  # the error rate ends the window early
+    failed = [t for t, _o, e in client.answers if e is not None]
+    assert failed and all(live - 0.05 <= t <= back for t in failed)  # only the new model failed them
+    old_out = x @ w + b
+    served = [(t, o) for t, o, e in client.answers if e is None]
+    assert all(np.allclose(o, old_out, rtol=1e-5, atol=1e-5) for _t, o in served)
+    assert any(t > back for t, _o in served)
