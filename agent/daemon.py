@@ -746,6 +746,7 @@ class Agent:
         if not self._save_or_wait(rec):
             return
         self._finish(rec)
+        self._outcome_hook(rec)
         self._report()
         self.server.close_health()
         # Deployments come in runs (a campaign's retries, shadow then activate): memory
@@ -810,9 +811,22 @@ class Agent:
             self._conditions.discard("state_unwritable")
             return True
 
+    def _hook_env(self, rec: DeploymentRecord) -> dict[str, str]:
+        return {"EDGEFLEET_DEPLOYMENT_ID": rec.deployment_id or "", "EDGEFLEET_MODEL": rec.model or "",
+                "EDGEFLEET_DEVICE_ID": self.settings.device_id}
+
+    def _outcome_hook(self, rec: DeploymentRecord) -> None:
+        """``<state>_enter`` of the state the deployment ended in (committed, rolled_back,
+        failed, candidate): after the outcome is saved, before the hub is told. The outcome
+        stands whatever the hook does, so a failure is only logged; a stop cuts the hook
+        off, and it does not run again at the next start (the hub is told then)."""
+        try:
+            self.hooks.run(rec.state.value, "enter", self._hook_env(rec), stop=self._stop)
+        except HookFailed as e:
+            log.error("hook after the outcome %s failed (the outcome stands): %s", rec.state.value, e)
+
     def _hook(self, rec: DeploymentRecord, when: str) -> None:
-        env = {"EDGEFLEET_DEPLOYMENT_ID": rec.deployment_id or "", "EDGEFLEET_MODEL": rec.model or "",
-               "EDGEFLEET_DEVICE_ID": self.settings.device_id}
+        env = self._hook_env(rec)
         # A stop cuts off an enter hook: its state's work has not begun and resumes at the
         # next start. A leave hook runs to its timeout: cutting it off would leave the
         # state saved as not done, and a health check that passed would roll back.
