@@ -70,4 +70,36 @@ if bad:
     sys.exit("legacy stack is not legacy: " + ", ".join(bad))
 PY
 
-exec "$VENV/bin/python" -m pytest tests/legacy -q -p no:cacheprovider "$@"
+# tests/agent files that also run here, unchanged. Each needs none of torch, the
+# compiler, ai-edge-litert or the hub's web/database stack (fastapi, sqlmodel,
+# pydantic-settings) and imports no hub module at the top; tests/agent/conftest.py
+# imports hub.repository only inside the bench fixtures. A few tests below do use a
+# bench (one each in test_config, test_metrics, test_spool_faults): that needs only
+# hub.repository (tuf, securesystemslib, cryptography), as tests/legacy does.
+# Left out: files that import hub modules or need the hub's extras (test_deployments,
+# test_trust_helper, test_fault_injection), and the files built on the bench (an agent,
+# broker and repository per test: test_candidates,
+# test_health_rollback, test_inbound, test_localapi, test_restart_faults, test_serving,
+# test_transfer), which take minutes; tests/legacy/test_deployment.py and test_stack.py
+# cover that path in short form. test_capture_feedback does use benches, but it
+# caught numpy 1.x storing np.savez's allow_pickle keyword as an array, so it runs
+# here (14 s). Together the files below take about 40 s.
+AGENT_TESTS=(
+  tests/agent/test_bundle.py          # bundle format: truncated, oversized, traversal
+  tests/agent/test_capture_feedback.py # captured samples (npz) and labels
+  tests/agent/test_clock.py           # sketches (datasketches) and probes vs clock steps
+  tests/agent/test_config.py          # settings files, environment, CLI errors
+  tests/agent/test_health_probes.py   # http/exec/file probes
+  tests/agent/test_hooks.py           # deployment hooks: timeouts, environment
+  tests/agent/test_memory.py          # page release under onnxruntime 1.18
+  tests/agent/test_metrics.py         # /metrics with prometheus-client
+  tests/agent/test_npz_limits.py      # bounded .npz reading on numpy 1.x
+  tests/agent/test_profiles.py        # firmware profile files
+  tests/agent/test_protocol.py        # MQTT payloads and frames
+  tests/agent/test_slots.py           # A/B slots and disk space
+  tests/agent/test_spool_faults.py    # the telemetry spool (sqlite)
+  tests/agent/test_transfer_faults.py # HTTP/MQTT transfer faults
+  tests/agent/test_v2_codec.py        # V2 JSON/binary codec on numpy 1.x
+)
+
+exec "$VENV/bin/python" -m pytest tests/legacy "${AGENT_TESTS[@]}" -q -p no:cacheprovider "$@"

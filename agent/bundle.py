@@ -208,7 +208,7 @@ class Manifest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not _NAME.fullmatch(v):
             raise ValueError("must match [a-z0-9][a-z0-9_.-]{0,63}")
         return v
 

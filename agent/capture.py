@@ -36,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,14 @@ class CaptureStore:
         if raw > self.max_sample_bytes:
             self.counts["oversized"] += 1
             return None
-        np.savez(buf, allow_pickle=False, **arrays)
+        if any(a.dtype.hasobject for a in arrays.values()):
+            self.counts["unsupported"] += 1  # BYTES tensors: npz would have to pickle them
+            return None
+        # No object arrays, so nothing is pickled. (numpy 1.x's savez has no allow_pickle
+        # option: it stored the keyword as an array named "allow_pickle", which made
+        # every sample unreadable.)
+        members: dict[str, Any] = arrays  # the stubs read any keyword as allow_pickle
+        np.savez(buf, **members)
         data = buf.getvalue()
         sample_id = f"{time.time_ns():020d}-{next(self._seq) % 1_000_000:06d}"
         frame = encode_capture(CaptureHeader(sample_id=sample_id, model=model_ref, ts=ts), data)

@@ -7,6 +7,7 @@ rather than a silently ignored setting. ``docs/profiles.md`` documents every fie
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from importlib import resources
@@ -30,11 +31,13 @@ __all__ = [
 ]
 
 MAX_PROFILE_BYTES = 64 * 1024
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch: "$" let a final newline in
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a profile says what it means (no "true" for a core count, no 1 for a flag);
+    # allow_inf_nan off: an infinite budget or limit would switch its check off.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Hardware(_Strict):
@@ -90,7 +93,7 @@ class Profile(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not _NAME.fullmatch(v):
             raise ValueError("must match [a-z0-9][a-z0-9_-]{0,63}")
         return v
 
@@ -115,15 +118,25 @@ def load_profile_file(path: Path) -> Profile:
             the message names the file and the offending field.
     """
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            raw = fh.read(MAX_PROFILE_BYTES + 1)  # never more than the limit, whatever the file is
     except OSError as e:
         raise ProfileError(f"{path}: cannot read ({e.strerror})") from e
     if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}: {len(raw)} bytes, over the {MAX_PROFILE_BYTES}-byte limit")
+        what = f"{size} bytes" if size > MAX_PROFILE_BYTES else "more bytes than it says"
+        raise ProfileError(f"{path}: {what}, over the {MAX_PROFILE_BYTES}-byte limit")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text: {e}") from e
+    except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError as e:  # arrays or tables nested thousands deep
+        raise ProfileError(f"{path}: not valid TOML: nested too deeply") from e
+    if raw and not raw.endswith(b"\n"):
+        # A file cut short may still parse, with a number cut short ("10.0" read as "1").
+        raise ProfileError(f"{path}: does not end with a newline; is it cut short?")
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:
@@ -144,7 +157,7 @@ def load_profile(name: str, directory: Path | None = None) -> Profile:
     Raises:
         ProfileError: no such profile, or it does not validate.
     """
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ProfileError(f"profile name {name!r} is not valid")
     d = directory or profiles_dir()
     path = d / f"{name}.toml"

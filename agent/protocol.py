@@ -173,7 +173,7 @@ class Telemetry(Payload):
     )
     candidate: CandidateStats | None = Field(None, description="Shadow or split candidate, if any.")
     capture: dict[str, int] | None = Field(
-        None, description="Sample capture counters (captured, evicted, oversized, uploaded, stored), if on."
+        None, description="Sample capture counters (captured, evicted, oversized, unsupported, uploaded, stored), if on."
     )
     feedback_dropped: Count = Field(0, description="Labels dropped because too many were pending.")
     observe_skipped: Count = Field(

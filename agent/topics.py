@@ -63,7 +63,7 @@ RETAINED: Final[frozenset[str]] = frozenset({"presence", "hello", "status", "dep
 
 
 def valid_device_id(device_id: str) -> bool:
-    return bool(_DEVICE_ID.match(device_id))
+    return bool(_DEVICE_ID.fullmatch(device_id))
 
 
 def device_topic(device_id: str, kind: DeviceTopicKind) -> str:

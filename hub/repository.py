@@ -283,7 +283,7 @@ class Repository:
         Raises:
             RepositoryPathError: the path is not one the repository serves.
         """
-        if not _SERVE_PATH.match(path):
+        if not _SERVE_PATH.fullmatch(path):
             raise RepositoryPathError(f"not a repository path: {path!r}")
         return self.root_dir / path
 

@@ -1,9 +1,17 @@
+"""Fixtures of the agent tests: a real broker, a real TUF repository served over MQTT.
+
+The hub's repository is imported only by the fixtures that build one, so that this
+file also imports on the legacy device stack (``.ci/legacy-agent.sh``), where test
+files that need no repository run unchanged.
+"""
+
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -13,8 +21,10 @@ from agent.config import AgentSettings
 from agent.daemon import Agent
 from agent.protocol import Deployment, encode
 from agent.trust import TargetCustom
-from hub.repository import Repository, RepositoryConfig
 from tests.support import MosquittoBroker, RepoResponder, linear_bundle
+
+if TYPE_CHECKING:
+    from hub.repository import Repository, RepositoryConfig
 
 
 @dataclass
@@ -82,6 +92,8 @@ class AgentBench:
 
 @pytest.fixture
 def bench_factory(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator:
+    from hub.repository import Repository
+
     benches: list[AgentBench] = []
 
     def make(config: RepositoryConfig | None = None, **responder_kw) -> AgentBench:

@@ -115,6 +115,29 @@ def test_manifest_errors_name_the_field(tmp_path: Path, good: Path):
         read_manifest(bad)
 
 
+@pytest.mark.parametrize("name", ["lin\\n", "Lin", "../lin", ""])
+def test_manifest_name_must_be_the_whole_pattern(tmp_path: Path, good: Path, name: str):
+    # "$" matched before a final newline, so "lin\n" passed the name check (review).
+    bad = tmp_path / "name.efb"
+
+    def edit(m, data):
+        if m.name == "manifest.json":
+            data = data.replace(b'"name":"lin"', b'"name":"' + name.encode() + b'"')
+            m.size = len(data)
+        yield m, data
+
+    _rewrite(good, bad, edit)
+    with pytest.raises(ManifestError, match="name"):
+        read_manifest(bad)
+
+
+def test_device_ids_must_be_the_whole_pattern():
+    from agent.topics import valid_device_id
+
+    assert valid_device_id("cam-01") and valid_device_id("a" * 64)
+    assert not any(valid_device_id(d) for d in ("cam-01\n", "cam/01", "", "a" * 65, "cam 01"))
+
+
 def test_not_a_tar(tmp_path: Path):
     p = tmp_path / "x.efb"
     p.write_bytes(b"{}" * 300)
