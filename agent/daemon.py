@@ -749,6 +749,7 @@ class Agent:
         self._outcome_hook(rec)
         self._report()
         self.server.close_health()
+        self.server.drop_previous()
         # Deployments come in runs (a campaign's retries, shadow then activate): memory
         # is given back once none has followed for a while, not between them.
         self._release_due = time.monotonic() + RELEASE_DELAY_S
@@ -1013,7 +1014,9 @@ class Agent:
             self.slots.activate(rec.to_slot)  # type: ignore[arg-type]
         except OSError as e:
             raise _Fail(f"activation failed: {e}", "io") from e
-        self.server.swap(self._candidate)
+        # The previous model stays loaded through the health check: it answers what the
+        # new one fails, and a rollback needs no reload.
+        self.server.swap(self._candidate, keep_previous=True)
         self._activated_at = time.time()
         self._activated_mono = time.monotonic()
         return Event.OK
@@ -1067,6 +1070,11 @@ class Agent:
         active = self.server.active
         if active is not None and active.slot == target:
             self.slots.activate(target)  # type: ignore[arg-type]
+            return Event.OK
+        kept = self.server.previous
+        if kept is not None and kept.slot == target:
+            self.slots.activate(target)  # type: ignore[arg-type]
+            self.server.swap(kept)
             return Event.OK
         try:
             lm = load_bundle(bundle, self.profile.runtime_options, target)

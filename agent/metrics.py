@@ -93,6 +93,11 @@ class _Collector:
         yield HistogramMetricFamily("edgefleet_agent_inference_duration_seconds",
                                     "Latency of the successful inference requests since start (runtime call).",
                                     buckets=buckets, sum_value=t.sum_s)
+        answered = CounterMetricFamily("edgefleet_agent_previous_model_answers",
+                                       "Requests a newly activated model failed, answered by the model it "
+                                       "replaced (counted as failures above).")
+        answered.add_metric([], server.previous_served)
+        yield answered
         unsampled = CounterMetricFamily("edgefleet_agent_drift_unsampled_requests",
                                         "Requests left out of the drift sketch's sample (over the rate limit).")
         unsampled.add_metric([], server.observe_unsampled)

@@ -324,6 +324,10 @@ class ModelServer:
         # Swapped-out models and their buffers, until their last request has added to it.
         self._retiring: list[tuple[LoadedModel, array]] = []
         self._candidate: Candidate | None = None
+        # The model a swap replaced, kept loaded while its successor proves itself: a
+        # request the new model fails is answered by it (see swap(keep_previous=True)).
+        self._previous: LoadedModel | None = None
+        self.previous_served = 0  # requests the new model failed and the previous one answered
         self._shadow_q: queue.Queue = queue.Queue(maxsize=256)
         self._shadow_thread: threading.Thread | None = None
         self._swap_lock = threading.Lock()
@@ -379,8 +383,16 @@ class ModelServer:
             self._fold_locked()
             return self._totals.snapshot()
 
-    def swap(self, new: LoadedModel | None) -> LoadedModel | None:
-        """Make ``new`` the active model; retire and return the old one."""
+    def swap(self, new: LoadedModel | None, *, keep_previous: bool = False) -> LoadedModel | None:
+        """Make ``new`` the active model and return the old one, which is retired (it
+        unloads once its last request is done).
+
+        With ``keep_previous``, the old model stays loaded instead, until
+        :meth:`drop_previous` or the next swap: a request that ``new`` fails (its runtime
+        raises) is answered by the old model, and still counts as a failure of ``new`` in
+        the windows, so that the health check sees it. Swapping back to the kept model
+        (a rollback) needs no reload.
+        """
         with self._swap_lock, self._stats_lock:
             self._fold_locked()  # what the old model served so far counts in its health window
             old, buf = self._serving
@@ -389,9 +401,26 @@ class ModelServer:
             self._serving = (new, buf if old is new else array("d"))
             self._health = WindowStats(lock=self._stats_lock)
             self._health_open = True
-        if old is not None and old is not new:
-            old.retire()
+            dropped = self._previous
+            kept = old if keep_previous and old is not new else None
+            self._previous = kept
+        for m in {id(x): x for x in (old, dropped) if x is not None}.values():
+            if m is not new and m is not kept:
+                m.retire()
         return old
+
+    def drop_previous(self) -> None:
+        """Retire the model kept by ``swap(keep_previous=True)`` (its successor has proven
+        itself, or the deployment has ended)."""
+        with self._swap_lock:
+            prev, self._previous = self._previous, None
+        if prev is not None and prev is not self._serving[0]:
+            prev.retire()
+
+    @property
+    def previous(self) -> LoadedModel | None:
+        """The model kept loaded behind the active one, if any."""
+        return self._previous
 
     def close_health(self) -> None:
         """Stop counting requests in ``health`` until the next swap: no health check is
@@ -514,8 +543,11 @@ class ModelServer:
             out = m.runtime.infer(inputs)
             t1 = _perf_counter()
             lat.append(t1 - t0)
-        except BaseException:
+        except BaseException as e:
             lat.append(_FAILED)
+            prev = self._previous
+            if prev is not None and prev is not m and isinstance(e, Exception):
+                return self._serve_previous(prev, inputs, e)
             raise
         finally:
             m.release()
@@ -529,6 +561,21 @@ class ModelServer:
             except queue.Full:
                 cand.skipped += 1
         return out, m
+
+    def _serve_previous(self, prev: LoadedModel, inputs: dict[str, np.ndarray],
+                        error: Exception) -> tuple[dict[str, np.ndarray], LoadedModel]:
+        """Answer a request the active model failed with the model it replaced; raise the
+        active model's error when that one fails too (the inputs are at fault) or is gone."""
+        if not prev.acquire():
+            raise error
+        try:
+            out = prev.runtime.infer(inputs)
+        except Exception:
+            raise error from None
+        finally:
+            prev.release()
+        self.previous_served += 1
+        return out, prev
 
     def _fold(self) -> None:
         with self._stats_lock:
