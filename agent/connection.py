@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -71,6 +71,9 @@ Handler = Callable[[str, bytes], None]
 LOOP_TIMEOUT_S = 1.0
 """Longest sleep of the network loop in ``select()`` (must stay well under keepalive)."""
 
+UNACKED_WAITS = 3
+"""Calls that wait for one unacknowledged message before ``publish_wait`` sends a copy."""
+
 
 class Link:
     """One paho client for one device, with handlers per topic kind."""
@@ -96,6 +99,10 @@ class Link:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reconnects = 0
+        # Messages published with a key and not acknowledged yet: paho sends them again
+        # itself after a reconnect, so a caller that retries waits for the same message
+        # instead of publishing a copy (the broker would get both).
+        self._unacked: dict[Hashable, tuple[mqtt.MQTTMessageInfo, int]] = {}
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-agent-{device_id}",
@@ -202,21 +209,34 @@ class Link:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                     timeout: float = 10.0) -> None:
+                     timeout: float = 10.0, *, key: Hashable | None = None) -> None:
         """Publish and wait until the broker acknowledged (QoS1).
+
+        ``key`` names the message across calls (e.g. a spool record's id): when an
+        earlier call with the same key ended unacknowledged, this call waits for that
+        message, which paho sends again after a reconnect, rather than publishing a copy.
+        After ``UNACKED_WAITS`` such waits it publishes anew.
 
         Raises:
             TransportError: not connected, or no acknowledgement within ``timeout``.
         """
         if not self.connected.is_set():
             raise TransportError("not connected")
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
+        info, waits = self._unacked.pop(key, (None, 0)) if key is not None else (None, 0)
+        if info is None or waits >= UNACKED_WAITS:
+            info, waits = self.client.publish(topic, payload, qos=qos, retain=retain), 0
+            if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
+                # The connection dropped since the check: paho keeps the message and
+                # sends it once connected again.
+                self._remember(key, info, waits)
+                raise TransportError("not connected")
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
         deadline = time.monotonic() + timeout
         while not info.is_published():
             left = deadline - time.monotonic()
             if left <= 0 or not self.connected.is_set():
+                self._remember(key, info, waits)
                 raise TransportError("publish not acknowledged")
             try:
                 # woken by the network thread on PUBACK; the slice bounds how long a
@@ -224,6 +244,13 @@ class Link:
                 info.wait_for_publish(min(0.5, left))
             except (RuntimeError, ValueError) as e:
                 raise TransportError(f"publish failed: {e}") from e
+
+    def _remember(self, key: Hashable | None, info: mqtt.MQTTMessageInfo, waits: int) -> None:
+        if key is None:
+            return
+        while len(self._unacked) >= 16:  # keys whose caller gave up on them (a record evicted)
+            self._unacked.pop(next(iter(self._unacked)))
+        self._unacked[key] = (info, waits + 1)
 
     def stop(self, *, graceful: bool = True) -> None:
         # Say goodbye while the network loop still runs, then stop it.

@@ -584,7 +584,7 @@ class Agent:
                     self.spool.available.wait(timeout=5.0)
                     continue
                 try:
-                    self.link.publish_wait(rec.topic, rec.payload, qos=1, retain=rec.retain)
+                    self.link.publish_wait(rec.topic, rec.payload, qos=1, retain=rec.retain, key=("spool", rec.id))
                 except TransportError:
                     self._stop.wait(0.5)
                     continue
@@ -606,7 +606,8 @@ class Agent:
             return False
         name, frame = item
         try:
-            self.link.publish_wait(topics.device_topic(self.settings.device_id, "capture"), frame, qos=1)
+            self.link.publish_wait(topics.device_topic(self.settings.device_id, "capture"), frame, qos=1,
+                                   key=("capture", name))
         except TransportError:
             self._stop.wait(0.5)
             return False

@@ -158,6 +158,11 @@ class Spool:
             except sqlite3.OperationalError as e:
                 log.warning("spool: no epoch written: %s", e)
         self._bytes = self._db.execute(f"SELECT COALESCE(SUM({_SIZE}), 0) FROM records").fetchone()[0]
+        # The record peek() last handed to the sender: evicted last within its priority,
+        # and if evicted all the same while it was being sent, its drop is taken back
+        # when the broker acknowledges it (it was delivered, not lost).
+        self._sending: int | None = None
+        self._sending_dropped: str | None = None  # the counter its eviction bumped
         row = self._db.execute("SELECT value FROM counters WHERE name = 'spool.epoch'").fetchone()
         self.epoch: int | None = None if row is None else row[0]
 
@@ -191,7 +196,8 @@ class Spool:
     def _evict(self) -> None:
         for prio in sorted(Priority):
             rows = self._db.execute(
-                f"SELECT id, {_SIZE} FROM records WHERE priority = ? ORDER BY id", (int(prio),)
+                f"SELECT id, {_SIZE} FROM records WHERE priority = ? ORDER BY id = ?, id",
+                (int(prio), -1 if self._sending is None else self._sending),
             ).fetchall()
             dropped = []
             for rid, size in rows:
@@ -200,8 +206,11 @@ class Spool:
                 dropped.append(rid)
                 self._bytes -= size
             if dropped:
+                counter = f"dropped.{prio.name.lower()}"
                 self._db.executemany("DELETE FROM records WHERE id = ?", [(r,) for r in dropped])
-                self._bump(f"dropped.{prio.name.lower()}", len(dropped))
+                self._bump(counter, len(dropped))
+                if self._sending in dropped:
+                    self._sending_dropped = counter
             if self._bytes <= self.max_bytes:
                 return
 
@@ -223,10 +232,12 @@ class Spool:
                     return None
                 if limit == 1:
                     try:
-                        return _decode(rows[0][:5])
+                        rec = _decode(rows[0][:5])
                     except ValueError:
                         limit = _PEEK_BATCH  # read on in batches, dropping the bad rows together
                         continue
+                    self._sending, self._sending_dropped = rec.id, None
+                    return rec
                 bad: list[tuple[int, int]] = []
                 first_error = ""
                 found: Record | None = None
@@ -240,6 +251,7 @@ class Spool:
                 if bad:
                     self._drop_undecodable(bad, first_error)
                 if found is not None:
+                    self._sending, self._sending_dropped = found.id, None
                     return found
 
     def _drop_undecodable(self, bad: list[tuple[int, int]], first_error: str) -> None:
@@ -255,12 +267,19 @@ class Spool:
         log.warning("spool: dropped %d record(s) that could not be decoded (%s)", len(bad), first_error)
 
     def ack(self, record_id: int) -> None:
+        """The broker has the record: delete it (and count it delivered)."""
         with self._lock:
             row = self._db.execute(f"SELECT {_SIZE} FROM records WHERE id = ?", (record_id,)).fetchone()
             if row is not None:
                 self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
                 self._bytes -= row[0]
                 self._bump("delivered", 1)
+            elif record_id == self._sending and self._sending_dropped is not None:
+                # Evicted while it was being sent, and delivered all the same.
+                self._bump(self._sending_dropped, -1)
+                self._bump("delivered", 1)
+            if record_id == self._sending:
+                self._sending = self._sending_dropped = None
 
     def next_seq(self, name: str) -> int:
         """A persisted, strictly increasing counter (survives restarts) that never falls

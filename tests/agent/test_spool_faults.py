@@ -121,7 +121,7 @@ class _Link:
         self.sent: list[tuple[str, bytes]] = []
         self.got = threading.Event()
 
-    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *, key=None) -> None:
         self.sent.append((topic, payload))
         self.got.set()
 
@@ -203,3 +203,30 @@ def test_an_agent_whose_spool_has_another_schema_starts_and_serves(bench):
     assert a.model_ref == man.ref
     assert "spool_reset" in a._conditions
     assert list(spool.parent.glob("spool.sqlite.unreadable-*"))
+
+
+def _counts(sp: Spool) -> dict[str, int]:
+    return {k: v for k, v in sp.counters().items() if k.startswith(("dropped.", "delivered"))}
+
+
+def test_the_record_being_sent_is_evicted_last_in_its_priority(tmp_path):
+    sp = Spool(tmp_path / "spool.sqlite", max_bytes=1000)
+    sp.push(Priority.METRICS, "t", b"a" * 400)
+    sp.push(Priority.METRICS, "t", b"b" * 400)
+    rec = sp.peek()  # the sender has "a" on its way to the broker
+    sp.push(Priority.METRICS, "t", b"c" * 400)  # over the bound: one record must go
+    sp.ack(rec.id)
+    assert _counts(sp) == {"dropped.metrics": 1, "delivered": 1}  # "b" went, not the one in flight
+    assert sp.peek().payload == b"c" * 400
+
+
+def test_a_record_evicted_while_being_sent_and_then_acknowledged_counts_as_delivered(tmp_path):
+    # Before: it counted as dropped and the broker had it all the same (review).
+    sp = Spool(tmp_path / "spool.sqlite", max_bytes=500)
+    sp.push(Priority.METRICS, "t", b"a" * 400)
+    rec = sp.peek()
+    sp.push(Priority.STATUS, "t", b"s" * 400)  # only "a" can make room for it
+    assert sp.counters().get("dropped.metrics") == 1
+    sp.ack(rec.id)
+    assert _counts(sp) == {"dropped.metrics": 0, "delivered": 1}
+    assert sp.peek().payload == b"s" * 400
