@@ -121,7 +121,7 @@ class SemVer:
 
     @classmethod
     def parse(cls, text: str) -> SemVer:
-        m = _SEMVER.match(text)
+        m = _SEMVER.fullmatch(text)
         if not m:
             raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH)")
         pre = m.group(4)

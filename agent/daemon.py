@@ -671,6 +671,7 @@ class Agent:
             )
             self.record = new
             self.store.save(new)
+            self._outcome_hook(new)
             self._report()
             return
         new = DeploymentRecord(
@@ -744,13 +745,17 @@ class Agent:
             self.server.set_candidate(self._candidate, rec.mode, rec.ratio)
         rec.outcome = OUTCOME.get(rec.state, "in_progress")
         rec.history.append(rec.state.value)
-        if not self._save_or_wait(rec):
-            return
+        try:
+            if not self._save_or_wait(rec):
+                return
+        finally:
+            # The deployment has ended: no health check waits for requests, and the model
+            # kept loaded behind the new one goes now, not after the hooks and the report.
+            self.server.close_health()
+            self.server.drop_previous()
         self._finish(rec)
         self._outcome_hook(rec)
         self._report()
-        self.server.close_health()
-        self.server.drop_previous()
         # Deployments come in runs (a campaign's retries, shadow then activate): memory
         # is given back once none has followed for a while, not between them.
         self._release_due = time.monotonic() + RELEASE_DELAY_S

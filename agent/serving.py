@@ -43,6 +43,7 @@ import random
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,10 +234,11 @@ class Totals:
     takes rates of its own. The caller holds the server's stats lock."""
 
     def __init__(self) -> None:
-        self._bounds_ms = np.asarray(LATENCY_BUCKETS_S) * 1000.0
+        self._bounds_ms = [b * 1000.0 for b in LATENCY_BUCKETS_S]
+        self._bounds_np = np.asarray(self._bounds_ms)
         self.requests = 0
         self.errors = 0
-        self._buckets = np.zeros(len(LATENCY_BUCKETS_S) + 1, dtype=np.int64)
+        self._buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self._sum_ms = 0.0
 
     def _add_many(self, latency_ms: np.ndarray) -> None:
@@ -246,16 +248,22 @@ class Totals:
         self.errors += len(latency_ms) - len(ok)
         if len(ok):
             # Bucket i holds bound[i-1] < v <= bound[i], as Prometheus' "le" reads.
-            idx = np.searchsorted(self._bounds_ms, ok, side="left")
-            self._buckets += np.bincount(idx, minlength=len(self._buckets))
+            idx = np.searchsorted(self._bounds_np, ok, side="left")
+            counts = np.bincount(idx, minlength=len(self._buckets)).tolist()
+            self._buckets = [a + b for a, b in zip(self._buckets, counts, strict=True)]
             self._sum_ms += float(ok.sum())
 
     def _add(self, latency_ms: float, ok: bool) -> None:
-        self._add_many(np.array([latency_ms if ok else math.nan]))
+        """One latency (a split candidate's request: counted as it is served)."""
+        self.requests += 1
+        if not ok:
+            self.errors += 1
+            return
+        self._buckets[bisect_left(self._bounds_ms, latency_ms)] += 1
+        self._sum_ms += latency_ms
 
     def snapshot(self) -> TotalsSnapshot:
-        return TotalsSnapshot(self.requests, self.errors, tuple(int(b) for b in self._buckets),
-                              self._sum_ms / 1000.0)
+        return TotalsSnapshot(self.requests, self.errors, tuple(self._buckets), self._sum_ms / 1000.0)
 
 
 @dataclass
@@ -327,6 +335,9 @@ class ModelServer:
         # The model a swap replaced, kept loaded while its successor proves itself: a
         # request the new model fails is answered by it (see swap(keep_previous=True)).
         self._previous: LoadedModel | None = None
+        # The model swapped in with keep_previous, until its deployment ends: its failed
+        # requests are answered by the kept model, or after a rollback by the active one.
+        self._unproven: LoadedModel | None = None
         self.previous_served = 0  # requests the new model failed and the previous one answered
         self._shadow_q: queue.Queue = queue.Queue(maxsize=256)
         self._shadow_thread: threading.Thread | None = None
@@ -398,12 +409,26 @@ class ModelServer:
             old, buf = self._serving
             if old is not None and old is not new:
                 self._retiring.append((old, buf))
-            self._serving = (new, buf if old is new else array("d"))
+            if old is new:
+                new_buf = buf
+            else:
+                # A model coming back (a rollback to the kept one) takes its own buffer
+                # back from the retiring list, emptied by the fold above.
+                back = [b for m, b in self._retiring if m is new]
+                self._retiring = [(m, b) for m, b in self._retiring if m is not new]
+                new_buf = back[0] if back else array("d")
+            self._serving = (new, new_buf)
             self._health = WindowStats(lock=self._stats_lock)
             self._health_open = True
             dropped = self._previous
             kept = old if keep_previous and old is not new else None
             self._previous = kept
+            if keep_previous:
+                self._unproven = new
+            elif new is None or new is not dropped:
+                self._unproven = None
+            # else: a rollback; requests still running on the unproven model are answered
+            # by the model swapped back in
         for m in {id(x): x for x in (old, dropped) if x is not None}.values():
             if m is not new and m is not kept:
                 m.retire()
@@ -414,6 +439,7 @@ class ModelServer:
         itself, or the deployment has ended)."""
         with self._swap_lock:
             prev, self._previous = self._previous, None
+            self._unproven = None
         if prev is not None and prev is not self._serving[0]:
             prev.retire()
 
@@ -545,9 +571,10 @@ class ModelServer:
             lat.append(t1 - t0)
         except BaseException as e:
             lat.append(_FAILED)
-            prev = self._previous
-            if prev is not None and prev is not m and isinstance(e, Exception):
-                return self._serve_previous(prev, inputs, e)
+            if m is self._unproven and isinstance(e, Exception):
+                other = self._previous or self._serving[0]
+                if other is not None and other is not m:
+                    return self._serve_previous(other, inputs, e)
             raise
         finally:
             m.release()
@@ -570,12 +597,17 @@ class ModelServer:
             raise error
         try:
             out = prev.runtime.infer(inputs)
-        except Exception:
+        except Exception as e:
+            log.debug("%s failed a request that %s failed too: %s", prev.ref, self._unproven_ref(), e)
             raise error from None
         finally:
             prev.release()
         self.previous_served += 1
         return out, prev
+
+    def _unproven_ref(self) -> str:
+        m = self._unproven
+        return m.ref if m is not None else "the active model"
 
     def _fold(self) -> None:
         with self._stats_lock:

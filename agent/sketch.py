@@ -461,7 +461,7 @@ class SketchAccumulator:
     ) -> None:
         if not MIN_KLL_K <= kll_k <= MAX_KLL_K:
             raise ValueError(f"kll_k must be in [{MIN_KLL_K}, {MAX_KLL_K}], got {kll_k}")
-        if not re.match(_MODEL_REF, model_ref):
+        if not re.fullmatch(_MODEL_REF, model_ref):
             raise ValueError(f"model_ref {model_ref!r} is not name:version")
         self._ref = reference
         self._model = model_ref

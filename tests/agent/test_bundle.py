@@ -178,3 +178,12 @@ def test_a_sparse_member_is_refused(tmp_path: Path, good: Path):
     assert bad.stat().st_size < 1 << 20
     with pytest.raises(BundleError, match="'model.onnx' is a sparse file"):
         unpack(bad, tmp_path / "out")
+
+
+def test_a_version_must_be_the_whole_pattern():
+    from agent.bundle import SemVer
+
+    assert str(SemVer.parse("1.2.3-rc.1")) == "1.2.3-rc.1"
+    for bad in ("1.0.0\n", "1.0", "v1.0.0", "1.0.0 "):
+        with pytest.raises(ValueError, match="not a semantic version"):
+            SemVer.parse(bad)

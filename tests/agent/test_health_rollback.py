@@ -212,3 +212,42 @@ def test_a_model_failing_on_live_inputs_rolls_back_and_fails_no_request(bench, t
     assert all(np.allclose(o, old_out, rtol=1e-5, atol=1e-5) for _t, o, _e in client.answers)
     assert a.server.previous is None  # dropped once the deployment ended
     assert a.server.active is serving  # the rollback swapped the kept model back in, no reload
+
+
+def test_the_kept_model_is_dropped_before_the_outcome_hooks_run(bench, tmp_path: Path):
+    # Review: it stayed loaded through committed_enter and the report (up to two hook
+    # timeouts on a small device).
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    hook = hooks / "committed_enter"
+    flag, go = tmp_path / "in-hook", tmp_path / "go"
+    hook.write_text(f"#!/bin/sh\ntouch {flag}\nwhile [ ! -f {go} ]; do sleep 0.05; done\nrm -f {go} {flag}\n")
+    hook.chmod(0o755)
+    a = bench.agent(hooks_dir=hooks)
+
+    def in_hook_then_release(check=None) -> None:
+        deadline = time.monotonic() + 30
+        while not flag.exists():
+            assert time.monotonic() < deadline, f"committed_enter did not run: {a.record}"
+            time.sleep(0.02)
+        try:
+            if check is not None:
+                check()
+        finally:
+            go.touch()
+        while go.exists():
+            assert time.monotonic() < deadline + 10, "the hook did not finish"
+            time.sleep(0.02)
+
+    tp, m, *_ = bench.bundle("1.0.0", seed=0)
+    bench.deploy("dev1", "d0", tp, m.ref)
+    in_hook_then_release()
+    assert bench.wait_for(a, "d0") == "installed"
+    tp2, m2, *_ = bench.bundle("1.1.0", seed=1)
+    bench.deploy("dev1", "d1", tp2, m2.ref, health_window_s=0.2)
+
+    def only_the_new_model() -> None:
+        assert a.model_ref == m2.ref and a.server.previous is None
+
+    in_hook_then_release(only_the_new_model)
+    assert bench.wait_for(a, "d1") == "installed"

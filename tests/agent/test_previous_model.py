@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,76 @@ def test_committing_drops_the_kept_model_and_a_later_swap_replaces_it():
     assert rts[1].unloads == 1 and rts[2].unloads == 0 and server.previous.runtime is rts[2]
     server.drop_previous()
     assert rts[2].unloads == 1 and rts[3].unloads == 0
+
+
+class _Held(_Runtime):
+    """Fails, but only once the test lets the request go on."""
+
+    def __init__(self, factor: float):
+        super().__init__(factor, fails=True)
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def infer(self, inputs):
+        self.started.set()
+        self.go.wait(5)
+        return super().infer(inputs)
+
+
+def test_a_request_failing_on_the_new_model_after_its_rollback_is_answered_by_the_restored_one():
+    # Review: the rollback had already cleared the kept model, so the request failed.
+    server = ModelServer()
+    old_rt, new_rt = _Runtime(2.0), _Held(3.0)
+    old = _model(old_rt, "a")
+    server.swap(old)
+    server.swap(_model(new_rt, "b"), keep_previous=True)
+    answers: list = []
+    t = threading.Thread(target=lambda: answers.append(server.infer(X)))
+    t.start()
+    assert new_rt.started.wait(5)
+    server.swap(server.previous)  # the rollback, while the request runs on the new model
+    new_rt.go.set()
+    t.join(5)
+    (out, served), = answers
+    assert served is old and out["y"][0, 0] == 2.0
+    server.drop_previous()  # the deployment ends
+    assert new_rt.unloads == 1 and old_rt.unloads == 0
+
+
+def test_a_rollback_takes_back_the_kept_models_own_latency_buffer():
+    # Review: it left one retiring entry per rollback, walked by every fold.
+    server = ModelServer()
+    old = _model(_Runtime(2.0), "a")
+    server.swap(old)
+    for _ in range(5):
+        server.swap(_model(_Runtime(3.0, fails=True), "b"), keep_previous=True)
+        server.swap(server.previous)
+        server.drop_previous()
+    server.infer(X)
+    server.totals()  # a fold
+    assert [m for m, _buf in server._retiring] == []
+    assert server.totals().requests == 1
+
+
+def test_only_the_unproven_model_is_answered_for():
+    server = ModelServer()
+    old_rt = _Held(2.0)  # the old model fails a request that started before the swap
+    server.swap(_model(old_rt, "a"))
+    answers: list = []
+
+    def call():
+        try:
+            answers.append(server.infer(X))
+        except ValueError as e:
+            answers.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert old_rt.started.wait(5)
+    server.swap(_model(_Runtime(3.0), "b"), keep_previous=True)
+    old_rt.go.set()
+    t.join(5)
+    assert isinstance(answers[0], ValueError)  # not answered by the model still on trial
+    server.drop_previous()  # committed: the new model is proven, and its failures are its own
+    server.swap(_model(_Runtime(4.0, fails=True), "a"))
+    with pytest.raises(ValueError):
+        server.infer(X)
