@@ -138,12 +138,36 @@ def _live_then_back(seen: list[tuple[float, str | None]], old: str, new: str) ->
     return live, back
 
 
-def test_a_model_over_the_latency_budget_in_service_rolls_back(bench, tight: Path):
+def _roll_out_under_load(bench, a, port: int, x: np.ndarray, period: float, path: Path, version: str,
+                         window: float) -> tuple[_Client, float, float]:
+    """Deploy ``path`` while a client sends ``x`` every ``period`` s; wait until it rolls
+    back. Returns the client, when the new model went live and when the old one came back."""
+    done = threading.Event()
+    seen = _watch_model(a, done)
+    with _Client(port, x, period) as client:
+        time.sleep(0.3)
+        bench.deploy("dev1", version, _publish(bench, path, version), f"lin:{version}", health_window_s=window)
+        assert bench.wait_for(a, version) == "rolled_back"
+        time.sleep(0.3)
+    done.set()
+    assert a.model_ref == "lin:1.0.0"
+    live, back = _live_then_back(seen, "lin:1.0.0", f"lin:{version}")
+    return client, live, back
+
+
+@pytest.fixture
+def serving(bench, tight: Path):
+    """An agent on the tight profile serving lin:1.0.0: (agent, API port, W, b)."""
     port = free_port()
     a = bench.agent(api_port=port, profile="tight", profiles_dir=tight)
     tp, m, w, b = bench.bundle("1.0.0", seed=0, profile="tight")
     bench.deploy("dev1", "good", tp, m.ref)
     assert bench.wait_for(a, "good") == "installed"
+    return a, port, w, b
+
+
+def test_a_model_over_the_latency_budget_in_service_rolls_back(bench, serving):
+    a, port, w, b = serving
 
     slow_path = bench.tmp / "wide.efb"
     model, full = _wide()
@@ -151,18 +175,9 @@ def test_a_model_over_the_latency_budget_in_service_rolls_back(bench, tight: Pat
                   weights=(full, np.zeros(3, np.float32)))
     x = np.random.default_rng(1).normal(size=(512, 4)).astype(np.float32)
     window = 2.0
-    done = threading.Event()
-    seen = _watch_model(a, done)
-    with _Client(port, x, 0.02) as client:
-        time.sleep(0.3)
-        bench.deploy("dev1", "slow", _publish(bench, slow_path, "1.1.0"), "lin:1.1.0", health_window_s=window)
-        assert bench.wait_for(a, "slow") == "rolled_back"
-        time.sleep(0.3)
-    done.set()
+    client, live, back = _roll_out_under_load(bench, a, port, x, 0.02, slow_path, "1.1.0", window)
     assert a.record.error_kind == "latency", a.record.error
     assert "over budget" in a.record.error
-    assert a.model_ref == "lin:1.0.0"
-    live, back = _live_then_back(seen, "lin:1.0.0", "lin:1.1.0")
     print(f"wide model live for {back - live:.2f} s (health window {window} s); {len(client.answers)} requests")
     assert back - live <= window + 1.0
     errors = [e for _t, _o, e in client.answers if e is not None]
@@ -174,14 +189,10 @@ def test_a_model_over_the_latency_budget_in_service_rolls_back(bench, tight: Pat
     assert after and all(np.allclose(o, old_out, rtol=1e-5, atol=1e-5) for o in after)
 
 
-def test_a_model_failing_on_live_inputs_rolls_back_and_fails_no_request(bench, tight: Path):
+def test_a_model_failing_on_live_inputs_rolls_back_and_fails_no_request(bench, serving):
     """The new model fails every request; the previous one, kept loaded through the health
     check, answers them, and the failures still end the health window early."""
-    port = free_port()
-    a = bench.agent(api_port=port, profile="tight", profiles_dir=tight)
-    tp, m, w, b = bench.bundle("1.0.0", seed=0, profile="tight")
-    bench.deploy("dev1", "good", tp, m.ref)
-    assert bench.wait_for(a, "good") == "installed"
+    a, port, w, b = serving
 
     bad_path = bench.tmp / "lookup.efb"
     linear_bundle(bad_path, version="1.2.0", profile="tight", model_bytes=_lookup(w, b), weights=(w, b))
@@ -189,18 +200,9 @@ def test_a_model_failing_on_live_inputs_rolls_back_and_fails_no_request(bench, t
     x[:, 0] = 50.0  # index 50 of an 8-row table
     serving = a.server.active
     window = 30.0
-    done = threading.Event()
-    seen = _watch_model(a, done)
-    with _Client(port, x, 0.005) as client:
-        time.sleep(0.3)
-        bench.deploy("dev1", "lookup", _publish(bench, bad_path, "1.2.0"), "lin:1.2.0", health_window_s=window)
-        assert bench.wait_for(a, "lookup") == "rolled_back"
-        time.sleep(0.3)
-    done.set()
+    client, live, back = _roll_out_under_load(bench, a, port, x, 0.005, bad_path, "1.2.0", window)
     assert a.record.error_kind == "health", a.record.error
     assert "error rate" in a.record.error
-    assert a.model_ref == "lin:1.0.0"
-    live, back = _live_then_back(seen, "lin:1.0.0", "lin:1.2.0")
     during = [o for t, o, _e in client.answers if live <= t <= back]
     print(f"lookup model live for {back - live:.2f} s of a {window} s window; {len(during)} requests meanwhile, "
           f"{a.server.previous_served} answered by the previous model; "

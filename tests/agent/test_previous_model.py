@@ -38,12 +38,18 @@ def _model(rt: _Runtime, slot: str) -> LoadedModel:
     return LoadedModel(_Bundle(), rt, slot)  # type: ignore[arg-type]
 
 
-def test_a_request_the_new_model_fails_is_answered_by_the_previous_one_and_counted():
+def _on_trial(new_rt: _Runtime) -> tuple[ModelServer, LoadedModel, _Runtime]:
+    """A server whose model ("a", doubling) was just replaced by ``new_rt`` on trial."""
     server = ModelServer()
-    old_rt, new_rt = _Runtime(2.0), _Runtime(3.0, fails=True)
+    old_rt = _Runtime(2.0)
     old = _model(old_rt, "a")
     server.swap(old)
     server.swap(_model(new_rt, "b"), keep_previous=True)
+    return server, old, old_rt
+
+
+def test_a_request_the_new_model_fails_is_answered_by_the_previous_one_and_counted():
+    server, old, old_rt = _on_trial(_Runtime(3.0, fails=True))
     out, served = server.infer(X)
     assert served is old and out["y"][0, 0] == 2.0 and server.previous_served == 1
     assert server.health.peek() == (1, 1)  # a failure of the new model all the same
@@ -78,11 +84,8 @@ def test_without_keep_previous_the_old_model_unloads_and_nothing_answers_for_the
 
 
 def test_rolling_back_swaps_the_kept_model_in_and_retires_the_failed_one():
-    server = ModelServer()
-    old_rt, new_rt = _Runtime(2.0), _Runtime(3.0, fails=True)
-    old = _model(old_rt, "a")
-    server.swap(old)
-    server.swap(_model(new_rt, "b"), keep_previous=True)
+    new_rt = _Runtime(3.0, fails=True)
+    server, old, old_rt = _on_trial(new_rt)
     server.swap(server.previous)  # the rollback
     assert server.active is old and server.previous is None
     assert old_rt.unloads == 0 and new_rt.unloads == 1
@@ -118,11 +121,8 @@ class _Held(_Runtime):
 
 def test_a_request_failing_on_the_new_model_after_its_rollback_is_answered_by_the_restored_one():
     # Review: the rollback had already cleared the kept model, so the request failed.
-    server = ModelServer()
-    old_rt, new_rt = _Runtime(2.0), _Held(3.0)
-    old = _model(old_rt, "a")
-    server.swap(old)
-    server.swap(_model(new_rt, "b"), keep_previous=True)
+    new_rt = _Held(3.0)
+    server, old, old_rt = _on_trial(new_rt)
     answers: list = []
     t = threading.Thread(target=lambda: answers.append(server.infer(X)))
     t.start()
