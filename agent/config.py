@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.errors import DataError
 from agent.health import ProbeConfig
 from agent.protocol import MAX_CAPTURE_BYTES
+from agent.tomlfile import read_toml
 from agent.topics import valid_device_id
 
 __all__ = ["AgentSettings", "ConfigError", "load_settings", "ENV_PREFIX"]
@@ -154,20 +154,7 @@ class AgentSettings(BaseModel):
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {len(raw)} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    except RecursionError as e:
-        raise ConfigError(f"{path}: not valid TOML: nested too deep") from e
-    except ValueError as e:  # an integer of thousands of digits (Python's conversion limit)
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    data = read_toml(path, MAX_CONFIG_BYTES, ConfigError)
     section = data.get("agent", data)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [agent] must be a table")

@@ -7,9 +7,7 @@ rather than a silently ignored setting. ``docs/profiles.md`` documents every fie
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -17,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import ProfileError, first_error
+from agent.tomlfile import read_toml
 
 __all__ = [
     "Profile",
@@ -117,26 +116,7 @@ def load_profile_file(path: Path) -> Profile:
         ProfileError: unreadable, too large, not TOML, or not matching the schema;
             the message names the file and the offending field.
     """
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            raw = fh.read(MAX_PROFILE_BYTES + 1)  # never more than the limit, whatever the file is
-    except OSError as e:
-        raise ProfileError(f"{path}: cannot read ({e.strerror})") from e
-    if len(raw) > MAX_PROFILE_BYTES:
-        what = f"{size} bytes" if size > MAX_PROFILE_BYTES else "more bytes than it says"
-        raise ProfileError(f"{path}: {what}, over the {MAX_PROFILE_BYTES}-byte limit")
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ProfileError(f"{path}: not UTF-8 text: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"{path}: not valid TOML: {e}") from e
-    except RecursionError as e:  # arrays or tables nested thousands deep
-        raise ProfileError(f"{path}: not valid TOML: nested too deeply") from e
-    if raw and not raw.endswith(b"\n"):
-        # A file cut short may still parse, with a number cut short ("10.0" read as "1").
-        raise ProfileError(f"{path}: does not end with a newline; is it cut short?")
+    data = read_toml(path, MAX_PROFILE_BYTES, ProfileError)
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:

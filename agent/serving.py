@@ -429,8 +429,8 @@ class ModelServer:
                 self._unproven = None
             # else: a rollback; requests still running on the unproven model are answered
             # by the model swapped back in
-        for m in {id(x): x for x in (old, dropped) if x is not None}.values():
-            if m is not new and m is not kept:
+        for m in (old, dropped):  # retire() is idempotent
+            if m is not None and m is not new and m is not kept:
                 m.retire()
         return old
 
@@ -574,7 +574,7 @@ class ModelServer:
             if m is self._unproven and isinstance(e, Exception):
                 other = self._previous or self._serving[0]
                 if other is not None and other is not m:
-                    return self._serve_previous(other, inputs, e)
+                    return self._serve_instead(other, m, inputs, e)
             raise
         finally:
             m.release()
@@ -589,25 +589,22 @@ class ModelServer:
                 cand.skipped += 1
         return out, m
 
-    def _serve_previous(self, prev: LoadedModel, inputs: dict[str, np.ndarray],
-                        error: Exception) -> tuple[dict[str, np.ndarray], LoadedModel]:
-        """Answer a request the active model failed with the model it replaced; raise the
-        active model's error when that one fails too (the inputs are at fault) or is gone."""
-        if not prev.acquire():
+    def _serve_instead(self, other: LoadedModel, failed: LoadedModel, inputs: dict[str, np.ndarray],
+                       error: Exception) -> tuple[dict[str, np.ndarray], LoadedModel]:
+        """Answer with ``other`` (the kept or the restored model) a request that ``failed``,
+        the model on trial, failed; raise its error when ``other`` fails too (the inputs
+        are at fault) or is gone."""
+        if not other.acquire():
             raise error
         try:
-            out = prev.runtime.infer(inputs)
+            out = other.runtime.infer(inputs)
         except Exception as e:
-            log.debug("%s failed a request that %s failed too: %s", prev.ref, self._unproven_ref(), e)
+            log.debug("%s failed a request that %s failed too: %s", other.ref, failed.ref, e)
             raise error from None
         finally:
-            prev.release()
+            other.release()
         self.previous_served += 1
-        return out, prev
-
-    def _unproven_ref(self) -> str:
-        m = self._unproven
-        return m.ref if m is not None else "the active model"
+        return out, other
 
     def _fold(self) -> None:
         with self._stats_lock:
